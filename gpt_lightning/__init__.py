@@ -1,0 +1,14 @@
+"""gpt-lightning: Karpathy's character GPT as a PyTorch Lightning project.
+
+The plain-PyTorch API is importable without Lightning: the model, tokenizer, sampling and data code.
+The Lightning wrappers live in `lit_model`, `datamodule`, `callbacks` and `cli`.
+"""
+
+from gpt_lightning.checkpoint import load_model
+from gpt_lightning.generate import generate, generate_tokens, sample_next
+from gpt_lightning.model import GPT, PRESETS, GPTConfig
+from gpt_lightning.tokenizer import CharTokenizer
+
+__version__ = "0.1.0"
+
+__all__ = ["GPT", "PRESETS", "CharTokenizer", "GPTConfig", "generate", "generate_tokens", "load_model", "sample_next"]

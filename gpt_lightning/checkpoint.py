@@ -1,0 +1,65 @@
+"""Reading our checkpoints without Lightning: the model config and vocabulary travel with the weights.
+
+A checkpoint is a Lightning `.ckpt` whose "gpt_lightning" entry holds the model config and tokenizer,
+so a `.ckpt` alone is enough to sample from or to fine-tune. Everything is loaded with
+`weights_only=True`: unpickling an untrusted file could otherwise run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.tokenizer import CharTokenizer
+
+METADATA_KEY = "gpt_lightning"
+MODEL_PREFIX = "gpt."  # the LightningModule keeps the network in `self.gpt`
+
+
+def metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, Any]:
+    return {"format": 1, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer.to_dict()}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads one of our checkpoints onto the CPU, with clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (runs/*/version_*/checkpoints/).")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first_line}).") from err
+    if not isinstance(checkpoint, dict) or METADATA_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{path} is not a gpt-lightning checkpoint (it lacks the model config and vocabulary): "
+            "use a .ckpt written by `python main.py fit`."
+        )
+    return checkpoint
+
+
+def model_config_of(checkpoint: dict[str, Any]) -> GPTConfig:
+    return GPTConfig(**checkpoint[METADATA_KEY]["model_config"])
+
+
+def tokenizer_of(checkpoint: dict[str, Any]) -> CharTokenizer:
+    return CharTokenizer.from_dict(checkpoint[METADATA_KEY]["tokenizer"])
+
+
+def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The GPT's own weights, without the LightningModule's attribute prefix."""
+    return {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
+def load_model(path: str | Path) -> tuple[GPT, CharTokenizer]:
+    """The trained GPT (in eval mode, on the CPU) and its tokenizer, from a checkpoint file alone."""
+    checkpoint = load_checkpoint(path)
+    model = GPT(model_config_of(checkpoint))
+    model.load_state_dict(model_state_dict(checkpoint))
+    return model.eval(), tokenizer_of(checkpoint)

@@ -1,0 +1,115 @@
+"""The command line: LightningCLI with our links, resume handling and clean errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from gpt_lightning.datamodule import ShakespeareDataModule
+from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
+
+TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+class GPTLightningCLI(LightningCLI):
+    def __init__(self, args: Any = None, **kwargs: Any) -> None:
+        super().__init__(
+            GPTModule,
+            ShakespeareDataModule,
+            # A fixed default seed: a resumed run must draw the same data and dropout as the original.
+            seed_everything_default=1337,
+            # configure_optimizers is the module's own (AdamW groups, warm-up + cosine).
+            auto_configure_optimizers=False,
+            trainer_defaults={
+                "logger": {"class_path": TENSORBOARD_LOGGER, "init_args": {"save_dir": "runs", "name": "gpt"}},
+                "callbacks": [LearningRateMonitor(logging_interval="step")],
+                "check_val_every_n_epoch": None,  # the training stream is endless: validate by steps
+                "gradient_clip_val": 1.0,
+            },
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.filename": "best-{step}",
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 100,
+            }
+        )
+        # Fine-tuning takes vocabulary and block size from the same checkpoint as the weights.
+        parser.link_arguments("model.init_from", "data.init_from", apply_on="parse")
+        # Derived from the data, written once.
+        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+        parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            self._prepare_resume(self.config.fit)
+
+    def _prepare_resume(self, config: Namespace) -> None:
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if config.model.init_from is not None:
+            raise ValueError(
+                "model.init_from and --ckpt_path were both given. --ckpt_path resumes a run with its full "
+                "state; init_from starts a new run from weights only. Drop one (to resume a fine-tune, "
+                "pass --model.init_from null)."
+            )
+        logger = config.trainer.get("logger")
+        run_root = None
+        if isinstance(logger, Namespace) and logger.get("class_path") == TENSORBOARD_LOGGER:
+            run_root = Path(logger.init_args.save_dir) / logger.init_args.name
+        if ckpt_path == "last":
+            candidates = sorted(run_root.glob("version_*/checkpoints/last.ckpt"), key=os.path.getmtime) if run_root else []
+            if not candidates:
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no last.ckpt under {run_root or 'the logger folder'}/*/checkpoints/. "
+                    "Check trainer.logger's save_dir and name, or start a new run without --ckpt_path."
+                )
+            ckpt = candidates[-1]
+        else:
+            ckpt = Path(ckpt_path)
+            if not ckpt.is_file():
+                raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist: give a .ckpt file or `last`.")
+        config.ckpt_path = str(ckpt)
+        # The checkpoint defines the architecture and vocabulary of the resumed model.
+        config.model.init_from = config.data.init_from = str(ckpt)
+        # Continue logging in the checkpoint's own run folder, hiding events the crash left past it.
+        run_dir = ckpt.parent.parent
+        if run_root is not None and ckpt.parent.name == "checkpoints" and run_dir.parent == run_root:
+            step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+            logger.init_args.version = run_dir.name
+            logger.init_args.purge_step = step
+            self.save_config_kwargs["config_filename"] = f"config.resumed-at-step-{step}.yaml"
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the config with the checkpoint's saved hyperparameters. Ours
+        # describe themselves (see `_prepare_resume`), and what the user passes now must win: a resumed
+        # run may raise max_steps, and sampling settings are never model hyperparameters.
+        return
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, TimeoutError, NonFiniteLossError)
+
+
+def main(args: Any = None) -> None:
+    try:
+        GPTLightningCLI(args=args)
+    except USER_ERRORS as err:
+        if os.environ.get("GPT_LIGHTNING_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        print("(set GPT_LIGHTNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,177 @@
+"""The tiny Shakespeare corpus and the datasets cut from it. Plain PyTorch and the standard library."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def corpus_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / "tinyshakespeare" / "input.txt"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes a file that is either absent or complete, never half-written: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def verify_corpus(path: Path) -> None:
+    digest = sha256_of(path)
+    if digest != CORPUS_SHA256:
+        raise ValueError(
+            f"{path} is not the tiny Shakespeare corpus: its sha256 is {digest}, expected {CORPUS_SHA256} "
+            "(a truncated or edited copy?). Delete it to download it again, or replace it with a good copy."
+        )
+
+
+def download_corpus(path: Path, url: str = CORPUS_URL, timeout: float = 60.0) -> None:
+    """Downloads the corpus to `path`, verifying its checksum before it lands there."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not download tiny Shakespeare from {url} ({err}). Without network, copy input.txt "
+            f"(sha256 {CORPUS_SHA256[:12]}...) to {path}, or point --data.data_dir at a folder holding "
+            "tinyshakespeare/input.txt."
+        ) from err
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != CORPUS_SHA256:
+        raise ValueError(f"the download from {url} has sha256 {digest}, expected {CORPUS_SHA256}; not saved.")
+    atomic_write_bytes(path, data)
+
+
+def ensure_corpus(data_dir: str | Path, download: bool = True, wait_s: float = 600.0) -> Path:
+    """Returns the verified corpus under data_dir. A missing file is downloaded when `download` is set;
+    otherwise (a non-zero rank) it waits for the process that downloads it, since the write is atomic."""
+    path = corpus_path(data_dir)
+    if not path.exists():
+        if download:
+            download_corpus(path)
+        else:
+            deadline = time.monotonic() + wait_s
+            while not path.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"waited {wait_s:.0f}s for rank 0 to download the corpus to {path}.")
+                time.sleep(0.5)
+    verify_corpus(path)
+    return path
+
+
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """Reads a UTF-8 text file, failing with a message that says what is wrong and how to fix it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist (or is not a file): check the path.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{what} {path} is not UTF-8 (byte {err.start}: {err.reason}): convert it, "
+            f"e.g. `iconv -f latin1 -t utf-8`."
+        ) from err
+    if not text:
+        raise ValueError(f"{what} {path} is empty: give a file with text in it.")
+    return text
+
+
+def speeches_of(text: str, speakers: list[str]) -> str:
+    """The speeches (a 'NAME:' line and what follows, up to a blank line) of the given speakers."""
+    wanted = {s.upper() for s in speakers}
+    blocks = re.split(r"\n\s*\n", text)
+    chosen = [b.strip("\n") for b in blocks if b.lstrip("\n").split("\n", 1)[0].rstrip(":").upper() in wanted]
+    if not chosen:
+        raise ValueError(f"no speeches by {', '.join(speakers)} in the corpus: check the speaker names.")
+    return "\n\n".join(chosen) + "\n"
+
+
+def _batch_seed(seed: int, rank: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{rank}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class RandomWindows(IterableDataset):
+    """An endless stream of training batches: `batch_size` windows of block_size + 1 tokens at random
+    offsets, as (x, y) with y shifted one token ahead.
+
+    Batch i on a rank depends only on (seed, rank, i): ranks draw different windows, and a run resumed
+    at batch i draws exactly what an uninterrupted run would have. One gather builds a whole batch.
+    """
+
+    def __init__(
+        self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int, rank: int = 0, start: int = 0
+    ) -> None:
+        if tokens.numel() < block_size + 1:
+            raise ValueError(
+                f"the training text has {tokens.numel()} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                "use a smaller block_size or more text."
+            )
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.start = start
+        self._offsets = torch.arange(block_size + 1)
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(_batch_seed(self.seed, self.rank, index))
+        starts = torch.randint(self.tokens.numel() - self.block_size, (self.batch_size,), generator=generator)
+        windows = self.tokens[starts[:, None] + self._offsets]  # (B, T + 1)
+        return windows[:, :-1], windows[:, 1:]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # DataLoader workers take turns, so worker w of W serves batches w, w + W, ... of the stream.
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        index = self.start + worker
+        while True:
+            yield self.batch(index)
+            index += workers
+
+
+class SequentialWindows(Dataset):
+    """Non-overlapping windows that cover the text once, in order: a deterministic evaluation set."""
+
+    def __init__(self, tokens: torch.Tensor, block_size: int) -> None:
+        if tokens.numel() < block_size + 1:
+            raise ValueError(
+                f"the validation text has {tokens.numel()} tokens, fewer than block_size + 1 = "
+                f"{block_size + 1}: use a smaller block_size, more text or a larger val_fraction."
+            )
+        self.tokens = tokens
+        self.block_size = block_size
+
+    def __len__(self) -> int:
+        return (self.tokens.numel() - 1) // self.block_size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.block_size
+        window = self.tokens[start : start + self.block_size + 1]
+        return window[:-1], window[1:]

@@ -1,0 +1,150 @@
+"""The LightningDataModule: which text, how it is split, and the loaders that serve it."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from gpt_lightning.checkpoint import load_checkpoint, model_config_of, tokenizer_of
+from gpt_lightning.data import RandomWindows, SequentialWindows, ensure_corpus, read_text, speeches_of
+from gpt_lightning.tokenizer import CharTokenizer
+
+DEFAULT_BLOCK_SIZE = 256
+
+
+def _is_local_rank_zero() -> bool:
+    # Read from the launcher's environment: this runs before any process group exists.
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
+
+
+class ShakespeareDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "data",
+        path: str | None = None,
+        speakers: list[str] | None = None,
+        block_size: int | None = None,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        seed: int = 1337,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        init_from: str | None = None,
+    ) -> None:
+        """Character batches of tiny Shakespeare, or of your own text.
+
+        Args:
+            data_dir: Folder that caches the corpus as `<data_dir>/tinyshakespeare/input.txt`. A missing file
+                is downloaded once and checked against its sha256; put a local copy there to work offline.
+            path: A UTF-8 text file to train on instead of the corpus, e.g. for fine-tuning.
+            speakers: Train only on the speeches of these characters of the corpus (e.g. [ROMEO, JULIET]),
+                a fine-tuning target that runs offline. Ignored when `path` is set.
+            block_size: Context length in characters. Unset: the `init_from` checkpoint's, else 256.
+            batch_size: Sequences per batch on each device.
+            val_fraction: Share of the text, taken from its end, held out for validation (nanoGPT: 0.1).
+            seed: Seed of the training windows. Batch i on rank r depends only on (seed, r, i), so ranks
+                draw different windows and a resumed run draws exactly what it would have drawn.
+            num_workers: DataLoader worker processes. Batches are one gather each, so 0 is fastest on CPU.
+            pin_memory: Pin batches in page-locked memory for faster copies to a GPU.
+            init_from: Set from `model.init_from`: the checkpoint whose vocabulary and block size to use.
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"data.block_size must be >= 1, got {block_size}.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}: 0.1 holds out 10%.")
+        self.data_dir = data_dir
+        self.path = path
+        self.speakers = speakers
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.init_from = init_from
+        self.block_size = self._resolve_block_size(block_size)
+        self.train_tokens: torch.Tensor | None = None
+        self.val_tokens: torch.Tensor | None = None
+
+    def _resolve_block_size(self, block_size: int | None) -> int:
+        if self.init_from is None:
+            return DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        source = model_config_of(load_checkpoint(self.init_from)).block_size
+        if block_size is not None and block_size != source:
+            raise ValueError(
+                f"data.block_size {block_size} conflicts with {self.init_from}, which was trained with "
+                f"block_size {source}: drop data.block_size to use the checkpoint's."
+            )
+        return source
+
+    @cached_property
+    def text(self) -> str:
+        """The whole text this module serves, before the train/validation split."""
+        if self.path is not None:
+            return read_text(self.path, "data.path")
+        corpus = read_text(ensure_corpus(self.data_dir, download=_is_local_rank_zero()), "the corpus")
+        return speeches_of(corpus, self.speakers) if self.speakers else corpus
+
+    @cached_property
+    def tokenizer(self) -> CharTokenizer:
+        """The vocabulary: the `init_from` checkpoint's when fine-tuning, else the text's own characters."""
+        if self.init_from is None:
+            return CharTokenizer.from_text(self.text)
+        tokenizer = tokenizer_of(load_checkpoint(self.init_from))
+        tokenizer.check(self.text, what=f"the fine-tuning text ({self.path or 'corpus speeches'})")
+        return tokenizer
+
+    @property
+    def vocab(self) -> str:
+        """Linked into the model by the CLI, so the vocabulary is written in one place only."""
+        return self.tokenizer.vocab
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node; the others wait at a barrier.
+        if self.path is None:
+            ensure_corpus(self.data_dir, download=True)
+
+    def setup(self, stage: str) -> None:
+        if self.train_tokens is not None:
+            return
+        tokens = self.tokenizer.encode(self.text)
+        split = int(tokens.numel() * (1.0 - self.val_fraction))
+        self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
+        windows = SequentialWindows(self.val_tokens, self.block_size)  # checks the split is long enough
+        if len(windows) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size {self.batch_size} does not fit the data: the validation split has only "
+                f"{len(windows)} windows of {self.block_size} characters. Lower batch_size or block_size."
+            )
+        if self.train_tokens.numel() - self.block_size < self.batch_size:
+            raise ValueError(
+                f"data.batch_size {self.batch_size} does not fit the data: the training split has only "
+                f"{self.train_tokens.numel()} characters. Lower batch_size or block_size, or add text."
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_tokens is not None, "setup() first"
+        rank, start = 0, 0
+        if self.trainer is not None:
+            rank = self.trainer.global_rank
+            # Batches this rank has consumed so far: resuming continues the stream where it stopped.
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        dataset = RandomWindows(self.train_tokens, self.block_size, self.batch_size, self.seed, rank, start)
+        # batch_size=None: the dataset yields whole batches, built by one gather each.
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_tokens is not None, "setup() first"
+        return DataLoader(
+            SequentialWindows(self.val_tokens, self.block_size),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )

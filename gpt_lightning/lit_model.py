@@ -1,0 +1,201 @@
+"""The LightningModule: wraps the plain GPT with a loss, metrics, the optimizer and its schedule."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from gpt_lightning.checkpoint import METADATA_KEY, load_checkpoint, metadata, model_config_of, model_state_dict
+from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.tokenizer import CharTokenizer
+
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "bias")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then a cosine down to min_ratio at decay_steps, then flat."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+class GPTModule(L.LightningModule):
+    def __init__(
+        self,
+        vocab: str,
+        block_size: int,
+        n_layer: int | None = None,
+        n_head: int | None = None,
+        n_embd: int | None = None,
+        bias: bool | None = None,
+        dropout: float = 0.0,
+        init_from: str | None = None,
+        learning_rate: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        compile: bool = False,
+    ) -> None:
+        """A character GPT trained with AdamW and a warm-up + cosine learning-rate schedule.
+
+        Args:
+            vocab: The characters of the vocabulary, in id order. Linked from the data module.
+            block_size: Context length. Linked from the data module.
+            n_layer: Transformer blocks. Unset: the `init_from` checkpoint's, else 6.
+            n_head: Attention heads per block; must divide n_embd. Unset: the checkpoint's, else 6.
+            n_embd: Width of the residual stream. Unset: the checkpoint's, else 384.
+            bias: Biases in Linear and LayerNorm layers (GPT-2 has them). Unset: the checkpoint's, else False.
+            dropout: Dropout probability in [0, 1). Not part of the architecture: a fine-tune may change it.
+            init_from: Start from the weights, architecture and vocabulary of this checkpoint (fine-tuning).
+                Steps, optimizer and schedule start fresh: this is not a resume (that is `--ckpt_path`).
+            learning_rate: Peak learning rate, reached after the warm-up.
+            min_lr: Learning rate at the end of the cosine decay. Equal to learning_rate: a constant LR.
+            warmup_steps: Optimizer steps of linear warm-up.
+            lr_decay_steps: Step at which the cosine reaches min_lr. Unset: trainer.max_steps.
+            weight_decay: AdamW weight decay, applied to weight matrices and embeddings only.
+            betas: AdamW betas. nanoGPT uses 0.99 for beta2 on small, noisy batches.
+            compile: Compile the network with torch.compile (in place, so checkpoint keys are unchanged).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = CharTokenizer(vocab)
+        explicit = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias}
+        if init_from is None:
+            defaults = GPTConfig()
+            shape = {k: getattr(defaults, k) if v is None else v for k, v in explicit.items()}
+            self.config = GPTConfig(vocab_size=len(vocab), block_size=block_size, dropout=dropout, **shape)
+            self.gpt = GPT(self.config)
+        else:
+            checkpoint = load_checkpoint(init_from)
+            source = model_config_of(checkpoint)
+            given = {**explicit, "vocab_size": len(vocab), "block_size": block_size}
+            conflicts = [f"{k}={v} (checkpoint: {getattr(source, k)})" for k, v in given.items()
+                         if v is not None and v != getattr(source, k)]
+            if conflicts:
+                raise ValueError(
+                    f"init_from {init_from} has another architecture: {', '.join(conflicts)}. Fine-tuning "
+                    "takes the architecture from the checkpoint: drop these settings."
+                )
+            self.config = GPTConfig(**{**source.__dict__, "dropout": dropout})
+            self.gpt = GPT(self.config)
+            self.gpt.load_state_dict(model_state_dict(checkpoint))
+        if compile:
+            self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix
+        self.val_loss = MeanMetric()
+        self.val_bpc = MeanMetric()
+        self._first_nonfinite_step: torch.Tensor | None = None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gpt(idx)  # (B, T, vocab_size)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self.gpt(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self._track_nonfinite(loss)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch)
+        weight = batch[1].numel()  # windows may differ in count per batch: weight by characters
+        self.val_loss.update(loss, weight)
+        self.val_bpc.update(loss / math.log(2), weight)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/bpc", self.val_bpc)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.config.dropout > 0:
+            # Dropout draws from the global RNG. Seeding it from (seed, rank, step) makes a resumed run
+            # draw exactly the masks the uninterrupted run would have, with no RNG state to save per rank.
+            torch.manual_seed(hash((self._base_seed, self.global_rank, self.global_step)) & (2**63 - 1))
+
+    def on_fit_start(self) -> None:
+        self._base_seed = torch.initial_seed()  # the run's seed_everything value
+
+    # -- optimization ---------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        decay_steps = hp.lr_decay_steps if hp.lr_decay_steps is not None else self.trainer.max_steps
+        if decay_steps is None or decay_steps < 0:
+            raise ValueError("set trainer.max_steps, or model.lr_decay_steps, so the LR schedule has an end.")
+        optimizer = torch.optim.AdamW(
+            self.gpt.parameter_groups(hp.weight_decay),
+            lr=hp.learning_rate,
+            betas=tuple(hp.betas),
+            fused=self.device.type == "cuda",  # one kernel for all parameters instead of one per tensor
+        )
+        schedule = functools.partial(
+            warmup_cosine,
+            warmup_steps=hp.warmup_steps,
+            decay_steps=decay_steps,
+            min_ratio=hp.min_lr / hp.learning_rate,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # clip_grad_norm_ returns the norm before clipping; log it for free (no extra pass, no sync).
+        if gradient_clip_algorithm == "value":
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf)
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
+        self.log("train/grad_norm", norm)
+
+    # -- non-finite loss guard ------------------------------------------------------------------------
+
+    def _track_nonfinite(self, loss: torch.Tensor) -> None:
+        # Remember the first bad step on the device; reading it back (a sync) waits for a checkpoint or
+        # a logging step, so the guard costs nothing per step on a GPU.
+        step = torch.full((), self.global_step, device=loss.device)
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.full((), -1, device=loss.device)
+        newly_bad = (self._first_nonfinite_step < 0) & ~torch.isfinite(loss.detach())
+        self._first_nonfinite_step = torch.where(newly_bad, step, self._first_nonfinite_step)
+
+    def check_finite(self) -> None:
+        if self._first_nonfinite_step is None or int(self._first_nonfinite_step) < 0:
+            return
+        step = int(self._first_nonfinite_step)
+        callback = self.trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        where = f"The last good checkpoint is {last}; " if last else "No checkpoint was saved before it; "
+        raise NonFiniteLossError(
+            f"the training loss became NaN or infinite at step {step}; training stopped without saving it. "
+            f"{where}lower model.learning_rate or set trainer.gradient_clip_val, then start again."
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0:
+            self.check_finite()
+
+    # -- checkpoints describe themselves ---------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # never write weights that came out of a NaN
+        checkpoint[METADATA_KEY] = metadata(self.config, self.tokenizer)

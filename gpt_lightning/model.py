@@ -1,0 +1,215 @@
+"""A decoder-only transformer language model, GPT-2 style, in plain PyTorch.
+
+Read top to bottom: the config, then the pieces from small to large (attention, MLP, block) and
+finally `GPT`, which stacks them. Nothing here knows about Lightning; `lit_model.py` wraps it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 65  # tiny Shakespeare has 65 distinct characters; set from the tokenizer
+    block_size: int = 256  # the longest context the model sees: the size of the position table
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block; must divide n_embd
+    n_embd: int = 384  # width of the residual stream
+    dropout: float = 0.0  # the baby GPT overfits 1M characters without it; large corpora want 0
+    bias: bool = False  # biases in Linear and LayerNorm: GPT-2 had them, without is a bit better and faster
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}.")
+        if self.n_embd % self.n_head != 0:
+            lower = self.n_embd - self.n_embd % self.n_head
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) so every head gets "
+                f"the same width: use n_embd {lower or self.n_head} or {lower + self.n_head}, or another n_head."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}: 0 disables it, 0.2 is typical.")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# Named shapes. vocab_size is tiny Shakespeare's; the tokenizer of a run overrides it.
+PRESETS: dict[str, GPTConfig] = {
+    # nanoGPT's CPU recipe for shakespeare-char: trains in minutes on a laptop, about 0.8M parameters
+    "cpu": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
+    # nanoGPT's shakespeare-char "baby GPT" for one GPU: about 10.7M parameters
+    "baby-gpt": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    # GPT-2 small's stack (124M with its 50,257 tokens) over 65 characters: about 85.9M parameters
+    "gpt2-small": GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True),
+}
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one attention layer, so that decoding a new token
+    costs one token's worth of work instead of re-running the whole context."""
+
+    def __init__(
+        self, batch_size: int, n_head: int, max_len: int, head_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        shape = (batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k, v (B, nh, T, hs) at positions pos..pos+T and returns everything up to there."""
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # query, key and value for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v, pos)  # (B, nh, pos + T, hs)
+
+        # Queries at pos..pos+T see keys 0..their own position. From position 0 that is the usual
+        # causal mask; one new token sees every cached key; a chunk after a prefix needs an offset mask.
+        mask = None
+        if pos > 0 and T > 1:
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=pos == 0 and T > 1,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: normalise, then add each sub-layer's output to the residual stream."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: reading a token in and predicting it out share one matrix (Press & Wolf, 2017).
+        self.lm_head.weight = self.wte.weight
+
+        self.apply(self._init_weights)
+        # GPT-2: each block adds two projections to the residual stream, so scale them down to keep
+        # the stream's variance independent of depth.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        """Returns next-token logits (B, T, vocab_size) for token ids idx (B, T) at positions pos..pos+T.
+
+        With `caches` (one per block, from `new_kv_caches`), keys and values of earlier calls are reused,
+        so incremental decoding passes only the new tokens.
+        """
+        B, T = idx.shape
+        if pos + T > self.config.block_size:
+            raise ValueError(
+                f"cannot run a sequence of length {pos + T} through a model with block_size "
+                f"{self.config.block_size}: crop the context to its last {self.config.block_size} tokens."
+            )
+        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        for i, block in enumerate(self.h):
+            x = block(x, None if caches is None else caches[i], pos)
+        x = self.ln_f(x)
+        return self.lm_head(x)  # (B, T, vocab_size)
+
+    def new_kv_caches(self, batch_size: int) -> list[KVCache]:
+        """Empty caches, one per block, sized for a full context and matching the model's device and dtype."""
+        c, weight = self.config, self.lm_head.weight
+        return [
+            KVCache(batch_size, c.n_head, c.block_size, c.head_size, weight.device, weight.dtype)
+            for _ in range(c.n_layer)
+        ]
+
+    def num_parameters(self, exclude_position_embedding: bool = False) -> int:
+        """Parameters the model trains, each counted once (the tied head is the token embedding)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if exclude_position_embedding else n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward and backward): 6N for the weight matmuls plus 12·L·C·T for
+        attention scores and their weighted sum (PaLM appendix B; N excludes the position table, which
+        is a lookup)."""
+        c = self.config
+        return 6 * self.num_parameters(exclude_position_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay the matrices (matmul weights, embeddings); leave biases and norm gains alone."""
+        params = list(self.parameters())  # unique: the tied head appears once
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]

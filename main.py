@@ -1,0 +1,6 @@
+"""Entry point: `python main.py fit --config configs/pretrain.yaml` (see README.md)."""
+
+from gpt_lightning.cli import main
+
+if __name__ == "__main__":
+    main()
