@@ -11,7 +11,9 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gpt_lightning.callbacks import FinalValidation, LastCheckpoint, TextSampleLogger, TokenThroughputMonitor
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
 
@@ -28,8 +30,12 @@ class GPTLightningCLI(LightningCLI):
             # configure_optimizers is the module's own (AdamW groups, warm-up + cosine).
             auto_configure_optimizers=False,
             trainer_defaults={
-                "logger": {"class_path": TENSORBOARD_LOGGER, "init_args": {"save_dir": "runs", "name": "gpt"}},
-                "callbacks": [LearningRateMonitor(logging_interval="step")],
+                "logger": {"class_path": TENSORBOARD_LOGGER, "init_args": {"save_dir": "runs", "name": "gpt", "default_hp_metric": False}},
+                "callbacks": [
+                    LearningRateMonitor(logging_interval="step"),
+                    TokenThroughputMonitor(),
+                    FinalValidation(),
+                ],
                 "check_val_every_n_epoch": None,  # the training stream is endless: validate by steps
                 "gradient_clip_val": 1.0,
             },
@@ -39,14 +45,11 @@ class GPTLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/loss",
-                "checkpoint.filename": "best-{step}",
-                "checkpoint.save_last": True,
-                "checkpoint.every_n_train_steps": 100,
-            }
-        )
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(TextSampleLogger, "sample")
+        # `checkpoint` keeps the best model by validation loss, saved after each validation;
+        # `last_checkpoint` owns last.ckpt, the one to resume from.
+        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.filename": "best-{step}"})
         # Fine-tuning takes vocabulary and block size from the same checkpoint as the weights.
         parser.link_arguments("model.init_from", "data.init_from", apply_on="parse")
         # Derived from the data, written once.
@@ -58,6 +61,8 @@ class GPTLightningCLI(LightningCLI):
             self._prepare_resume(self.config.fit)
 
     def _prepare_resume(self, config: Namespace) -> None:
+        if config.get("weights_only") is None:
+            config.weights_only = True  # our checkpoints hold tensors and plain types only: never unpickle code
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None:
             return
@@ -113,3 +118,6 @@ def main(args: Any = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         print("(set GPT_LIGHTNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         sys.exit(1)
+    except SIGTERMException:
+        print("stopped by SIGTERM; last.ckpt was saved: resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(143)

@@ -99,12 +99,15 @@ class GPTModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_bpc = MeanMetric()
         self._first_nonfinite_step: torch.Tensor | None = None
+        self._base_seed = 0
+        self._tokens_per_batch = 0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)  # (B, T, vocab_size)
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
+        self._tokens_per_batch = x.numel()
         logits = self.gpt(x)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
@@ -121,6 +124,13 @@ class GPTModule(L.LightningModule):
         self.val_bpc.update(loss / math.log(2), weight)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/bpc", self.val_bpc)
+
+    @property
+    def flops_per_batch(self) -> int:
+        """FLOPs of the last batch, read by the ThroughputMonitor for MFU: a forward pass is a third of
+        forward and backward."""
+        per_token = self.gpt.flops_per_token() if self.training else self.gpt.flops_per_token() // 3
+        return per_token * self._tokens_per_batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.config.dropout > 0:
@@ -182,8 +192,8 @@ class GPTModule(L.LightningModule):
         if self._first_nonfinite_step is None or int(self._first_nonfinite_step) < 0:
             return
         step = int(self._first_nonfinite_step)
-        callback = self.trainer.checkpoint_callback
-        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        saved = [getattr(cb, "last_path", None) or getattr(cb, "best_model_path", None) for cb in self.trainer.callbacks]
+        last = next((str(path) for path in saved if path), None)
         where = f"The last good checkpoint is {last}; " if last else "No checkpoint was saved before it; "
         raise NonFiniteLossError(
             f"the training loss became NaN or infinite at step {step}; training stopped without saving it. "

@@ -1,0 +1,155 @@
+"""Only what Lightning lacks: text samples in TensorBoard, last.ckpt on a step cadence and on exit,
+a validation after the last step, and token throughput."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from gpt_lightning.generate import generate_tokens
+
+log = logging.getLogger(__name__)
+
+
+class TextSampleLogger(Callback):
+    def __init__(
+        self,
+        prompt: str = "\n",
+        max_new_tokens: int = 200,
+        every_n_validations: int = 1,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int = 1337,
+    ) -> None:
+        """Writes a sample of generated text to TensorBoard's Text tab after validation (rank 0 only).
+
+        Args:
+            prompt: Text the sample continues; every character must be in the vocabulary.
+            max_new_tokens: Characters to generate per sample.
+            every_n_validations: Sample after every n-th validation; 0 turns sampling off.
+            temperature: Sampling temperature; 0 is greedy.
+            top_k: Sample from the k most likely characters only; unset keeps all.
+            seed: Seed of the sampler, fixed so samples differ only because the model changed.
+        """
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.every_n_validations = every_n_validations
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self._validations = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.every_n_validations > 0:
+            pl_module.tokenizer.check(self.prompt, what="sample.prompt")  # fail now, not at the first sample
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.every_n_validations <= 0:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_validations:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        idx = pl_module.tokenizer.encode(self.prompt)[None].to(pl_module.device)  # (1, T)
+        generator = torch.Generator().manual_seed(self.seed)
+        with trainer.precision_plugin.forward_context():
+            new = list(
+                generate_tokens(
+                    pl_module.gpt, idx, self.max_new_tokens, self.temperature, self.top_k, generator=generator
+                )
+            )
+        text = self.prompt + pl_module.tokenizer.decode(torch.cat(new).tolist())
+        # Indented by four spaces, TensorBoard's Markdown shows the text verbatim, line breaks included.
+        markdown = "\n".join("    " + line for line in text.split("\n"))
+        for logger in loggers:
+            logger.experiment.add_text("samples", markdown, global_step=trainer.global_step)
+
+
+class LastCheckpoint(Callback):
+    def __init__(self, every_n_train_steps: int = 100) -> None:
+        """Keeps `last.ckpt` beside the best checkpoint, with everything needed to resume exactly.
+
+        It is written every n optimizer steps, when training ends, and when Ctrl-C or SIGTERM stops it,
+        so a crash loses at most n steps. Other exceptions save nothing: the state that raised them is
+        not worth resuming from. Lightning writes to a temporary file and renames it, so a kill during
+        the write leaves the previous `last.ckpt` intact.
+
+        Args:
+            every_n_train_steps: Optimizer steps between saves; 0 saves only at the end and on stop.
+        """
+        if every_n_train_steps < 0:
+            raise ValueError(f"last_checkpoint.every_n_train_steps must be >= 0, got {every_n_train_steps}.")
+        self.every_n_train_steps = every_n_train_steps
+        self.last_path: Path | None = None
+        self._saved_at_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        callback = trainer.checkpoint_callback
+        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
+            return
+        if trainer.global_step == self._saved_at_step:
+            return
+        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        trainer.save_checkpoint(path, weights_only=False)
+        self.last_path, self._saved_at_step = path, trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            self._save(trainer)
+            log.info(f"Saved {self.last_path} at step {trainer.global_step}: resume with --ckpt_path last")
+
+
+class FinalValidation(Callback):
+    """Validates after the last step too, so every run ends with a val/loss (and a best checkpoint).
+
+    Lightning validates at `val_check_interval` only; asking it to stop at max_steps makes it run the
+    validation it runs before any early stop."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+def _windows_in(batch: Any) -> int:
+    return batch[0].size(0)
+
+
+def _tokens_in(batch: Any) -> int:
+    return batch[0].numel()
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    def __init__(self, window_size: int = 50) -> None:
+        """Lightning's ThroughputMonitor counting characters: logs tokens/s, and MFU against the device's
+        real peak FLOPs where Lightning knows it (GPUs), from the module's `flops_per_batch`.
+
+        Args:
+            window_size: Batches the rates are averaged over.
+        """
+        super().__init__(batch_size_fn=_windows_in, length_fn=_tokens_in, window_size=window_size)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *_: Any, **__: Any
+    ) -> None:
+        # Time validation (so it is not counted as training time) but do not log it: its per-batch points
+        # would land on TensorBoard's step axis among the training steps.
+        if not trainer.sanity_checking and trainer.is_global_zero:
+            self._update(trainer, pl_module, batch, trainer.global_step)
