@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from gpt_lightning.callbacks import FinalValidation, LastCheckpoint, TextSampleLogger, TokenThroughputMonitor
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
+from gpt_lightning.trainer import GPTTrainer
 
 TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 
@@ -25,12 +26,16 @@ class GPTLightningCLI(LightningCLI):
         super().__init__(
             GPTModule,
             ShakespeareDataModule,
+            trainer_class=GPTTrainer,
             # A fixed default seed: a resumed run must draw the same data and dropout as the original.
             seed_everything_default=1337,
             # configure_optimizers is the module's own (AdamW groups, warm-up + cosine).
             auto_configure_optimizers=False,
             trainer_defaults={
-                "logger": {"class_path": TENSORBOARD_LOGGER, "init_args": {"save_dir": "runs", "name": "gpt", "default_hp_metric": False}},
+                "logger": {
+                    "class_path": TENSORBOARD_LOGGER,
+                    "init_args": {"save_dir": "runs", "name": "gpt", "default_hp_metric": False},
+                },
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),
                     TokenThroughputMonitor(),
@@ -42,6 +47,22 @@ class GPTLightningCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "generate": {"model"}}
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        if subcommand != "generate":
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # Sampling needs a checkpoint and a device, not the model and data sections of training.
+        parser = self.init_parser(**kwargs)
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer.devices": 1, "trainer.logger": False, "trainer.enable_progress_bar": False})
+        parser.add_argument("--seed_everything", type=bool | int, default=False, help="Unused: sampling takes --seed.")
+        added = parser.add_method_arguments(klass, subcommand, skip=self.subcommands()[subcommand])
+        self._subcommand_method_arguments[subcommand] = added
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -77,7 +98,9 @@ class GPTLightningCLI(LightningCLI):
         if isinstance(logger, Namespace) and logger.get("class_path") == TENSORBOARD_LOGGER:
             run_root = Path(logger.init_args.save_dir) / logger.init_args.name
         if ckpt_path == "last":
-            candidates = sorted(run_root.glob("version_*/checkpoints/last.ckpt"), key=os.path.getmtime) if run_root else []
+            candidates = (
+                sorted(run_root.glob("version_*/checkpoints/last.ckpt"), key=os.path.getmtime) if run_root else []
+            )
             if not candidates:
                 raise FileNotFoundError(
                     f"--ckpt_path last: no last.ckpt under {run_root or 'the logger folder'}/*/checkpoints/. "

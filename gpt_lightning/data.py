@@ -41,16 +41,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def verify_corpus(path: Path) -> None:
+def verify_corpus(path: Path, sha256: str = CORPUS_SHA256) -> None:
     digest = sha256_of(path)
-    if digest != CORPUS_SHA256:
+    if digest != sha256:
         raise ValueError(
-            f"{path} is not the tiny Shakespeare corpus: its sha256 is {digest}, expected {CORPUS_SHA256} "
+            f"{path} is not the tiny Shakespeare corpus: its sha256 is {digest}, expected {sha256} "
             "(a truncated or edited copy?). Delete it to download it again, or replace it with a good copy."
         )
 
 
-def download_corpus(path: Path, url: str = CORPUS_URL, timeout: float = 60.0) -> None:
+def download_corpus(path: Path, url: str = CORPUS_URL, sha256: str = CORPUS_SHA256, timeout: float = 60.0) -> None:
     """Downloads the corpus to `path`, verifying its checksum before it lands there."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -58,29 +58,35 @@ def download_corpus(path: Path, url: str = CORPUS_URL, timeout: float = 60.0) ->
     except OSError as err:
         raise FileNotFoundError(
             f"could not download tiny Shakespeare from {url} ({err}). Without network, copy input.txt "
-            f"(sha256 {CORPUS_SHA256[:12]}...) to {path}, or point --data.data_dir at a folder holding "
+            f"(sha256 {sha256[:12]}...) to {path}, or point --data.data_dir at a folder holding "
             "tinyshakespeare/input.txt."
         ) from err
     digest = hashlib.sha256(data).hexdigest()
-    if digest != CORPUS_SHA256:
-        raise ValueError(f"the download from {url} has sha256 {digest}, expected {CORPUS_SHA256}; not saved.")
+    if digest != sha256:
+        raise ValueError(f"the download from {url} has sha256 {digest}, expected {sha256}; not saved.")
     atomic_write_bytes(path, data)
 
 
-def ensure_corpus(data_dir: str | Path, download: bool = True, wait_s: float = 600.0) -> Path:
+def ensure_corpus(
+    data_dir: str | Path,
+    download: bool = True,
+    url: str = CORPUS_URL,
+    sha256: str = CORPUS_SHA256,
+    wait_s: float = 600.0,
+) -> Path:
     """Returns the verified corpus under data_dir. A missing file is downloaded when `download` is set;
     otherwise (a non-zero rank) it waits for the process that downloads it, since the write is atomic."""
     path = corpus_path(data_dir)
     if not path.exists():
         if download:
-            download_corpus(path)
+            download_corpus(path, url, sha256)
         else:
             deadline = time.monotonic() + wait_s
             while not path.exists():
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"waited {wait_s:.0f}s for rank 0 to download the corpus to {path}.")
                 time.sleep(0.5)
-    verify_corpus(path)
+    verify_corpus(path, sha256)
     return path
 
 
@@ -93,8 +99,7 @@ def read_text(path: str | Path, what: str = "text file") -> str:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(
-            f"{what} {path} is not UTF-8 (byte {err.start}: {err.reason}): convert it, "
-            f"e.g. `iconv -f latin1 -t utf-8`."
+            f"{what} {path} is not UTF-8 (byte {err.start}: {err.reason}): convert it, e.g. `iconv -f latin1 -t utf-8`."
         ) from err
     if not text:
         raise ValueError(f"{what} {path} is empty: give a file with text in it.")

@@ -84,8 +84,11 @@ class GPTModule(L.LightningModule):
             checkpoint = load_checkpoint(init_from)
             source = model_config_of(checkpoint)
             given = {**explicit, "vocab_size": len(vocab), "block_size": block_size}
-            conflicts = [f"{k}={v} (checkpoint: {getattr(source, k)})" for k, v in given.items()
-                         if v is not None and v != getattr(source, k)]
+            conflicts = [
+                f"{k}={v} (checkpoint: {getattr(source, k)})"
+                for k, v in given.items()
+                if v is not None and v != getattr(source, k)
+            ]
             if conflicts:
                 raise ValueError(
                     f"init_from {init_from} has another architecture: {', '.join(conflicts)}. Fine-tuning "
@@ -192,7 +195,9 @@ class GPTModule(L.LightningModule):
         if self._first_nonfinite_step is None or int(self._first_nonfinite_step) < 0:
             return
         step = int(self._first_nonfinite_step)
-        saved = [getattr(cb, "last_path", None) or getattr(cb, "best_model_path", None) for cb in self.trainer.callbacks]
+        saved = [
+            getattr(cb, "last_path", None) or getattr(cb, "best_model_path", None) for cb in self.trainer.callbacks
+        ]
         last = next((str(path) for path in saved if path), None)
         where = f"The last good checkpoint is {last}; " if last else "No checkpoint was saved before it; "
         raise NonFiniteLossError(

@@ -1,0 +1,78 @@
+"""Lightning's Trainer with one more entry point, `generate`, next to fit, validate, test and predict."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from gpt_lightning.checkpoint import load_model
+from gpt_lightning.data import read_text
+from gpt_lightning.generate import check_sampling_args, generate_tokens
+
+
+class GPTTrainer(L.Trainer):
+    def generate(
+        self,
+        ckpt_path: str,
+        prompt: str = "\n",
+        prompt_file: str | None = None,
+        max_new_tokens: int = 500,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_samples: int = 1,
+        seed: int = 1337,
+        use_kv_cache: bool = True,
+        model: Any = None,
+    ) -> list[str]:
+        """Sample text from a checkpoint, streaming it to stdout as it is generated.
+
+        Args:
+            ckpt_path: A checkpoint written by `fit` (pre-training or fine-tuning). Architecture and
+                vocabulary come from it.
+            prompt: Text to continue. Every character must be in the checkpoint's vocabulary.
+            prompt_file: Read the prompt from this UTF-8 file instead.
+            max_new_tokens: Characters to generate per sample.
+            temperature: Softmax temperature: below 1 is more conservative, 0 is greedy (argmax).
+            top_k: Sample from the k most likely characters only (clamped to the vocabulary). Unset: all.
+            top_p: Nucleus sampling: the smallest set of characters whose probability reaches p, in (0, 1].
+            num_samples: Samples to draw, one after another.
+            seed: Seed of the sampler: the same seed gives the same text.
+            use_kv_cache: Reuse attention keys and values between steps; the output is the same either way.
+            model: Unused: the checkpoint defines the model.
+        """
+        check_sampling_args(temperature, top_k, top_p)
+        if max_new_tokens < 0 or num_samples < 1:
+            raise ValueError(f"need max_new_tokens >= 0 and num_samples >= 1, got {max_new_tokens}, {num_samples}.")
+        if self.world_size > 1 or len(self.device_ids) > 1:
+            raise ValueError("generate runs on one device: pass --trainer.devices 1.")
+        if prompt_file is not None:
+            prompt = read_text(Path(prompt_file), "prompt_file")
+        gpt, tokenizer = load_model(ckpt_path)
+        tokenizer.check(prompt, what="the prompt")
+        gpt.to(self.strategy.root_device)
+        idx = tokenizer.encode(prompt)[None].to(self.strategy.root_device)  # (1, T)
+        generator = torch.Generator().manual_seed(seed)
+        out = sys.stdout  # the text alone: Lightning's messages go to stderr
+        samples = []
+        for i in range(num_samples):
+            if i:
+                out.write("\n" + "-" * 40 + "\n")
+            out.write(prompt)
+            text = [prompt]
+            with self.precision_plugin.forward_context():
+                for token in generate_tokens(
+                    gpt, idx, max_new_tokens, temperature, top_k, top_p, generator, use_kv_cache
+                ):
+                    char = tokenizer.decode(token.tolist())
+                    out.write(char)
+                    out.flush()
+                    text.append(char)
+            samples.append("".join(text))
+        out.write("\n")
+        out.flush()
+        return samples

@@ -1,0 +1,97 @@
+"""Shared fixtures: generated text (never the corpus), tiny model settings, and subprocess helpers."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = (
+    "the and of to my in you is that not with be your his for this but have thou as so me will what "
+    "him her all by shall do are our king lord good now love no more o let if then thy say come man"
+).split()
+SPEAKERS = ["FIRST CITIZEN", "KING ARTHUR", "LADY BEATRICE", "SECOND WATCHMAN"]
+
+
+def make_play(n_speeches: int, seed: int = 0) -> str:
+    """Play-shaped text: 'NAME:' lines followed by lines of words, speeches split by blank lines."""
+    rng = random.Random(seed)
+    speeches = []
+    for _ in range(n_speeches):
+        lines = []
+        for _ in range(rng.randint(1, 4)):
+            words = rng.choices(WORDS, k=rng.randint(4, 9))
+            lines.append(" ".join(words).capitalize() + rng.choice([",", ".", "!", "?", ";"]))
+        speeches.append(f"{rng.choice(SPEAKERS)}:\n" + "\n".join(lines))
+    return "\n\n".join(speeches) + "\n"
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "play.txt"
+    path.write_text(make_play(400), encoding="utf-8")
+    return path
+
+
+# A model small enough that a CLI run is dominated by start-up, on text from `text_file`.
+TINY = [
+    "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.warmup_steps=2",
+    "--data.block_size=32", "--data.batch_size=8",
+    "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false", "--sample.max_new_tokens=20",
+]  # fmt: skip
+
+
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Runs `python main.py ARGS` in a subprocess (as a user would, and as DDP requires)."""
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    run_env.pop("GPT_LIGHTNING_TRACEBACK", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=cwd or ROOT,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tiny_fit(text_file: Path, runs: Path, *args: str, name: str = "run", **kwargs) -> subprocess.CompletedProcess:
+    return cli(
+        "fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"), f"--data.path={text_file}",
+        f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
+        *TINY, *args, **kwargs,
+    )  # fmt: skip
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard run folder as {tag: [(step, value), ...]}, as TensorBoard shows them
+    (events orphaned by a restart are purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def text_samples(run_dir: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["tensors"] if t.startswith("samples")]
+    return [e.tensor_proto.string_val[0].decode() for t in tags for e in acc.Tensors(t)]
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    )

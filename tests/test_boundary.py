@@ -1,0 +1,17 @@
+"""The model, tokenizer, sampling and data code are plain PyTorch: importing them must not import Lightning."""
+
+import subprocess
+import sys
+
+PLAIN = ["gpt_lightning", "gpt_lightning.model", "gpt_lightning.tokenizer", "gpt_lightning.generate",
+         "gpt_lightning.data", "gpt_lightning.checkpoint"]  # fmt: skip
+
+
+def test_plain_modules_do_not_import_lightning():
+    code = (
+        f"import sys; import {', '.join(PLAIN)}; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'lightning', 'pytorch_lightning', 'torchmetrics'}); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, f"Lightning imported by the plain modules: {result.stdout}{result.stderr}"

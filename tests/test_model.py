@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt_lightning.model import GPT, PRESETS, GPTConfig
+
+TINY = GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def test_forward_returns_logits_for_every_position():
+    model = GPT(TINY)
+    idx = torch.randint(TINY.vocab_size, (3, 7))
+    assert model(idx).shape == (3, 7, TINY.vocab_size)
+
+
+def test_causal_changing_a_future_token_leaves_past_logits_unchanged():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.randint(TINY.vocab_size, (2, 12))
+    changed = idx.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % TINY.vocab_size
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_initial_loss_is_close_to_uniform_guess():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(config)
+    idx, targets = torch.randint(65, (8, 32)), torch.randint(65, (8, 32))
+    loss = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    assert abs(loss.item() - math.log(65)) < 0.1
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    idx = torch.randint(TINY.vocab_size, (4, 16))
+    x, y = idx[:, :-1], idx[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("cpu", 804_096),  # 4 x 196,608 block matmuls + LayerNorms + 65x128 + 64x128 embeddings
+        ("baby-gpt", 10_745_088),  # nanoGPT's "10.65M" excludes the 98,304 position embeddings
+        ("gpt2-small", 85_892_352),  # GPT-2's 124,439,808 less 50,192 x 768 token embeddings
+    ],
+)
+def test_preset_parameter_counts(name, expected):
+    with torch.device("meta"):
+        model = GPT(PRESETS[name])
+    assert model.num_parameters() == expected
+
+
+def test_gpt2_small_with_gpt2_vocabulary_has_gpt2_parameter_count():
+    from dataclasses import replace
+
+    with torch.device("meta"):
+        model = GPT(replace(PRESETS["gpt2-small"], vocab_size=50257))
+    assert model.num_parameters() == 124_439_808
+
+
+def test_head_is_tied_to_token_embedding():
+    model = GPT(TINY)
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_residual_projections_are_scaled_down():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_embd=256, n_head=4))
+    std = model.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_embd": 100, "n_head": 3}, "divisible by n_head"),
+        ({"n_layer": 0}, "n_layer must be a positive integer"),
+        ({"block_size": -1}, "block_size must be a positive integer"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_invalid_shapes_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kwargs)
+
+
+def test_sequence_longer_than_block_size_is_an_error():
+    with pytest.raises(ValueError, match="crop the context"):
+        GPT(TINY)(torch.zeros(1, TINY.block_size + 1, dtype=torch.long))
+
+
+def test_parameter_groups_cover_every_parameter_exactly_once():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=True))
+    decay, no_decay = model.parameter_groups(weight_decay=0.1)
+    ids = [id(p) for group in (decay, no_decay) for p in group["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters()}
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_flops_per_token_matches_a_hand_count():
+    c = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    # matmul weights per block: qkv 128x384, proj 128x128, MLP 2 x 128x512; LayerNorm gains 2 x 128
+    per_block = 128 * 384 + 128 * 128 + 2 * 128 * 512 + 2 * 128
+    n = 4 * per_block + 128 + 65 * 128  # final LayerNorm, tied embedding/head; positions excluded
+    attention = 12 * 4 * 128 * 64  # QK^T and AV: 2 matmuls x 2 FLOPs x 3 (fwd + bwd) per layer
+    assert GPT(c).flops_per_token() == 6 * n + attention == 4_775_424 + 393_216
+
+
+def test_kv_cache_gives_the_same_logits_as_a_full_forward():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.randint(TINY.vocab_size, (2, 10))
+    full = model(idx)
+    caches = model.new_kv_caches(2)
+    prefix = model(idx[:, :6], caches, pos=0)
+    steps = [model(idx[:, t : t + 1], caches, pos=t) for t in range(6, 8)]
+    chunk = model(idx[:, 8:], caches, pos=8)  # several tokens after a prefix: the offset mask
+    torch.testing.assert_close(torch.cat([prefix, *steps, chunk], dim=1), full, atol=1e-5, rtol=1e-5)
