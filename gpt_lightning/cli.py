@@ -38,7 +38,6 @@ class GPTLightningCLI(LightningCLI):
                 },
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),
-                    TokenThroughputMonitor(),
                     FinalValidation(),
                 ],
                 "check_val_every_n_epoch": None,  # the training stream is endless: validate by steps
@@ -68,6 +67,7 @@ class GPTLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(TextSampleLogger, "sample")
+        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         # `checkpoint` keeps the best model by validation loss, saved after each validation;
         # `last_checkpoint` owns last.ckpt, the one to resume from.
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.filename": "best-{step}"})
@@ -132,9 +132,13 @@ class GPTLightningCLI(LightningCLI):
 USER_ERRORS = (ValueError, FileNotFoundError, TimeoutError, NonFiniteLossError)
 
 
-def main(args: Any = None) -> None:
+def main(args: list[str] | None = None) -> None:
+    # A bare --print_config prints the config documented: every option with its help as a comment.
+    documented = ["--print_config=comments" if arg == "--print_config" else arg for arg in args or sys.argv[1:]]
+    if args is None:
+        sys.argv[1:] = documented  # in place: DDP re-launches sys.argv
     try:
-        GPTLightningCLI(args=args)
+        GPTLightningCLI(args=None if args is None else documented)
     except USER_ERRORS as err:
         if os.environ.get("GPT_LIGHTNING_TRACEBACK"):
             raise

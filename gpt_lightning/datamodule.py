@@ -41,8 +41,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             data_dir: Folder that caches the corpus as `<data_dir>/tinyshakespeare/input.txt`. A missing file
                 is downloaded once and checked against its sha256; put a local copy there to work offline.
             path: A UTF-8 text file to train on instead of the corpus, e.g. for fine-tuning.
-            speakers: Train only on the speeches of these characters of the corpus (e.g. [ROMEO, JULIET]),
-                a fine-tuning target that runs offline. Ignored when `path` is set.
+            speakers: Train only on the speeches of these characters (e.g. [ROMEO, JULIET]): a fine-tuning
+                target drawn from the corpus (or from `path`) that needs nothing else.
             block_size: Context length in characters. Unset: the `init_from` checkpoint's, else 256.
             batch_size: Sequences per batch on each device.
             val_fraction: Share of the text, taken from its end, held out for validation (nanoGPT: 0.1).
@@ -87,9 +87,10 @@ class ShakespeareDataModule(L.LightningDataModule):
     def text(self) -> str:
         """The whole text this module serves, before the train/validation split."""
         if self.path is not None:
-            return read_text(self.path, "data.path")
-        corpus = read_text(ensure_corpus(self.data_dir, download=_is_local_rank_zero()), "the corpus")
-        return speeches_of(corpus, self.speakers) if self.speakers else corpus
+            text = read_text(self.path, "data.path")
+        else:
+            text = read_text(ensure_corpus(self.data_dir, download=_is_local_rank_zero()), "the corpus")
+        return speeches_of(text, self.speakers) if self.speakers else text
 
     @cached_property
     def tokenizer(self) -> CharTokenizer:

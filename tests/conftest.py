@@ -42,6 +42,7 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # A model small enough that a CLI run is dominated by start-up, on text from `text_file`.
 TINY = [
     "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.warmup_steps=2",
+    "--model.learning_rate=1e-2", "--model.min_lr=1e-3",
     "--data.block_size=32", "--data.batch_size=8",
     "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false", "--sample.max_new_tokens=20",

@@ -1,0 +1,27 @@
+"""A callback the subprocess tests add with --trainer.callbacks+=tests.probe.RecordRank: each rank writes
+the batches it trained on and a digest of its final weights."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class RecordRank(Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.batches: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.batches.append(batch[0][:, 0].tolist())  # first token of each window identifies the batch
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(pl_module.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"rank": trainer.global_rank, "batches": self.batches, "weights": digest.hexdigest()}
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -1,0 +1,93 @@
+"""End-to-end runs of `python main.py` in subprocesses, on generated text with a tiny model."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt_lightning.checkpoint import load_checkpoint, tokenizer_of
+from tests.conftest import ROOT, assert_ok, cli, make_play, scalars, text_samples, tiny_fit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def pretrained(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny pre-training run shared by the tests below: its run folder."""
+    runs = tmp_path_factory.mktemp("runs")
+    assert_ok(tiny_fit(text_file, runs, "--trainer.max_steps=40", "--trainer.val_check_interval=20",
+                       "--throughput.window_size=5", name="pretrain"))  # fmt: skip
+    return runs / "pretrain" / "version_0"
+
+
+def test_fit_logs_curves_samples_and_checkpoints(pretrained: Path, text_file: Path):
+    logged = scalars(pretrained)
+    assert [step for step, _ in logged["train/loss"]] == list(range(40))
+    assert [step for step, _ in logged["val/loss"]] == [19, 39]
+    vocab_size = len(set(text_file.read_text()))
+    assert logged["val/loss"][-1][1] < math.log(vocab_size) - 0.7  # it learned something
+    assert len(logged["train/grad_norm"]) == 40
+    assert any(tag.startswith("lr-AdamW") for tag in logged)
+    assert len(logged["train/device/items_per_sec"]) == 40 - 5 + 1  # tokens/s once the window is full
+    assert len(text_samples(pretrained)) == 2
+    assert (pretrained / "config.yaml").is_file()
+    checkpoints = sorted(p.name for p in (pretrained / "checkpoints").iterdir())
+    assert checkpoints == ["best-step=40.ckpt", "last.ckpt"]
+    checkpoint = load_checkpoint(pretrained / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 40
+    assert tokenizer_of(checkpoint).vocab == "".join(sorted(set(text_file.read_text())))
+
+
+def test_a_second_fit_never_overwrites_the_first(text_file: Path, tmp_path: Path):
+    for _ in range(2):
+        assert_ok(tiny_fit(text_file, tmp_path, "--trainer.max_steps=2", "--trainer.val_check_interval=2"))
+    first, second = tmp_path / "run" / "version_0", tmp_path / "run" / "version_1"
+    assert (first / "checkpoints" / "last.ckpt").is_file() and (second / "checkpoints" / "last.ckpt").is_file()
+    assert load_checkpoint(first / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_fine_tune_starts_from_the_pretrained_weights(pretrained: Path, text_file: Path, tmp_path: Path):
+    target = tmp_path / "target.txt"
+    target.write_text(make_play(200, seed=7))  # other text, same characters
+    result = cli(
+        "fit", "--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml"),
+        f"--model.init_from={pretrained / 'checkpoints' / 'last.ckpt'}", f"--data.path={target}",
+        "--data.speakers=[KING ARTHUR, LADY BEATRICE]", "--data.batch_size=8",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=6", "--trainer.val_check_interval=3",
+        "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--sample.max_new_tokens=10",
+    )  # fmt: skip
+    assert_ok(result)
+    pretrained_loss = scalars(pretrained)["train/loss"][-1][1]
+    first_loss = scalars(tmp_path / "finetune" / "version_0")["train/loss"][0][1]
+    vocab_size = len(set(text_file.read_text()))
+    assert abs(first_loss - pretrained_loss) < 0.4, (first_loss, pretrained_loss)
+    assert first_loss < math.log(vocab_size) - 0.7
+    checkpoint = load_checkpoint(tmp_path / "finetune" / "version_0" / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 6  # steps start fresh: not a resume
+    assert checkpoint["gpt_lightning"] == load_checkpoint(pretrained / "checkpoints" / "last.ckpt")["gpt_lightning"]
+
+
+def test_ddp_on_two_cpu_processes(text_file: Path, tmp_path: Path):
+    probe = tmp_path / "probe"
+    result = tiny_fit(
+        text_file, tmp_path / "runs", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"),
+        "--trainer.max_steps=6", "--trainer.val_check_interval=3",
+        "--trainer.callbacks+=tests.probe.RecordRank", f"--trainer.callbacks.out_dir={probe}",
+    )  # fmt: skip
+    assert_ok(result)
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 6
+    assert all(a != b for a, b in zip(ranks[0]["batches"], ranks[1]["batches"], strict=True))  # different data
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # identical weights
+    assert [p.name for p in (tmp_path / "runs" / "run").iterdir()] == ["version_0"]  # one run, one set of logs
+    assert len(list((tmp_path / "runs" / "run" / "version_0").glob("events.out.tfevents.*"))) == 1
+
+
+def test_print_config_prints_the_whole_documented_config():
+    result = cli("fit", "--config", str(ROOT / "configs/pretrain.yaml"), "--print_config")
+    assert_ok(result)
+    for expected in ["n_layer: 6", "dropout: 0.2", "batch_size: 64", "max_steps: 5000", "precision: bf16-mixed",
+                     "every_n_train_steps: 250", "# Transformer blocks", "# Sequences per batch"]:  # fmt: skip
+        assert expected in result.stdout, expected
