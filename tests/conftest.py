@@ -96,3 +96,22 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, (
         f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-6000:]}"
     )
+
+
+@pytest.fixture(scope="session")
+def pretrained(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny pre-training run (40 steps) shared by the end-to-end tests: its run folder."""
+    runs = tmp_path_factory.mktemp("runs")
+    assert_ok(tiny_fit(text_file, runs, "--trainer.max_steps=40", "--trainer.val_check_interval=20",
+                       "--throughput.window_size=5", name="pretrain"))  # fmt: skip
+    return runs / "pretrain" / "version_0"
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *patterns: str) -> None:
+    """Failed with a message naming the problem, and no traceback."""
+    import re
+
+    assert result.returncode != 0, f"expected a failure\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    for pattern in patterns:
+        assert re.search(pattern, result.stderr), f"{pattern!r} not in stderr:\n{result.stderr[-3000:]}"

@@ -13,15 +13,6 @@ from tests.conftest import ROOT, assert_ok, cli, make_play, scalars, text_sample
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def pretrained(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny pre-training run shared by the tests below: its run folder."""
-    runs = tmp_path_factory.mktemp("runs")
-    assert_ok(tiny_fit(text_file, runs, "--trainer.max_steps=40", "--trainer.val_check_interval=20",
-                       "--throughput.window_size=5", name="pretrain"))  # fmt: skip
-    return runs / "pretrain" / "version_0"
-
-
 def test_fit_logs_curves_samples_and_checkpoints(pretrained: Path, text_file: Path):
     logged = scalars(pretrained)
     assert [step for step, _ in logged["train/loss"]] == list(range(40))

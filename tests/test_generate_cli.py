@@ -1,0 +1,65 @@
+"""`python main.py generate`: text from a checkpoint alone, streamed to stdout."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_clean_error, assert_ok, cli
+
+pytestmark = pytest.mark.slow
+
+
+def generate(ckpt: Path, *args: str):
+    return cli("generate", f"--ckpt_path={ckpt}", *args)
+
+
+def test_prints_the_prompt_and_the_generated_characters(pretrained: Path):
+    ckpt = pretrained / "checkpoints" / "last.ckpt"
+    result = generate(ckpt, "--prompt=KING ARTHUR:", "--max_new_tokens=300", "--seed=1")
+    assert_ok(result)
+    assert result.stdout.startswith("KING ARTHUR:")
+    assert len(result.stdout) == len("KING ARTHUR:") + 300 + 1  # and a final newline
+    again = generate(ckpt, "--prompt=KING ARTHUR:", "--max_new_tokens=300", "--seed=1")
+    assert again.stdout == result.stdout  # byte-identical for the same seed
+    other = generate(ckpt, "--prompt=KING ARTHUR:", "--max_new_tokens=300", "--seed=2")
+    assert other.stdout != result.stdout
+    no_cache = generate(ckpt, "--prompt=KING ARTHUR:", "--max_new_tokens=300", "--seed=1", "--use_kv_cache=false")
+    assert no_cache.stdout == result.stdout
+
+
+def test_config_file_and_sampling_options(pretrained: Path, tmp_path: Path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("LADY BEATRICE:\n")
+    result = cli(
+        "generate", "--config", "configs/generate.yaml", f"--ckpt_path={pretrained / 'checkpoints' / 'last.ckpt'}",
+        f"--prompt_file={prompt}", "--max_new_tokens=20", "--num_samples=2", "--top_k=5", "--top_p=0.9",
+    )  # fmt: skip
+    assert_ok(result)
+    first, second = result.stdout.split("\n" + "-" * 40 + "\n")
+    assert first.startswith("LADY BEATRICE:\n") and second.startswith("LADY BEATRICE:\n")
+    assert len(first) == len("LADY BEATRICE:\n") + 20
+
+
+@pytest.mark.parametrize(
+    ("args", "patterns"),
+    [
+        (["--prompt=ZEBRA~"], [r"the prompt has 2 character\(s\) outside the model's \d+-character vocabulary: 'Z', '~'"]),
+        (["--temperature=-1"], ["temperature must be >= 0"]),
+        (["--top_p=1.5"], [r"top_p must be in \(0, 1\]"]),
+        (["--top_k=0"], ["top_k must be >= 1"]),
+    ],
+)
+def test_bad_sampling_input_is_a_clear_error(pretrained: Path, args, patterns):
+    assert_clean_error(generate(pretrained / "checkpoints" / "last.ckpt", *args), *patterns)
+
+
+def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path: Path):
+    assert_clean_error(generate(tmp_path / "nope.ckpt"), "nope.ckpt does not exist")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x00not a checkpoint" * 10)
+    assert_clean_error(generate(junk), "junk.ckpt is not a readable PyTorch checkpoint")
+    import torch
+
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    assert_clean_error(generate(foreign), "foreign.ckpt is not a gpt-lightning checkpoint")

@@ -1,0 +1,104 @@
+"""Runs that survive: a run of N steps equals k steps, a stop, and a resume to N, bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY, assert_ok, scalars, tiny_fit
+
+pytestmark = pytest.mark.slow
+
+# dropout > 0: the resumed run must also draw the same dropout masks. The first run stops early as if
+# killed, so both runs get the schedule of the full run (it would otherwise end at their max_steps).
+EXACT = ["--model.dropout=0.1", "--model.lr_decay_steps=12", "--trainer.val_check_interval=4", "--last_checkpoint.every_n_train_steps=3"]
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return scalars(run_dir)["train/loss"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_run(straight: Path, resumed: Path, steps: int) -> None:
+    a, b = train_losses(straight), train_losses(resumed)
+    assert [s for s, _ in b] == list(range(steps)), "steps missing or duplicated in TensorBoard"
+    assert a == b  # identical, not close
+    wa, wb = weights(straight), weights(resumed)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_is_bit_exact_on_cpu(text_file: Path, tmp_path: Path):
+    assert_ok(tiny_fit(text_file, tmp_path / "a", *EXACT, "--trainer.max_steps=12"))
+    assert_ok(tiny_fit(text_file, tmp_path / "b", *EXACT, "--trainer.max_steps=7"))
+    assert_ok(tiny_fit(text_file, tmp_path / "b", *EXACT, "--trainer.max_steps=12", "--ckpt_path=last"))
+    run = tmp_path / "b" / "run"
+    assert [p.name for p in run.iterdir()] == ["version_0"]  # the curve continues in the same run folder
+    assert (run / "version_0" / "config.resumed-at-step-7.yaml").is_file()
+    assert_same_run(tmp_path / "a" / "run" / "version_0", run / "version_0", 12)
+
+
+def test_resume_is_bit_exact_with_ddp(text_file: Path, tmp_path: Path):
+    ddp = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *EXACT]
+    assert_ok(tiny_fit(text_file, tmp_path / "a", *ddp, "--trainer.max_steps=8"))
+    assert_ok(tiny_fit(text_file, tmp_path / "b", *ddp, "--trainer.max_steps=5"))
+    assert_ok(tiny_fit(text_file, tmp_path / "b", *ddp, "--trainer.max_steps=8", "--ckpt_path=last"))
+    assert_same_run(tmp_path / "a" / "run" / "version_0", tmp_path / "b" / "run" / "version_0", 8)
+
+
+def test_sigkill_loses_at_most_the_checkpoint_interval(text_file: Path, tmp_path: Path):
+    runs = tmp_path / "runs"
+    args = [
+        sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"),
+        f"--data.path={text_file}", f"--trainer.logger.init_args.save_dir={runs}", "--trainer.logger.init_args.name=run",
+        *TINY, "--trainer.max_steps=100000", "--trainer.val_check_interval=50", "--last_checkpoint.every_n_train_steps=5",
+    ]  # fmt: skip
+    process = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    last = runs / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # let it train past the checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert last.exists(), "no last.ckpt was written before the kill"
+    logged = [s for s, _ in train_losses(runs / "run" / "version_0")]
+    saved = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert saved % 5 == 0 and max(logged) + 1 - saved < 5 + 1  # lost at most the interval (+ the step in flight)
+    target = saved + 3
+    assert_ok(tiny_fit(text_file, runs, "--trainer.val_check_interval=50", "--last_checkpoint.every_n_train_steps=5",
+                       f"--trainer.max_steps={target}", "--ckpt_path=last"))  # fmt: skip
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == target
+    assert [s for s, _ in train_losses(runs / "run" / "version_0")] == list(range(target))
+
+
+def test_sigterm_saves_a_checkpoint_to_resume_from(text_file: Path, tmp_path: Path):
+    runs = tmp_path / "runs"
+    args = [
+        sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"),
+        f"--data.path={text_file}", f"--trainer.logger.init_args.save_dir={runs}", "--trainer.logger.init_args.name=run",
+        *TINY, "--trainer.max_steps=100000", "--trainer.val_check_interval=1000", "--last_checkpoint.every_n_train_steps=0",
+        "--trainer.callbacks+=tests.probe.RecordRank", f"--trainer.callbacks.out_dir={tmp_path / 'probe'}",
+    ]  # fmt: skip
+    process = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    events = runs / "run" / "version_0"
+    deadline = time.monotonic() + 120
+    while not list(events.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "resume with --ckpt_path last" in output, output[-2000:]
+    saved = torch.load(events / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert saved > 0
