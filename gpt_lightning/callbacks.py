@@ -76,6 +76,18 @@ class TextSampleLogger(Callback):
             logger.experiment.add_text("samples", markdown, global_step=trainer.global_step)
 
 
+class LossChartLayout(Callback):
+    """Adds a TensorBoard "Custom Scalars" chart with train and validation loss on one plot."""
+
+    LAYOUT = {"loss": {"train and validation": ["Multiline", ["train/loss", "val/loss"]]}}
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(self.LAYOUT)
+
+
 class LastCheckpoint(Callback):
     def __init__(self, every_n_train_steps: int = 100) -> None:
         """Keeps `last.ckpt` beside the best checkpoint, with everything needed to resume exactly.

@@ -13,7 +13,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gpt_lightning.callbacks import FinalValidation, LastCheckpoint, TextSampleLogger, TokenThroughputMonitor
+from gpt_lightning.callbacks import (
+    FinalValidation,
+    LastCheckpoint,
+    LossChartLayout,
+    TextSampleLogger,
+    TokenThroughputMonitor,
+)
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
 from gpt_lightning.trainer import GPTTrainer
@@ -39,6 +45,7 @@ class GPTLightningCLI(LightningCLI):
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),
                     FinalValidation(),
+                    LossChartLayout(),
                 ],
                 "check_val_every_n_epoch": None,  # the training stream is endless: validate by steps
                 "gradient_clip_val": 1.0,

@@ -49,28 +49,34 @@ TINY = [
 ]  # fmt: skip
 
 
-def cli(
-    *args: str, cwd: Path | None = None, timeout: float = 240, env: dict | None = None
-) -> subprocess.CompletedProcess:
+def main_py(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "main.py"), *args]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("GPT_LIGHTNING_TRACEBACK", None)
+    return env
+
+
+def cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `python main.py ARGS` in a subprocess (as a user would, and as DDP requires)."""
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    run_env.pop("GPT_LIGHTNING_TRACEBACK", None)
     return subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), *args],
-        cwd=cwd or ROOT,
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        main_py(*args), cwd=ROOT, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
     )
 
 
-def tiny_fit(text_file: Path, runs: Path, *args: str, name: str = "run", **kwargs) -> subprocess.CompletedProcess:
-    return cli(
+def fit_args(text_file: Path, runs: Path, *args: str, name: str = "run") -> list[str]:
+    """`fit` with the CPU recipe shrunk to TINY, on `text_file`, logging to runs/name/version_N."""
+    return [
         "fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"), f"--data.path={text_file}",
         f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
-        *TINY, *args, **kwargs,
-    )  # fmt: skip
+        *TINY, *args,
+    ]  # fmt: skip
+
+
+def tiny_fit(text_file: Path, runs: Path, *args: str, name: str = "run", **kwargs) -> subprocess.CompletedProcess:
+    return cli(*fit_args(text_file, runs, *args, name=name), **kwargs)
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

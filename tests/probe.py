@@ -25,3 +25,15 @@ class RecordRank(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record = {"rank": trainer.global_rank, "batches": self.batches, "weights": digest.hexdigest()}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class PoisonWeights(Callback):
+    """Makes the loss NaN from step `at_step` on by writing a NaN into the token embedding."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.at_step:
+            with torch.no_grad():
+                pl_module.gpt.wte.weight[0, 0] = float("nan")

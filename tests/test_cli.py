@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from gpt_lightning.checkpoint import load_checkpoint, tokenizer_of
 from tests.conftest import ROOT, assert_ok, cli, make_play, scalars, text_samples, tiny_fit

@@ -43,7 +43,10 @@ def test_config_file_and_sampling_options(pretrained: Path, tmp_path: Path):
 @pytest.mark.parametrize(
     ("args", "patterns"),
     [
-        (["--prompt=ZEBRA~"], [r"the prompt has 2 character\(s\) outside the model's \d+-character vocabulary: 'Z', '~'"]),
+        (
+            ["--prompt=QUIXOTE~"],
+            [r"the prompt has 3 character\(s\) outside the model's \d+-character vocabulary: 'Q', 'X', '~'"],
+        ),
         (["--temperature=-1"], ["temperature must be >= 0"]),
         (["--top_p=1.5"], [r"top_p must be in \(0, 1\]"]),
         (["--top_k=0"], ["top_k must be >= 1"]),

@@ -1,23 +1,25 @@
 """Runs that survive: a run of N steps equals k steps, a stop, and a resume to N, bit for bit."""
 
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, assert_ok, scalars, tiny_fit
+from tests.conftest import ROOT, assert_ok, cli_env, fit_args, main_py, scalars, tiny_fit
 
 pytestmark = pytest.mark.slow
 
 # dropout > 0: the resumed run must also draw the same dropout masks. The first run stops early as if
 # killed, so both runs get the schedule of the full run (it would otherwise end at their max_steps).
-EXACT = ["--model.dropout=0.1", "--model.lr_decay_steps=12", "--trainer.val_check_interval=4", "--last_checkpoint.every_n_train_steps=3"]
+EXACT = [
+    "--model.dropout=0.1",
+    "--model.lr_decay_steps=12",
+    "--trainer.val_check_interval=4",
+    "--last_checkpoint.every_n_train_steps=3",
+]
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -56,13 +58,9 @@ def test_resume_is_bit_exact_with_ddp(text_file: Path, tmp_path: Path):
 
 def test_sigkill_loses_at_most_the_checkpoint_interval(text_file: Path, tmp_path: Path):
     runs = tmp_path / "runs"
-    args = [
-        sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"),
-        f"--data.path={text_file}", f"--trainer.logger.init_args.save_dir={runs}", "--trainer.logger.init_args.name=run",
-        *TINY, "--trainer.max_steps=100000", "--trainer.val_check_interval=50", "--last_checkpoint.every_n_train_steps=5",
-    ]  # fmt: skip
-    process = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    args = fit_args(text_file, runs, "--trainer.max_steps=100000", "--trainer.val_check_interval=50",
+                    "--last_checkpoint.every_n_train_steps=5")  # fmt: skip
+    process = subprocess.Popen(main_py(*args), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = runs / "run" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
     while not last.exists() and time.monotonic() < deadline:
@@ -83,14 +81,11 @@ def test_sigkill_loses_at_most_the_checkpoint_interval(text_file: Path, tmp_path
 
 def test_sigterm_saves_a_checkpoint_to_resume_from(text_file: Path, tmp_path: Path):
     runs = tmp_path / "runs"
-    args = [
-        sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"),
-        f"--data.path={text_file}", f"--trainer.logger.init_args.save_dir={runs}", "--trainer.logger.init_args.name=run",
-        *TINY, "--trainer.max_steps=100000", "--trainer.val_check_interval=1000", "--last_checkpoint.every_n_train_steps=0",
-        "--trainer.callbacks+=tests.probe.RecordRank", f"--trainer.callbacks.out_dir={tmp_path / 'probe'}",
-    ]  # fmt: skip
-    process = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    args = fit_args(text_file, runs, "--trainer.max_steps=100000", "--trainer.val_check_interval=1000",
+                    "--last_checkpoint.every_n_train_steps=0")  # fmt: skip
+    process = subprocess.Popen(
+        main_py(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     events = runs / "run" / "version_0"
     deadline = time.monotonic() + 120
     while not list(events.glob("events.out.tfevents.*")) and time.monotonic() < deadline:

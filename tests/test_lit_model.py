@@ -1,0 +1,74 @@
+"""The LightningModule and DataModule in-process: same logits as the plain model, checkpoints that describe
+themselves, the optimizer and its schedule."""
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from gpt_lightning.checkpoint import load_checkpoint, load_model, tokenizer_of
+from gpt_lightning.datamodule import ShakespeareDataModule
+from gpt_lightning.lit_model import GPTModule, warmup_cosine
+from gpt_lightning.model import GPT
+
+VOCAB = "\n !,.:;?ABCDEFGHIKLMNORSTUWYZabcdefghiklmnorstuvwy"
+
+
+def tiny_module(**kwargs) -> GPTModule:
+    return GPTModule(vocab=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=16, **kwargs)
+
+
+def test_module_gives_the_plain_models_logits():
+    module = tiny_module().eval()
+    plain = GPT(module.config).eval()
+    plain.load_state_dict(module.gpt.state_dict())
+    idx = torch.randint(len(VOCAB), (2, 16))
+    assert torch.equal(module(idx), plain(idx))
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    factors = [warmup_cosine(s, warmup_steps=10, decay_steps=110, min_ratio=0.1) for s in range(130)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[110] == factors[129] == pytest.approx(0.1)
+
+
+def test_fit_writes_a_checkpoint_that_is_enough_to_sample(tmp_path: Path, text_file: Path):
+    data = ShakespeareDataModule(path=str(text_file), block_size=16, batch_size=4)
+    module = GPTModule(vocab=data.vocab, block_size=data.block_size, n_layer=1, n_head=2, n_embd=16)
+    trainer = L.Trainer(max_steps=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=2, val_check_interval=3,
+                        check_val_every_n_epoch=None)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    assert tokenizer_of(load_checkpoint(path)) == data.tokenizer
+    gpt, tokenizer = load_model(path)
+    assert tokenizer.vocab == data.vocab
+    idx = torch.randint(tokenizer.vocab_size, (1, 8))
+    torch.testing.assert_close(gpt(idx), module.gpt.eval()(idx))
+    optimizer = trainer.optimizers[0]
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(p) for p in module.parameters() if p.dim() >= 2}
+    assert math.isclose(optimizer.param_groups[0]["betas"][1], 0.99)
+
+
+def test_initial_training_loss_is_near_uniform(text_file: Path):
+    data = ShakespeareDataModule(path=str(text_file), block_size=32, batch_size=16)
+    data.setup("fit")
+    module = GPTModule(vocab=data.vocab, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    loss = module._loss(next(iter(data.train_dataloader())))
+    assert abs(loss.item() - math.log(len(data.vocab))) < 0.15
+
+
+def test_datamodule_splits_90_10_and_links_vocab_and_block_size(text_file: Path):
+    data = ShakespeareDataModule(path=str(text_file), block_size=24, batch_size=4)
+    data.setup("fit")
+    total = data.train_tokens.numel() + data.val_tokens.numel()
+    assert total == len(text_file.read_text()) and data.train_tokens.numel() == int(total * 0.9)
+    assert data.vocab == "".join(sorted(set(text_file.read_text())))
+    x, y = next(iter(data.val_dataloader()))
+    assert x.shape == (4, 24) and torch.equal(x[0, 1:], y[0, :-1])

@@ -1,0 +1,54 @@
+"""TensorBoard itself serves a finished run: the scalars a user looks at, with the right number of points."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(pretrained: Path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(pretrained), "--host", "127.0.0.1",
+         "--port", "0", "--load_fast", "false"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline, output = time.monotonic() + 60, ""
+        while (match := re.search(r"http://127\.0\.0\.1:(\d+)/", output)) is None:
+            assert time.monotonic() < deadline and process.poll() is None, f"TensorBoard did not start:\n{output}"
+            output += process.stdout.readline()
+        yield f"http://127.0.0.1:{match.group(1)}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def get(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_serves_the_runs_scalars(server: str):
+    deadline = time.monotonic() + 60
+    while not (tags := get(f"{server}/data/plugin/scalars/tags")) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the first load of the run is asynchronous
+    (run,) = tags
+    expected = {"train/loss": 40, "val/loss": 2, "lr-AdamW/pg1": 40, "train/device/items_per_sec": 36,
+                "train/grad_norm": 40}  # fmt: skip
+    for tag, points in expected.items():
+        query = urllib.parse.urlencode({"run": run, "tag": tag})
+        series = get(f"{server}/data/plugin/scalars/scalars?{query}")
+        assert len(series) == points, tag
+        assert [step for _, step, _ in series] == sorted({step for _, step, _ in series})
+    layout = get(f"{server}/data/plugin/custom_scalars/layout")
+    charts = [chart for category in layout["category"] for chart in category["chart"]]
+    assert any(chart["multiline"]["tag"] == ["train/loss", "val/loss"] for chart in charts)
