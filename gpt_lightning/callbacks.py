@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from gpt_lightning.generate import generate_tokens
+from gpt_lightning.lit_model import GPTModule
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ class TextSampleLogger(Callback):
         self.seed = seed
         self._validations = 0
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: GPTModule, stage: str) -> None:  # type: ignore[override]
         if self.every_n_validations > 0:
             pl_module.tokenizer.check(self.prompt, what="sample.prompt")  # fail now, not at the first sample
 
     @rank_zero_only
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: GPTModule) -> None:  # type: ignore[override]
         if trainer.sanity_checking or self.every_n_validations <= 0:
             return
         self._validations += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -73,12 +74,13 @@ class GPTModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        self.learning_rate, self.min_lr, self.warmup_steps = learning_rate, min_lr, warmup_steps
+        self.lr_decay_steps, self.weight_decay, self.betas = lr_decay_steps, weight_decay, (betas[0], betas[1])
         self.tokenizer = CharTokenizer(vocab)
         explicit = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias}
         if init_from is None:
-            defaults = GPTConfig()
-            shape = {k: getattr(defaults, k) if v is None else v for k, v in explicit.items()}
-            self.config = GPTConfig(vocab_size=len(vocab), block_size=block_size, dropout=dropout, **shape)
+            defaults = GPTConfig(vocab_size=len(vocab), block_size=block_size, dropout=dropout)
+            self.config = dataclasses.replace(defaults, **{k: v for k, v in explicit.items() if v is not None})
             self.gpt = GPT(self.config)
         else:
             checkpoint = load_checkpoint(init_from)
@@ -94,7 +96,7 @@ class GPTModule(L.LightningModule):
                     f"init_from {init_from} has another architecture: {', '.join(conflicts)}. Fine-tuning "
                     "takes the architecture from the checkpoint: drop these settings."
                 )
-            self.config = GPTConfig(**{**source.__dict__, "dropout": dropout})
+            self.config = dataclasses.replace(source, dropout=dropout)
             self.gpt = GPT(self.config)
             self.gpt.load_state_dict(model_state_dict(checkpoint))
         if compile:
@@ -147,21 +149,20 @@ class GPTModule(L.LightningModule):
     # -- optimization ---------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        decay_steps = hp.lr_decay_steps if hp.lr_decay_steps is not None else self.trainer.max_steps
+        decay_steps = self.lr_decay_steps if self.lr_decay_steps is not None else self.trainer.max_steps
         if decay_steps is None or decay_steps < 0:
             raise ValueError("set trainer.max_steps, or model.lr_decay_steps, so the LR schedule has an end.")
         optimizer = torch.optim.AdamW(
-            self.gpt.parameter_groups(hp.weight_decay),
-            lr=hp.learning_rate,
-            betas=tuple(hp.betas),
+            self.gpt.parameter_groups(self.weight_decay),
+            lr=self.learning_rate,
+            betas=self.betas,
             fused=self.device.type == "cuda",  # one kernel for all parameters instead of one per tensor
         )
         schedule = functools.partial(
             warmup_cosine,
-            warmup_steps=hp.warmup_steps,
+            warmup_steps=self.warmup_steps,
             decay_steps=decay_steps,
-            min_ratio=hp.min_lr / hp.learning_rate,
+            min_ratio=self.min_lr / self.learning_rate,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -195,9 +196,8 @@ class GPTModule(L.LightningModule):
         if self._first_nonfinite_step is None or int(self._first_nonfinite_step) < 0:
             return
         step = int(self._first_nonfinite_step)
-        saved = [
-            getattr(cb, "last_path", None) or getattr(cb, "best_model_path", None) for cb in self.trainer.callbacks
-        ]
+        callbacks = getattr(self.trainer, "callbacks", [])
+        saved = [getattr(cb, "last_path", None) or getattr(cb, "best_model_path", None) for cb in callbacks]
         last = next((str(path) for path in saved if path), None)
         where = f"The last good checkpoint is {last}; " if last else "No checkpoint was saved before it; "
         raise NonFiniteLossError(
@@ -206,7 +206,7 @@ class GPTModule(L.LightningModule):
         )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0:
+        if self.device.type == "cpu" or self.global_step % getattr(self.trainer, "log_every_n_steps", 1) == 0:
             self.check_finite()
 
     # -- checkpoints describe themselves ---------------------------------------------------------------
