@@ -77,7 +77,7 @@ class GPTModule(L.LightningModule):
         self.learning_rate, self.min_lr, self.warmup_steps = learning_rate, min_lr, warmup_steps
         self.lr_decay_steps, self.weight_decay, self.betas = lr_decay_steps, weight_decay, (betas[0], betas[1])
         self.tokenizer = CharTokenizer(vocab)
-        explicit = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias}
+        explicit: dict[str, Any] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias}
         if init_from is None:
             defaults = GPTConfig(vocab_size=len(vocab), block_size=block_size, dropout=dropout)
             self.config = dataclasses.replace(defaults, **{k: v for k, v in explicit.items() if v is not None})
