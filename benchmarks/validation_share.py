@@ -1,0 +1,90 @@
+"""Share of a recipe's wall time spent in validation, at the recipe's own cadence.
+
+Runs `fit` with the recipe for `--intervals` validation intervals and times training and validation
+separately (validation covers the whole validation split, as in every run).
+
+    python benchmarks/validation_share.py --preset cpu --data-dir ../shared/data --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.throughput import RECIPES, sync  # noqa: E402
+from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
+
+
+class PhaseTimer(L.Callback):
+    def __init__(self) -> None:
+        self.validation = 0.0
+        self.total = 0.0
+        self._t0 = self._v0 = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sync(pl_module.device)
+        self._v0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sync(pl_module.device)
+        if not trainer.sanity_checking:
+            self.validation += time.perf_counter() - self._v0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        sync(pl_module.device)
+        self.total = time.perf_counter() - self._t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(RECIPES), default="cpu")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--intervals", type=int, default=2, help="validation intervals to run")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    configs = [arg for config in RECIPES[args.preset] for arg in ("--config", str(ROOT / config))]
+    with tempfile.TemporaryDirectory() as log_dir:
+        interval = int(yaml.safe_load((ROOT / RECIPES[args.preset][0]).read_text())["trainer"]["val_check_interval"])
+        cli = GPTLightningCLI(
+            args=[
+                *configs,
+                f"--data.data_dir={args.data_dir}",
+                f"--trainer.accelerator={args.device}",
+                f"--trainer.precision={args.precision}",
+                f"--trainer.max_steps={interval * args.intervals}",
+                f"--trainer.logger.init_args.save_dir={log_dir}",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.num_sanity_val_steps=0",
+            ],
+            run=False,
+        )
+        timer = PhaseTimer()
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    share = timer.validation / timer.total
+    steps = interval * args.intervals
+    print(f"preset={args.preset} val_check_interval={interval} steps={steps} threads={args.threads}")
+    print(f"training {timer.total - timer.validation:.1f} s, validation {timer.validation:.1f} s "
+          f"({args.intervals} full passes over the validation split)")  # fmt: skip
+    print(f"validation share of wall time: {share:.1%}")
+
+
+if __name__ == "__main__":
+    main()
