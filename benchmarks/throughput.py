@@ -74,7 +74,7 @@ def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
         f"--trainer.max_steps={args.warmup + args.steps}",
         f"--trainer.val_check_interval={args.warmup + args.steps + 1}",  # no validation inside the timing
         f"--trainer.logger.init_args.save_dir={log_dir}",
-        f"--trainer.enable_progress_bar={str(args.progress_bar).lower()}",
+        f"--progress_bar.refresh_rate={args.progress_bar_refresh}",
         "--trainer.enable_model_summary=false",
         "--last_checkpoint.every_n_train_steps=0",
         f"--model.compile={str(args.compile).lower()}",
@@ -90,7 +90,8 @@ def run_fit(args: argparse.Namespace) -> float:
         cli = build_cli(args, log_dir)
         timer = StepTimer(args.warmup, args.steps)
         cli.trainer.callbacks.append(timer)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        with contextlib.redirect_stdout(sys.stderr):  # the progress bar; stdout keeps the table
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         tokens = args.steps * cli.datamodule.batch_size * cli.datamodule.block_size
         return tokens / (timer.end - timer.start)
 
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before timing")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved (fit, plain) rounds")
     parser.add_argument("--batch-size", type=int, default=0, help="override the recipe's batch size")
-    parser.add_argument("--progress-bar", action="store_true", help="keep fit's progress bar (off: as in logs)")
+    parser.add_argument("--progress-bar-refresh", type=int, default=10, help="fit's bar redraw cadence; 0 hides it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -70,7 +70,6 @@ def main() -> None:
                 f"--trainer.precision={args.precision}",
                 f"--trainer.max_steps={interval * args.intervals}",
                 f"--trainer.logger.init_args.save_dir={log_dir}",
-                "--trainer.enable_progress_bar=false",
                 "--trainer.num_sanity_val_steps=0",
             ],
             run=False,

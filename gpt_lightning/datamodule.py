@@ -29,6 +29,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         speakers: list[str] | None = None,
         block_size: int | None = None,
         batch_size: int = 64,
+        val_batch_size: int | None = None,
         val_fraction: float = 0.1,
         seed: int = 1337,
         num_workers: int = 0,
@@ -45,6 +46,8 @@ class ShakespeareDataModule(L.LightningDataModule):
                 target drawn from the corpus (or from `path`) that needs nothing else.
             block_size: Context length in characters. Unset: the `init_from` checkpoint's, else 256.
             batch_size: Sequences per batch on each device.
+            val_batch_size: Sequences per validation batch. Unset: 4 x batch_size, since a forward pass
+                without gradients needs far less memory, and larger batches run faster.
             val_fraction: Share of the text, taken from its end, held out for validation (nanoGPT: 0.1).
             seed: Seed of the training windows. Batch i on rank r depends only on (seed, r, i), so ranks
                 draw different windows and a resumed run draws exactly what it would have drawn.
@@ -53,8 +56,10 @@ class ShakespeareDataModule(L.LightningDataModule):
             init_from: Set from `model.init_from`: the checkpoint whose vocabulary and block size to use.
         """
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(
+                f"data.batch_size and data.val_batch_size must be >= 1, got {batch_size} and {val_batch_size}."
+            )
         if block_size is not None and block_size < 1:
             raise ValueError(f"data.block_size must be >= 1, got {block_size}.")
         if not 0.0 < val_fraction < 1.0:
@@ -63,6 +68,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.path = path
         self.speakers = speakers
         self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or 4 * batch_size
         self.val_fraction = val_fraction
         self.seed = seed
         self.num_workers = num_workers
@@ -139,7 +145,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         assert self.val_tokens is not None, "setup() first"
         return DataLoader(
             SequentialWindows(self.val_tokens, self.block_size),
-            batch_size=self.batch_size,
+            batch_size=self.val_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -44,7 +44,7 @@ TINY = [
     "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.warmup_steps=2",
     "--model.learning_rate=1e-2", "--model.min_lr=1e-3",
     "--data.block_size=32", "--data.batch_size=8",
-    "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+    "--trainer.log_every_n_steps=1", "--progress_bar.refresh_rate=0",
     "--trainer.enable_model_summary=false", "--sample.max_new_tokens=20",
 ]  # fmt: skip
 

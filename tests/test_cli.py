@@ -46,7 +46,7 @@ def test_fine_tune_starts_from_the_pretrained_weights(pretrained: Path, text_fil
         f"--model.init_from={pretrained / 'checkpoints' / 'last.ckpt'}", f"--data.path={target}",
         "--data.speakers=[KING ARTHUR, LADY BEATRICE]", "--data.batch_size=8",
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=6", "--trainer.val_check_interval=3",
-        "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--sample.max_new_tokens=10",
+        "--trainer.log_every_n_steps=1", "--progress_bar.refresh_rate=0", "--sample.max_new_tokens=10",
     )  # fmt: skip
     assert_ok(result)
     pretrained_loss = scalars(pretrained)["train/loss"][-1][1]

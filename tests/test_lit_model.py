@@ -71,4 +71,4 @@ def test_datamodule_splits_90_10_and_links_vocab_and_block_size(text_file: Path)
     assert total == len(text_file.read_text()) and data.train_tokens.numel() == int(total * 0.9)
     assert data.vocab == "".join(sorted(set(text_file.read_text())))
     x, y = next(iter(data.val_dataloader()))
-    assert x.shape == (4, 24) and torch.equal(x[0, 1:], y[0, :-1])
+    assert x.shape == (16, 24) and torch.equal(x[0, 1:], y[0, :-1])  # validation batches: 4 x batch_size
