@@ -57,7 +57,10 @@ class GPTLightningCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "generate": {"model"}}
+        # test and predict have nothing to run on: the data has two splits and the model predicts text
+        # through `generate`.
+        lightning = LightningCLI.subcommands()
+        return {"fit": lightning["fit"], "validate": lightning["validate"], "generate": {"model"}}
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         if subcommand != "generate":
@@ -91,6 +94,14 @@ class GPTLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
             self._prepare_resume(self.config.fit)
+        elif self.subcommand == "validate" and self.config.validate.get("ckpt_path"):
+            # Validating a checkpoint: its own architecture and vocabulary, whatever the config says.
+            ckpt = self.config.validate.ckpt_path
+            if not Path(ckpt).is_file():
+                raise FileNotFoundError(f"--ckpt_path {ckpt} does not exist: give a .ckpt file.")
+            self.config.validate.model.init_from = self.config.validate.data.init_from = ckpt
+            if self.config.validate.get("weights_only") is None:
+                self.config.validate.weights_only = True
 
     def _prepare_resume(self, config: Namespace) -> None:
         if config.get("weights_only") is None:

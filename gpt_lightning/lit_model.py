@@ -93,8 +93,8 @@ class GPTModule(L.LightningModule):
             ]
             if conflicts:
                 raise ValueError(
-                    f"init_from {init_from} has another architecture: {', '.join(conflicts)}. Fine-tuning "
-                    "takes the architecture from the checkpoint: drop these settings."
+                    f"checkpoint {init_from} has another architecture: {', '.join(conflicts)}. The checkpoint "
+                    "defines the architecture when fine-tuning, resuming or validating: drop these settings."
                 )
             self.config = dataclasses.replace(source, dropout=dropout)
             self.gpt = GPT(self.config)
@@ -213,7 +213,7 @@ class GPTModule(L.LightningModule):
         )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.device.type == "cpu" or self.global_step % getattr(self.trainer, "log_every_n_steps", 1) == 0:
+        if self.global_step % getattr(self.trainer, "log_every_n_steps", 1) == 0:
             self.check_finite()
 
     # -- checkpoints describe themselves ---------------------------------------------------------------

@@ -81,3 +81,16 @@ def test_print_config_prints_the_whole_documented_config():
     for expected in ["n_layer: 6", "dropout: 0.2", "batch_size: 64", "max_steps: 5000", "precision: bf16-mixed",
                      "every_n_train_steps: 250", "# Transformer blocks", "# Sequences per batch"]:  # fmt: skip
         assert expected in result.stdout, expected
+
+
+def test_validate_a_checkpoint_with_its_own_architecture(pretrained: Path, text_file: Path, tmp_path: Path):
+    result = cli(
+        "validate", "--config", str(ROOT / "configs/pretrain_cpu.yaml"), f"--data.path={text_file}",
+        "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--data.block_size=32",
+        f"--ckpt_path={pretrained / 'checkpoints' / 'last.ckpt'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--progress_bar.refresh_rate=0",
+    )  # fmt: skip
+    assert_ok(result)
+    last_val = scalars(pretrained)["val/loss"][-1][1]
+    reported = float(next(line.split()[-1] for line in result.stdout.splitlines() if "val/loss" in line))
+    assert abs(reported - last_val) < 1e-4
