@@ -92,20 +92,23 @@ class GPTLightningCLI(LightningCLI):
         parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit":
-            self._prepare_resume(self.config.fit)
-        elif self.subcommand == "validate" and self.config.validate.get("ckpt_path"):
-            # Validating a checkpoint: its own architecture and vocabulary, whatever the config says.
-            ckpt = self.config.validate.ckpt_path
-            if not Path(ckpt).is_file():
-                raise FileNotFoundError(f"--ckpt_path {ckpt} does not exist: give a .ckpt file.")
-            self.config.validate.model.init_from = self.config.validate.data.init_from = ckpt
-            if self.config.validate.get("weights_only") is None:
-                self.config.validate.weights_only = True
-
-    def _prepare_resume(self, config: Namespace) -> None:
+        if self.subcommand not in ("fit", "validate"):
+            return
+        config = self.config[self.subcommand]
         if config.get("weights_only") is None:
             config.weights_only = True  # our checkpoints hold tensors and plain types only: never unpickle code
+        if self.subcommand == "fit":
+            self._prepare_resume(config)
+        elif config.get("ckpt_path"):
+            self._take_model_from(config, _existing_checkpoint(config.ckpt_path))
+
+    @staticmethod
+    def _take_model_from(config: Namespace, ckpt: Path) -> None:
+        """A resumed or validated checkpoint defines the architecture and vocabulary, not the config."""
+        config.ckpt_path = str(ckpt)
+        config.model.init_from = config.data.init_from = str(ckpt)
+
+    def _prepare_resume(self, config: Namespace) -> None:
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None:
             return
@@ -130,12 +133,8 @@ class GPTLightningCLI(LightningCLI):
                 )
             ckpt = candidates[-1]
         else:
-            ckpt = Path(ckpt_path)
-            if not ckpt.is_file():
-                raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist: give a .ckpt file or `last`.")
-        config.ckpt_path = str(ckpt)
-        # The checkpoint defines the architecture and vocabulary of the resumed model.
-        config.model.init_from = config.data.init_from = str(ckpt)
+            ckpt = _existing_checkpoint(ckpt_path)
+        self._take_model_from(config, ckpt)
         # Continue logging in the checkpoint's own run folder, hiding events the crash left past it.
         run_dir = ckpt.parent.parent
         if run_root is not None and ckpt.parent.name == "checkpoints" and run_dir.parent == run_root:
@@ -149,6 +148,12 @@ class GPTLightningCLI(LightningCLI):
         # describe themselves (see `_prepare_resume`), and what the user passes now must win: a resumed
         # run may raise max_steps, and sampling settings are never model hyperparameters.
         return
+
+
+def _existing_checkpoint(path: str) -> Path:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {path} does not exist: give a .ckpt file (or `last` to resume).")
+    return Path(path)
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, TimeoutError, NonFiniteLossError, MisconfigurationException)
