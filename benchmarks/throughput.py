@@ -102,6 +102,8 @@ def run_plain(args: argparse.Namespace) -> float:
     data, module = cli.datamodule, cli.model
     device = torch.device("cuda" if args.device in ("cuda", "gpu") else "cpu")
     model = GPT(module.config).to(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        torch.set_float32_matmul_precision("high")  # as the LightningModule does
     if args.compile:
         model.compile()
     optimizer = torch.optim.AdamW(

@@ -3,21 +3,20 @@ a validation after the last step, and token throughput."""
 
 from __future__ import annotations
 
-import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.lit_model import GPTModule
-
-log = logging.getLogger(__name__)
 
 
 class TextSampleLogger(Callback):
@@ -127,7 +126,7 @@ class LastCheckpoint(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt | SIGTERMException):
             self._save(trainer)
-            log.info(f"Saved {self.last_path} at step {trainer.global_step}: resume with --ckpt_path last")
+            rank_zero_info(f"Saved {self.last_path} at step {trainer.global_step}: resume with --ckpt_path last")
 
 
 class FinalValidation(Callback):
@@ -141,28 +140,46 @@ class FinalValidation(Callback):
             trainer.should_stop = True
 
 
-def _windows_in(batch: Any) -> int:
-    return batch[0].size(0)
+COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
+                  "16-true": torch.float16, "64-true": torch.float64}  # fmt: skip
 
 
-def _tokens_in(batch: Any) -> int:
-    return batch[0].numel()
+class TokenThroughput(Callback):
+    """Logs training tokens per second (`train/tokens_per_sec`, all devices together) at each logging
+    step, and `train/mfu` where Lightning knows the device's peak FLOPs (GPUs): achieved FLOPs, from the
+    module's `flops_per_batch`, over the device's real peak for the run's precision.
+
+    Lightning's ThroughputMonitor synchronizes the GPU after every step to time it, which stalls the
+    queue of kernels; this one counts tokens on the host (batch shapes need no sync) and synchronizes
+    only when it logs. Validation time is left out."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dtype = COMPUTE_DTYPES.get(str(trainer.precision), torch.float32)
+        self.peak_flops = get_available_flops(pl_module.device, dtype)
+        self._restart(pl_module)
+
+    def _restart(self, pl_module: L.LightningModule) -> None:
+        _synchronize(pl_module.device)
+        self._start, self._tokens, self._flops = time.perf_counter(), 0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: GPTModule, outputs: Any, batch: Any, *_: Any) -> None:  # type: ignore[override]
+        self._tokens += batch[0].numel()
+        self._flops += pl_module.flops_per_batch
+        if not pl_module._is_logging_step(offset=0):
+            return
+        _synchronize(pl_module.device)
+        elapsed = time.perf_counter() - self._start
+        metrics = {"train/tokens_per_sec": self._tokens * trainer.world_size / elapsed}
+        if self.peak_flops:
+            metrics["train/mfu"] = self._flops / elapsed / self.peak_flops
+        pl_module.log_dict(metrics)
+        self._restart(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._restart(pl_module)  # the next window starts after validation
 
 
-class TokenThroughputMonitor(ThroughputMonitor):
-    def __init__(self, window_size: int = 50) -> None:
-        """Lightning's ThroughputMonitor counting characters: logs tokens/s, and MFU against the device's
-        real peak FLOPs where Lightning knows it (GPUs), from the module's `flops_per_batch`.
-
-        Args:
-            window_size: Batches the rates are averaged over.
-        """
-        super().__init__(batch_size_fn=_windows_in, length_fn=_tokens_in, window_size=window_size)
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *_: Any, **__: Any
-    ) -> None:
-        # Time validation (so it is not counted as training time) but do not log it: its per-batch points
-        # would land on TensorBoard's step axis among the training steps.
-        if not trainer.sanity_checking and trainer.is_global_zero:
-            self._update(trainer, pl_module, batch, trainer.global_step)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

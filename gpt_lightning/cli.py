@@ -19,7 +19,7 @@ from gpt_lightning.callbacks import (
     LastCheckpoint,
     LossChartLayout,
     TextSampleLogger,
-    TokenThroughputMonitor,
+    TokenThroughput,
 )
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
@@ -47,6 +47,7 @@ class GPTLightningCLI(LightningCLI):
                     LearningRateMonitor(logging_interval="step"),
                     FinalValidation(),
                     LossChartLayout(),
+                    TokenThroughput(),
                 ],
                 "check_val_every_n_epoch": None,  # the training stream is endless: validate by steps
                 "gradient_clip_val": 1.0,
@@ -78,7 +79,6 @@ class GPTLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(TextSampleLogger, "sample")
-        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
         # Redrawing the bar (and reading the loss for it) every step costs 3% of a CPU-recipe step.
         parser.set_defaults({"progress_bar.refresh_rate": 10})

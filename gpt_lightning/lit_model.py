@@ -124,10 +124,12 @@ class GPTModule(L.LightningModule):
         self._track_nonfinite(loss)
         return loss
 
-    def _is_logging_step(self) -> bool:
-        # Lightning writes step metrics every log_every_n_steps, but each self.log call costs about 1 ms
-        # of bookkeeping even when nothing is written: 8% of a CPU-recipe step (benchmarks/throughput.py).
-        return (self.global_step + 1) % getattr(self.trainer, "log_every_n_steps", 1) == 0
+    def _is_logging_step(self, offset: int = 1) -> bool:
+        """Whether Lightning writes step metrics for this batch (offset 0 once the optimizer has stepped).
+
+        Lightning writes them every log_every_n_steps, but each self.log call costs about 1 ms of
+        bookkeeping even when nothing is written: 8% of a CPU-recipe step (benchmarks/throughput.py)."""
+        return (self.global_step + offset) % getattr(self.trainer, "log_every_n_steps", 1) == 0
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss = self._loss(batch)
@@ -139,9 +141,8 @@ class GPTModule(L.LightningModule):
 
     @property
     def flops_per_batch(self) -> int:
-        """FLOPs of the last batch, read by the ThroughputMonitor for MFU: a forward pass is a third of
-        forward and backward."""
-        return (self._flops_per_token if self.training else self._flops_per_token // 3) * self._tokens_per_batch
+        """Training FLOPs (forward and backward) of the last batch, for MFU."""
+        return self._flops_per_token * self._tokens_per_batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.config.dropout > 0:
@@ -151,6 +152,9 @@ class GPTModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._base_seed = torch.initial_seed()  # the run's seed_everything value
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8:
+            # Ampere and newer: float32 matmuls on TF32 tensor cores (fp32 range, 10-bit mantissa).
+            torch.set_float32_matmul_precision("high")
 
     # -- optimization ---------------------------------------------------------------------------------
 

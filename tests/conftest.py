@@ -109,7 +109,7 @@ def pretrained(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """One tiny pre-training run (40 steps) shared by the end-to-end tests: its run folder."""
     runs = tmp_path_factory.mktemp("runs")
     assert_ok(tiny_fit(text_file, runs, "--trainer.max_steps=40", "--trainer.val_check_interval=20",
-                       "--throughput.window_size=5", name="pretrain"))  # fmt: skip
+                       name="pretrain"))  # fmt: skip
     return runs / "pretrain" / "version_0"
 
 

@@ -20,7 +20,7 @@ def test_fit_logs_curves_samples_and_checkpoints(pretrained: Path, text_file: Pa
     assert logged["val/loss"][-1][1] < math.log(vocab_size) - 0.7  # it learned something
     assert len(logged["train/grad_norm"]) == 40
     assert any(tag.startswith("lr-AdamW") for tag in logged)
-    assert len(logged["train/device/items_per_sec"]) == 40 - 5 + 1  # tokens/s once the window is full
+    assert len(logged["train/tokens_per_sec"]) == 40 and "train/mfu" not in logged  # no known peak on a CPU
     assert len(text_samples(pretrained)) == 2
     assert (pretrained / "config.yaml").is_file()
     checkpoints = sorted(p.name for p in (pretrained / "checkpoints").iterdir())

@@ -28,6 +28,10 @@ def test_module_gives_the_plain_models_logits():
     assert torch.equal(module(idx), plain(idx))
 
 
+def test_compiled_module_keeps_checkpoint_keys():
+    assert tiny_module(compile=True).state_dict().keys() == tiny_module().state_dict().keys()
+
+
 def test_schedule_warms_up_then_decays_to_min_lr():
     factors = [warmup_cosine(s, warmup_steps=10, decay_steps=110, min_ratio=0.1) for s in range(130)]
     assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)

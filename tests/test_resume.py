@@ -79,7 +79,8 @@ def test_sigkill_loses_at_most_the_checkpoint_interval(text_file: Path, tmp_path
     assert [s for s, _ in train_losses(runs / "run" / "version_0")] == list(range(target))
 
 
-def test_sigterm_saves_a_checkpoint_to_resume_from(text_file: Path, tmp_path: Path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_stopping_saves_a_checkpoint_to_resume_from(text_file: Path, tmp_path: Path, stop: signal.Signals):
     runs = tmp_path / "runs"
     args = fit_args(text_file, runs, "--trainer.max_steps=100000", "--trainer.val_check_interval=1000",
                     "--last_checkpoint.every_n_train_steps=0")  # fmt: skip
@@ -91,9 +92,9 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(text_file: Path, tmp_path: Pa
     while not list(events.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(2.0)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     output, _ = process.communicate(timeout=60)
     assert process.returncode != 0
-    assert "resume with --ckpt_path last" in output, output[-2000:]
+    assert "last.ckpt at step" in output and "resume with --ckpt_path last" in output, output[-2000:]
     saved = torch.load(events / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     assert saved > 0
