@@ -26,7 +26,7 @@ def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def parsed(capsys: pytest.CaptureFixture, *args: str) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        GPTLightningCLI(args=[*args, "--print_config=skip_null"])
+        GPTLightningCLI(args=[*args, "--print_config"])
     assert exit_info.value.code == 0, capsys.readouterr().err
     return yaml.safe_load(capsys.readouterr().out)
 
