@@ -31,6 +31,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (runs/*/version_*/checkpoints/).")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: it is not a file written by torch.save.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:

@@ -56,10 +56,9 @@ class ShakespeareDataModule(L.LightningDataModule):
             init_from: Set from `model.init_from`: the checkpoint whose vocabulary and block size to use.
         """
         super().__init__()
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(
-                f"data.batch_size and data.val_batch_size must be >= 1, got {batch_size} and {val_batch_size}."
-            )
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}.")
         if block_size is not None and block_size < 1:
             raise ValueError(f"data.block_size must be >= 1, got {block_size}.")
         if not 0.0 < val_fraction < 1.0:

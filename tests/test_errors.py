@@ -39,7 +39,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (["--model.n_layer=0"], ["n_layer must be a positive integer"]),
         (["--model.dropout=1.0"], [r"dropout must be in \[0, 1\)"]),
         (["--data.block_size=100000"], ["fewer than block_size", "use a smaller block_size"]),
-        (["--data.batch_size=0"], ["data.batch_size and data.val_batch_size must be >= 1"]),
+        (["--data.batch_size=0"], ["data.batch_size must be >= 1, got 0"]),
         (["--data.batch_size=100000"], ["batch_size 100000 does not fit the data", "Lower batch_size"]),
         (["--model.n_layers=3"], ["n_layers"]),  # unknown key: LightningCLI names it
         (["--model.n_layer=three"], ["n_layer"]),  # wrong type
