@@ -105,6 +105,7 @@ class LastCheckpoint(Callback):
         self.every_n_train_steps = every_n_train_steps
         self.last_path: Path | None = None
         self._saved_at_step = -1
+        self._flush_pending = False
 
     def _save(self, trainer: L.Trainer) -> None:
         callback = trainer.checkpoint_callback
@@ -112,13 +113,29 @@ class LastCheckpoint(Callback):
             return
         if trainer.global_step == self._saved_at_step:
             return
+        # TensorBoard buffers events: flush them with every checkpoint, or a kill after the save would lose
+        # logged steps that the resumed run never logs again.
+        self._flush_logs(trainer)
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         trainer.save_checkpoint(path, weights_only=False)
         self.last_path, self._saved_at_step = path, trainer.global_step
+        self._flush_pending = True
+
+    @staticmethod
+    def _flush_logs(trainer: L.Trainer) -> None:
+        for logger in trainer.loggers:
+            logger.save()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self._save(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        # Lightning logs a step's metrics after its on_train_batch_end: flush them too, first thing in the
+        # next batch, so the log holds every step before the checkpoint.
+        if self._flush_pending:
+            self._flush_logs(trainer)
+            self._flush_pending = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
