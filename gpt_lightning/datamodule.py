@@ -73,14 +73,18 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.init_from = init_from
+        self._source: tuple[int, CharTokenizer] | None = None  # (block_size, tokenizer) of init_from
+        if init_from is not None:
+            checkpoint = load_checkpoint(init_from)
+            self._source = model_config_of(checkpoint).block_size, tokenizer_of(checkpoint)
         self.block_size = self._resolve_block_size(block_size)
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
 
     def _resolve_block_size(self, block_size: int | None) -> int:
-        if self.init_from is None:
+        if self._source is None:
             return DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        source = model_config_of(load_checkpoint(self.init_from)).block_size
+        source = self._source[0]
         if block_size is not None and block_size != source:
             raise ValueError(
                 f"data.block_size {block_size} conflicts with {self.init_from}, which was trained with "
@@ -100,9 +104,9 @@ class ShakespeareDataModule(L.LightningDataModule):
     @cached_property
     def tokenizer(self) -> CharTokenizer:
         """The vocabulary: the `init_from` checkpoint's when fine-tuning, else the text's own characters."""
-        if self.init_from is None:
+        if self._source is None:
             return CharTokenizer.from_text(self.text)
-        tokenizer = tokenizer_of(load_checkpoint(self.init_from))
+        tokenizer = self._source[1]
         tokenizer.check(self.text, what=f"the fine-tuning text ({self.path or 'corpus speeches'})")
         return tokenizer
 

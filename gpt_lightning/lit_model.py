@@ -197,11 +197,10 @@ class GPTModule(L.LightningModule):
     def _track_nonfinite(self, loss: torch.Tensor) -> None:
         # Remember the first bad step on the device; reading it back (a sync) waits for a checkpoint or
         # a logging step, so the guard costs nothing per step on a GPU.
-        step = torch.full((), self.global_step, device=loss.device)
         if self._first_nonfinite_step is None:
             self._first_nonfinite_step = torch.full((), -1, device=loss.device)
         newly_bad = (self._first_nonfinite_step < 0) & ~torch.isfinite(loss.detach())
-        self._first_nonfinite_step = torch.where(newly_bad, step, self._first_nonfinite_step)
+        self._first_nonfinite_step = torch.where(newly_bad, self.global_step, self._first_nonfinite_step)
 
     def check_finite(self) -> None:
         if self._first_nonfinite_step is None or int(self._first_nonfinite_step) < 0:
