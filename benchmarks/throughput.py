@@ -4,8 +4,13 @@
            builds, through `Trainer.fit`.
 (b) plain: the same GPT class, AdamW groups, schedule, clipping, precision and batches in a minimal loop.
 
-Each round runs (a) and (b) one after the other in this process, alternating which goes first; the
-table reports every round and the medians, and the last line is the ratio of the medians.
+Both run in one process and take turns every `--steps` optimizer steps: a callback pauses the fit, runs
+the plain loop for its turn and hands back, in the order a b b a a b b a ... A round is one turn of
+each. Turns of a second or so cancel the drift of a shared machine, whose speed can change by a third
+within seconds; separate runs of several seconds each would mostly measure that drift.
+
+The table reports every round and the medians; the last line is the ratio of the median tokens/s.
+`overhead` is how much longer a fit step takes than a plain one, which does not depend on model size.
 
     python benchmarks/throughput.py --preset cpu --data-dir ../shared/data --threads 2
     python benchmarks/throughput.py --preset baby-gpt --device cuda --precision bf16-mixed --compile
@@ -20,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +50,7 @@ RECIPES = {
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class StepTimer(L.Callback):
-    """Wall time of optimizer steps warmup+1 .. warmup+steps, GPU work included."""
-
-    def __init__(self, warmup: int, steps: int) -> None:
-        self.warmup, self.steps = warmup, steps
-        self.start = self.end = 0.0
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
-        if trainer.global_step == self.warmup and not self.start:
-            sync(pl_module.device)
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
-        if trainer.global_step == self.warmup + self.steps and not self.end:
-            sync(pl_module.device)
-            self.end = time.perf_counter()
+        torch.cuda.synchronize(device)
 
 
 def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
@@ -71,12 +59,12 @@ def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
         f"--trainer.accelerator={args.device}",
         "--trainer.devices=1",
         f"--trainer.precision={args.precision}",
-        f"--trainer.max_steps={args.warmup + args.steps}",
-        f"--trainer.val_check_interval={args.warmup + args.steps + 1}",  # no validation inside the timing
+        f"--trainer.max_steps={total_steps(args)}",
+        "--trainer.limit_val_batches=0",  # validation is not training throughput (see validation_share.py)
+        "--trainer.num_sanity_val_steps=0",
         f"--trainer.logger.init_args.save_dir={log_dir}",
         f"--progress_bar.refresh_rate={args.progress_bar_refresh}",
-        "--trainer.enable_model_summary=false",
-        "--last_checkpoint.every_n_train_steps=0",
+        "--last_checkpoint.every_n_train_steps=0",  # the plain loop saves nothing either
         f"--model.compile={str(args.compile).lower()}",
     ]
     if args.batch_size:
@@ -85,67 +73,104 @@ def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
     return GPTLightningCLI(args=[*configs, *overrides], run=False)
 
 
-def run_fit(args: argparse.Namespace) -> float:
+def total_steps(args: argparse.Namespace) -> int:
+    return args.warmup + args.rounds * args.steps
+
+
+class PlainLoop:
+    """(b): the loop a user would write by hand, advanced `steps` optimizer steps at a time."""
+
+    def __init__(self, args: argparse.Namespace, cli: GPTLightningCLI) -> None:
+        data, module = cli.datamodule, cli.model
+        self.device = torch.device("cuda" if args.device == "cuda" else "cpu")
+        self.model = GPT(module.config).to(self.device)
+        if args.compile:
+            self.model.compile()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameter_groups(module.weight_decay),
+            lr=module.learning_rate,
+            betas=module.betas,
+            fused=self.device.type == "cuda",
+        )
+        schedule = functools.partial(
+            warmup_cosine,
+            warmup_steps=module.warmup_steps,
+            decay_steps=total_steps(args),
+            min_ratio=module.min_lr / module.learning_rate,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        data.setup("fit")
+        assert data.train_tokens is not None
+        self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(
+            RandomWindows(data.train_tokens, data.block_size, data.batch_size, data.seed)
+        )
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)
+        self.autocast: Callable[[], contextlib.AbstractContextManager[Any]] = (
+            functools.partial(torch.autocast, self.device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext
+        )
+        self.max_norm = float(cli.trainer.gradient_clip_val or "inf")
+
+    def run(self, steps: int) -> float:
+        """Seconds that `steps` optimizer steps take."""
+        self.model.train()
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            x, y = (t.to(self.device, non_blocking=True) for t in next(self.batches))
+            with self.autocast():
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+class TakeTurns(L.Callback):
+    """Times the fit in turns of `steps` optimizer steps and runs a turn of the plain loop between them,
+    in the order a b b a a b b a ... so that neither side always goes first."""
+
+    def __init__(self, plain: PlainLoop, warmup: int, steps: int) -> None:
+        self.plain, self.warmup, self.steps = plain, warmup, steps
+        self.fit_seconds: list[float] = []
+        self.plain_seconds: list[float] = []
+        self._turn_start = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        done = trainer.global_step - self.warmup
+        if done < 0 or done % self.steps:
+            return
+        sync(pl_module.device)
+        if done == 0:
+            self.plain.run(self.warmup)
+        else:
+            self.fit_seconds.append(time.perf_counter() - self._turn_start)
+            round_index = len(self.fit_seconds) - 1
+            if round_index % 2 == 0:  # after a's turn in round 2k: b of round 2k, then b of round 2k + 1
+                self.plain_seconds.append(self.plain.run(self.steps))
+                if done < trainer.max_steps - self.warmup:
+                    self.plain_seconds.append(self.plain.run(self.steps))
+        self._turn_start = time.perf_counter()
+
+
+def measure(args: argparse.Namespace) -> tuple[list[float], list[float], int]:
+    """Seconds per step of each turn of (a) and (b), and the tokens in a step."""
     with tempfile.TemporaryDirectory() as log_dir:
         cli = build_cli(args, log_dir)
-        timer = StepTimer(args.warmup, args.steps)
-        cli.trainer.callbacks.append(timer)
+        turns = TakeTurns(PlainLoop(args, cli), args.warmup, args.steps)
+        cli.trainer.callbacks.append(turns)
         with contextlib.redirect_stdout(sys.stderr):  # the progress bar; stdout keeps the table
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        tokens = args.steps * cli.datamodule.batch_size * cli.datamodule.block_size
-        return tokens / (timer.end - timer.start)
-
-
-def run_plain(args: argparse.Namespace) -> float:
-    with tempfile.TemporaryDirectory() as log_dir:
-        cli = build_cli(args, log_dir)  # the same configuration, used here only for its values
-    data, module = cli.datamodule, cli.model
-    device = torch.device("cuda" if args.device in ("cuda", "gpu") else "cpu")
-    model = GPT(module.config).to(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        torch.set_float32_matmul_precision("high")  # as the LightningModule does
-    if args.compile:
-        model.compile()
-    optimizer = torch.optim.AdamW(
-        model.parameter_groups(module.weight_decay),
-        lr=module.learning_rate,
-        betas=module.betas,
-        fused=device.type == "cuda",
-    )
-    schedule = functools.partial(
-        warmup_cosine,
-        warmup_steps=module.warmup_steps,
-        decay_steps=args.warmup + args.steps,
-        min_ratio=module.min_lr / module.learning_rate,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    data.setup("fit")
-    assert data.train_tokens is not None
-    batches = iter(RandomWindows(data.train_tokens, data.block_size, data.batch_size, data.seed))
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    autocast = (
-        functools.partial(torch.autocast, device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext
-    )
-    model.train()
-    start = 0.0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            sync(device)
-            start = time.perf_counter()
-        x, y = (t.to(device, non_blocking=True) for t in next(batches))
-        with autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    return args.steps * data.batch_size * data.block_size / (time.perf_counter() - start)
+    per_step = [[seconds / args.steps for seconds in side] for side in (turns.fit_seconds, turns.plain_seconds)]
+    return per_step[0], per_step[1], cli.datamodule.batch_size * cli.datamodule.block_size
 
 
 def main() -> None:
@@ -156,31 +181,28 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed or 16-mixed")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (set it: 2 cores here)")
-    parser.add_argument("--steps", type=int, default=100, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before timing")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved (fit, plain) rounds")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per turn of each side")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps of each side before the first round")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds: one turn of each side")
     parser.add_argument("--batch-size", type=int, default=0, help="override the recipe's batch size")
     parser.add_argument("--progress-bar-refresh", type=int, default=10, help="fit's bar redraw cadence; 0 hides it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    fit_rates, plain_rates = [], []
+    fit_seconds, plain_seconds, tokens_per_step = measure(args)
     print(f"preset={args.preset} device={args.device} precision={args.precision} compile={args.compile} "
-          f"threads={args.threads} steps={args.steps} warmup={args.warmup}")  # fmt: skip
-    print(f"{'round':>5}  {'fit tok/s':>12}  {'plain tok/s':>12}  {'fit/plain':>9}")
-    for i in range(args.rounds):
-        # Alternate the order so neither side always runs on a warmer machine.
-        if i % 2 == 0:
-            fit_rates.append(run_fit(args))
-            plain_rates.append(run_plain(args))
-        else:
-            plain_rates.append(run_plain(args))
-            fit_rates.append(run_fit(args))
-        ratio = fit_rates[-1] / plain_rates[-1]
-        print(f"{i + 1:>5}  {fit_rates[-1]:>12,.0f}  {plain_rates[-1]:>12,.0f}  {ratio:>9.3f}")
-    fit, plain = statistics.median(fit_rates), statistics.median(plain_rates)
-    print(f"{'median':>5}  {fit:>12,.0f}  {plain:>12,.0f}  {fit / plain:>9.3f}")
-    print(f"fit/plain tokens-per-second ratio: {fit / plain:.2f}")
+          f"threads={args.threads} tokens/step={tokens_per_step} steps/turn={args.steps}")  # fmt: skip
+    print(f"{'round':>6}  {'fit tok/s':>10}  {'plain tok/s':>11}  {'fit/plain':>9}  {'overhead ms/step':>16}")
+
+    def row(name: str, fit: float, plain: float) -> None:
+        rates = f"{tokens_per_step / fit:>10,.0f}  {tokens_per_step / plain:>11,.0f}  {plain / fit:>9.3f}"
+        print(f"{name:>6}  {rates}  {1000 * (fit - plain):>16.2f}")
+
+    for i, (fit, plain) in enumerate(zip(fit_seconds, plain_seconds, strict=True)):
+        row(str(i + 1), fit, plain)
+    fit, plain = statistics.median(fit_seconds), statistics.median(plain_seconds)
+    row("median", fit, plain)
+    print(f"fit/plain tokens-per-second ratio: {plain / fit:.2f}")
 
 
 if __name__ == "__main__":
