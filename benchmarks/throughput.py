@@ -56,6 +56,7 @@ def sync(device: torch.device) -> None:
 def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
     overrides = [
         f"--data.data_dir={args.data_dir}",
+        *([f"--data.path={args.data_path}"] if args.data_path else []),
         f"--trainer.accelerator={args.device}",
         "--trainer.devices=1",
         f"--trainer.precision={args.precision}",
@@ -177,6 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(RECIPES), default="cpu", help="recipe whose model and data to use")
     parser.add_argument("--data-dir", default="data", help="folder holding tinyshakespeare/input.txt")
+    parser.add_argument("--data-path", help="a text file to train on instead of tiny Shakespeare")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed or 16-mixed")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
