@@ -9,8 +9,10 @@ the plain loop for its turn and hands back, in the order a b b a a b b a ... A r
 each. Turns of a second or so cancel the drift of a shared machine, whose speed can change by a third
 within seconds; separate runs of several seconds each would mostly measure that drift.
 
-The table reports every round and the medians; the last line is the ratio of the median tokens/s.
-`overhead` is how much longer a fit step takes than a plain one, which does not depend on model size.
+The table reports every round, then the median of each column. The last line is the median of the
+rounds' ratios: each compares two turns taken a second apart, on the same machine state. (The ratio of
+the two median tokens/s can pair a fast-state fit with a slow-state plain loop.) `overhead` is how
+much longer a fit step takes than a plain one; unlike the ratio it does not depend on model size.
 
     python benchmarks/throughput.py --preset cpu --data-dir ../shared/data --threads 2
     python benchmarks/throughput.py --preset baby-gpt --device cuda --precision bf16-mixed --compile
@@ -185,7 +187,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (set it: 2 cores here)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per turn of each side")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps of each side before the first round")
-    parser.add_argument("--rounds", type=int, default=20, help="rounds: one turn of each side")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds: one turn of each side")
     parser.add_argument("--batch-size", type=int, default=0, help="override the recipe's batch size")
     parser.add_argument("--progress-bar-refresh", type=int, default=10, help="fit's bar redraw cadence; 0 hides it")
     args = parser.parse_args()
@@ -196,15 +198,18 @@ def main() -> None:
           f"threads={args.threads} tokens/step={tokens_per_step} steps/turn={args.steps}")  # fmt: skip
     print(f"{'round':>6}  {'fit tok/s':>10}  {'plain tok/s':>11}  {'fit/plain':>9}  {'overhead ms/step':>16}")
 
-    def row(name: str, fit: float, plain: float) -> None:
-        rates = f"{tokens_per_step / fit:>10,.0f}  {tokens_per_step / plain:>11,.0f}  {plain / fit:>9.3f}"
-        print(f"{name:>6}  {rates}  {1000 * (fit - plain):>16.2f}")
+    def row(name: str, fit_rate: float, plain_rate: float, ratio: float, overhead_ms: float) -> None:
+        print(f"{name:>6}  {fit_rate:>10,.0f}  {plain_rate:>11,.0f}  {ratio:>9.3f}  {overhead_ms:>16.2f}")
 
+    columns: list[list[float]] = [[], [], [], []]
     for i, (fit, plain) in enumerate(zip(fit_seconds, plain_seconds, strict=True)):
-        row(str(i + 1), fit, plain)
-    fit, plain = statistics.median(fit_seconds), statistics.median(plain_seconds)
-    row("median", fit, plain)
-    print(f"fit/plain tokens-per-second ratio: {plain / fit:.2f}")
+        values = (tokens_per_step / fit, tokens_per_step / plain, plain / fit, 1000 * (fit - plain))
+        row(str(i + 1), *values)
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    medians = [statistics.median(column) for column in columns]
+    row("median", *medians)
+    print(f"fit/plain tokens-per-second ratio: {medians[2]:.2f}")
 
 
 if __name__ == "__main__":
