@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from functools import cached_property
 
 import lightning as L
@@ -133,7 +134,7 @@ class ShakespeareDataModule(L.LightningDataModule):
                 f"{self.train_tokens.numel()} characters. Lower batch_size or block_size, or add text."
             )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         assert self.train_tokens is not None, "setup() first"
         rank, start = 0, 0
         if self.trainer is not None:
@@ -141,7 +142,10 @@ class ShakespeareDataModule(L.LightningDataModule):
             # Batches this rank has consumed so far: resuming continues the stream where it stopped.
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
         dataset = RandomWindows(self.train_tokens, self.block_size, self.batch_size, self.seed, rank, start)
-        # batch_size=None: the dataset yields whole batches, built by one gather each.
+        if self.num_workers == 0 and not self.pin_memory:
+            # The dataset yields whole batches, one gather each. With no workers to run and nothing to pin,
+            # a DataLoader around it would only add work to every step. Lightning takes any iterable.
+            return dataset
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
