@@ -76,3 +76,25 @@ def test_datamodule_splits_90_10_and_links_vocab_and_block_size(text_file: Path)
     assert data.vocab == "".join(sorted(set(text_file.read_text())))
     x, y = next(iter(data.val_dataloader()))
     assert x.shape == (16, 24) and torch.equal(x[0, 1:], y[0, :-1])  # validation batches: 4 x batch_size
+
+
+def test_step_scalars_share_logging_steps_with_sparse_logging_and_accumulation(tmp_path: Path, text_file: Path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from gpt_lightning.callbacks import TokenThroughput
+    from tests.conftest import scalars
+
+    data = ShakespeareDataModule(path=str(text_file), block_size=16, batch_size=4)
+    module = GPTModule(vocab=data.vocab, block_size=data.block_size, n_layer=1, n_head=2, n_embd=16)
+    logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+    trainer = L.Trainer(max_steps=12, accumulate_grad_batches=2, log_every_n_steps=3, logger=logger,
+                        callbacks=[TokenThroughput()], limit_val_batches=0,
+                        gradient_clip_val=1.0, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    logged = scalars(Path(logger.log_dir))
+    expected_steps = [2, 5, 8, 11]  # every third optimizer step, counted from 0; two batches per step
+    for tag in ("train/loss", "train/grad_norm", "train/tokens_per_sec"):
+        assert [step for step, _ in logged[tag]] == expected_steps, tag
+    assert all(value > 0 for _, value in logged["train/tokens_per_sec"])
+    assert "train/mfu" not in logged  # no known peak FLOPs for a CPU
