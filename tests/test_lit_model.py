@@ -98,3 +98,15 @@ def test_step_scalars_share_logging_steps_with_sparse_logging_and_accumulation(t
         assert [step for step, _ in logged[tag]] == expected_steps, tag
     assert all(value > 0 for _, value in logged["train/tokens_per_sec"])
     assert "train/mfu" not in logged  # no known peak FLOPs for a CPU
+
+
+def test_training_batches_are_the_same_with_and_without_loader_workers(text_file: Path):
+    import itertools
+
+    streams = []
+    for workers in (0, 2):  # 0 serves the dataset itself, 2 a DataLoader around it
+        data = ShakespeareDataModule(path=str(text_file), block_size=16, batch_size=4, num_workers=workers)
+        data.setup("fit")
+        streams.append([x for x, _ in itertools.islice(data.train_dataloader(), 5)])
+    assert all(torch.equal(a, b) for a, b in zip(*streams, strict=True))
+    assert streams[0][0].shape == (4, 16)
