@@ -4,6 +4,11 @@ Runs `fit` with the recipe for `--intervals` validation intervals and times trai
 separately (validation covers the whole validation split, as in every run).
 
     python benchmarks/validation_share.py --preset cpu --data-dir ../shared/data --threads 2
+
+`--train-steps N` is for recipes too slow to run whole intervals on the machine at hand: it times N
+training steps and one validation, and scales the training time to the recipe's interval.
+
+    python benchmarks/validation_share.py --preset baby-gpt --data-dir ../shared/data --train-steps 10
 """
 
 from __future__ import annotations
@@ -52,23 +57,30 @@ class PhaseTimer(L.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(RECIPES), default="cpu")
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--data-dir", default="data", help="folder holding tinyshakespeare/input.txt")
+    parser.add_argument("--data-path", help="a text file to train on instead of tiny Shakespeare")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--intervals", type=int, default=2, help="validation intervals to run")
+    parser.add_argument(
+        "--train-steps", type=int, default=0, help="time this many steps and scale (0: whole intervals)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configs = [arg for config in RECIPES[args.preset] for arg in ("--config", str(ROOT / config))]
+    interval = int(yaml.safe_load((ROOT / RECIPES[args.preset][0]).read_text())["trainer"]["val_check_interval"])
+    steps = args.train_steps or interval * args.intervals
     with tempfile.TemporaryDirectory() as log_dir:
-        interval = int(yaml.safe_load((ROOT / RECIPES[args.preset][0]).read_text())["trainer"]["val_check_interval"])
         cli = GPTLightningCLI(
             args=[
                 *configs,
                 f"--data.data_dir={args.data_dir}",
+                *([f"--data.path={args.data_path}"] if args.data_path else []),
                 f"--trainer.accelerator={args.device}",
                 f"--trainer.precision={args.precision}",
-                f"--trainer.max_steps={interval * args.intervals}",
+                f"--trainer.max_steps={steps}",
+                f"--trainer.val_check_interval={min(steps, interval)}",
                 f"--trainer.logger.init_args.save_dir={log_dir}",
                 "--trainer.num_sanity_val_steps=0",
             ],
@@ -77,12 +89,17 @@ def main() -> None:
         timer = PhaseTimer()
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    share = timer.validation / timer.total
-    steps = interval * args.intervals
+    training = timer.total - timer.validation
+    validations = steps // min(steps, interval)
     print(f"preset={args.preset} val_check_interval={interval} steps={steps} threads={args.threads}")
-    print(f"training {timer.total - timer.validation:.1f} s, validation {timer.validation:.1f} s "
-          f"({args.intervals} full passes over the validation split)")  # fmt: skip
-    print(f"validation share of wall time: {share:.1%}")
+    print(f"training {training:.1f} s ({training / steps:.3f} s/step), validation {timer.validation:.1f} s "
+          f"({validations} full pass{'es' if validations > 1 else ''} over the validation split)")  # fmt: skip
+    # Per interval: `interval` training steps, then one validation.
+    per_interval_training = training / steps * interval
+    per_validation = timer.validation / validations
+    share = per_validation / (per_interval_training + per_validation)
+    scaled = f", training time scaled from {steps} steps" if args.train_steps else ""
+    print(f"validation share of wall time at val_check_interval={interval}{scaled}: {share:.1%}")
 
 
 if __name__ == "__main__":

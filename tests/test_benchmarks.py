@@ -10,16 +10,31 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 
-def test_throughput_benchmark_prints_a_round_per_turn_and_the_ratio_line(text_file: Path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/throughput.py"), "--preset=cpu", f"--data-path={text_file}",
-         "--threads=1", "--rounds=3", "--steps=2", "--warmup=2"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
+def run_benchmark(script: str, *args: str) -> list[str]:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    number = r"\s+[\d,]+\s+[\d,]+\s+\d\.\d{3}\s+-?\d+\.\d{2}"
+    assert not list(ROOT.glob("config.yaml")), "a benchmark must not write into the checkout"
+    return result.stdout.strip().splitlines()
+
+
+def test_throughput_benchmark_prints_a_round_per_turn_and_the_ratio_line(text_file: Path):
+    lines = run_benchmark("throughput.py", "--preset=cpu", f"--data-path={text_file}", "--threads=1",
+                          "--rounds=3", "--steps=2", "--warmup=2")  # fmt: skip
     assert [line.split()[0] for line in lines[2:-1]] == ["1", "2", "3", "median"]
-    assert all(re.fullmatch(r"\s*\w+" + number, line) for line in lines[2:-1]), lines
+    row = r"\s*\w+\s+[\d,]+\s+[\d,]+\s+\d\.\d{3}\s+-?\d+\.\d{2}"
+    assert all(re.fullmatch(row, line) for line in lines[2:-1]), lines
     assert re.fullmatch(r"fit/plain tokens-per-second ratio: \d\.\d\d", lines[-1])
-    assert not list(ROOT.glob("config.yaml")), "the benchmark must not write into the checkout"
+
+
+def test_validation_share_benchmark_scales_a_few_steps_to_the_recipes_interval(text_file: Path):
+    lines = run_benchmark("validation_share.py", "--preset=cpu", f"--data-path={text_file}", "--threads=1",
+                          "--train-steps=4")  # fmt: skip
+    assert re.fullmatch(r"training [\d.]+ s \([\d.]+ s/step\), validation [\d.]+ s \(1 full pass .*\)", lines[-2])
+    share = r"validation share of wall time at val_check_interval=500, training time scaled from 4 steps: [\d.]+%"
+    assert re.fullmatch(share, lines[-1])
+
+
+def test_generation_benchmark_compares_sampling_with_and_without_the_kv_cache():
+    lines = run_benchmark("generation.py", "--preset=cpu", "--max-new-tokens=8", "--rounds=1", "--threads=1")
+    assert re.fullmatch(r"\s*cpu\s+64\s+[\d,]+\s+[\d,]+\s+[\d.]+x", lines[-1]), lines
