@@ -81,7 +81,10 @@ def total_steps(args: argparse.Namespace) -> int:
 
 
 class PlainLoop:
-    """(b): the loop a user would write by hand, advanced `steps` optimizer steps at a time."""
+    """(b): the loop a user would write by hand, advanced `steps` optimizer steps at a time.
+
+    Its turns run inside the fit, so process-wide settings are shared: TF32 matmuls on Ampere and newer,
+    which the LightningModule turns on at fit start, apply to both sides."""
 
     def __init__(self, args: argparse.Namespace, cli: GPTLightningCLI) -> None:
         data, module = cli.datamodule, cli.model
