@@ -110,3 +110,18 @@ def test_training_batches_are_the_same_with_and_without_loader_workers(text_file
         streams.append([x for x, _ in itertools.islice(data.train_dataloader(), 5)])
     assert all(torch.equal(a, b) for a, b in zip(*streams, strict=True))
     assert streams[0][0].shape == (4, 16)
+
+
+def test_flops_formula_agrees_with_lightnings_measure_flops():
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    from gpt_lightning.model import GPTConfig
+
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
+    with torch.device("meta"):  # counts FLOPs without computing anything
+        model = GPT(config)
+        idx = torch.randint(0, config.vocab_size, (2, config.block_size))
+    counted = measure_flops(model, lambda: model(idx), lambda logits: logits.sum()) / idx.numel()
+    # 6N counts the LayerNorm gains too, which no matmul uses: the one difference from a FLOP counter.
+    norm_gains = sum(p.numel() for name, p in model.named_parameters() if "ln" in name)
+    assert counted == model.flops_per_token() - 6 * norm_gains
