@@ -8,7 +8,7 @@ separately (validation covers the whole validation split, as in every run).
 `--train-steps N` is for recipes too slow to run whole intervals on the machine at hand: it times N
 training steps and one validation, and scales the training time to the recipe's interval.
 
-    python benchmarks/validation_share.py --preset baby-gpt --data-dir ../shared/data --train-steps 10
+    python benchmarks/validation_share.py --preset baby-gpt --data-dir ../shared/data --train-steps 8
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
 class PhaseTimer(L.Callback):
     def __init__(self) -> None:
         self.validation = 0.0
+        self.validations = 0
         self.total = 0.0
         self._t0 = self._v0 = 0.0
 
@@ -48,6 +49,7 @@ class PhaseTimer(L.Callback):
         sync(pl_module.device)
         if not trainer.sanity_checking:
             self.validation += time.perf_counter() - self._v0
+            self.validations += 1
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         sync(pl_module.device)
@@ -90,7 +92,7 @@ def main() -> None:
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     training = timer.total - timer.validation
-    validations = steps // min(steps, interval)
+    validations = timer.validations
     print(f"preset={args.preset} val_check_interval={interval} steps={steps} threads={args.threads}")
     print(f"training {training:.1f} s ({training / steps:.3f} s/step), validation {timer.validation:.1f} s "
           f"({validations} full pass{'es' if validations > 1 else ''} over the validation split)")  # fmt: skip

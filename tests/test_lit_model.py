@@ -1,17 +1,22 @@
 """The LightningModule and DataModule in-process: same logits as the plain model, checkpoints that describe
 themselves, the optimizer and its schedule."""
 
+import itertools
 import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from gpt_lightning.callbacks import TokenThroughput
 from gpt_lightning.checkpoint import load_checkpoint, load_model, tokenizer_of
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import GPTModule, warmup_cosine
-from gpt_lightning.model import GPT
+from gpt_lightning.model import GPT, GPTConfig
+from tests.conftest import scalars
 
 VOCAB = "\n !,.:;?ABCDEFGHIKLMNORSTUWYZabcdefghiklmnorstuvwy"
 
@@ -79,11 +84,6 @@ def test_datamodule_splits_90_10_and_links_vocab_and_block_size(text_file: Path)
 
 
 def test_step_scalars_share_logging_steps_with_sparse_logging_and_accumulation(tmp_path: Path, text_file: Path):
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from gpt_lightning.callbacks import TokenThroughput
-    from tests.conftest import scalars
-
     data = ShakespeareDataModule(path=str(text_file), block_size=16, batch_size=4)
     module = GPTModule(vocab=data.vocab, block_size=data.block_size, n_layer=1, n_head=2, n_embd=16)
     logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
@@ -101,8 +101,6 @@ def test_step_scalars_share_logging_steps_with_sparse_logging_and_accumulation(t
 
 
 def test_training_batches_are_the_same_with_and_without_loader_workers(text_file: Path):
-    import itertools
-
     streams = []
     for workers in (0, 2):  # 0 serves the dataset itself, 2 a DataLoader around it
         data = ShakespeareDataModule(path=str(text_file), block_size=16, batch_size=4, num_workers=workers)
@@ -113,10 +111,6 @@ def test_training_batches_are_the_same_with_and_without_loader_workers(text_file
 
 
 def test_flops_formula_agrees_with_lightnings_measure_flops():
-    from lightning.fabric.utilities.throughput import measure_flops
-
-    from gpt_lightning.model import GPTConfig
-
     config = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
     with torch.device("meta"):  # counts FLOPs without computing anything
         model = GPT(config)
