@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
 from gpt_lightning.data import RandomWindows  # noqa: E402
-from gpt_lightning.lit_model import warmup_cosine  # noqa: E402
+from gpt_lightning.lit_model import WarmupCosine  # noqa: E402
 from gpt_lightning.model import GPT  # noqa: E402
 
 RECIPES = {
@@ -98,12 +98,7 @@ class PlainLoop:
             betas=module.betas,
             fused=self.device.type == "cuda",
         )
-        schedule = functools.partial(
-            warmup_cosine,
-            warmup_steps=module.warmup_steps,
-            decay_steps=total_steps(args),
-            min_ratio=module.min_lr / module.learning_rate,
-        )
+        schedule = WarmupCosine(module.warmup_steps, total_steps(args), min_ratio=module.min_lr / module.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         data.setup("fit")
         assert data.train_tokens is not None

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from gpt_lightning.generate import generate_tokens
-from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.lit_model import GPTModule, is_logging_step
 
 
 class TextSampleLogger(Callback):
@@ -164,7 +164,7 @@ COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16
 class TokenThroughput(Callback):
     """Logs training tokens per second (`train/tokens_per_sec`, all devices together) at each logging
     step, and `train/mfu` where Lightning knows the device's peak FLOPs (GPUs): achieved FLOPs, from the
-    module's `flops_per_batch`, over the device's real peak for the run's precision.
+    module's `flops_per_token`, over the device's real peak for the run's precision.
 
     Lightning's ThroughputMonitor synchronizes the GPU after every step to time it, which stalls the
     queue of kernels; this one counts tokens on the host (batch shapes need no sync) and synchronizes
@@ -181,10 +181,13 @@ class TokenThroughput(Callback):
         self._start, self._tokens, self._flops = time.perf_counter(), 0, 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: GPTModule, outputs: Any, batch: Any, *_: Any) -> None:  # type: ignore[override]
-        self._tokens += batch[0].numel()
-        self._flops += pl_module.flops_per_batch
-        step = trainer.global_step  # optimizer steps so far: with gradient accumulation, several batches share one
-        if step % getattr(trainer, "log_every_n_steps", 1) or step == self._logged_at_step:
+        tokens = batch[0].numel()
+        self._tokens += tokens
+        self._flops += pl_module.flops_per_token * tokens
+        # Optimizer steps so far: with gradient accumulation, several batches share one, and only the
+        # last of them (the one that stepped) ends the step.
+        step = trainer.global_step
+        if step == self._logged_at_step or not is_logging_step(step - 1, trainer.log_every_n_steps):
             return
         self._logged_at_step = step
         _synchronize(pl_module.device)

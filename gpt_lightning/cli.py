@@ -91,6 +91,16 @@ class GPTLightningCLI(LightningCLI):
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any) -> GPTTrainer:
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        keys = self._parser(self.subcommand).callback_keys
+        if config.get("enable_progress_bar") is False:
+            # Cluster jobs turn the bar off to keep tqdm out of their logs; Lightning refuses a bar then.
+            keys = [key for key in keys if key != "progress_bar"]
+        trainer = self._instantiate_trainer(config, [self._get(self.config_init, key) for key in keys])
+        assert isinstance(trainer, GPTTrainer)
+        return trainer
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand not in ("fit", "validate"):
             return
@@ -135,19 +145,37 @@ class GPTLightningCLI(LightningCLI):
         else:
             ckpt = _existing_checkpoint(ckpt_path)
         self._take_model_from(config, ckpt)
-        # Continue logging in the checkpoint's own run folder, hiding events the crash left past it.
-        run_dir = ckpt.parent.parent
-        if run_root is not None and ckpt.parent.name == "checkpoints" and run_dir.parent == run_root:
+        # Continue logging in the checkpoint's own run folder, hiding events the crash left past it. Paths
+        # are compared resolved: `runs/...`, `./runs/...`, an absolute path and a symlink are one folder.
+        run_dir = ckpt.resolve().parent.parent
+        if (
+            run_root is not None
+            and ckpt.resolve().parent.name == "checkpoints"
+            and run_dir.parent == run_root.resolve()
+        ):
             step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
             logger.init_args.version = run_dir.name
             logger.init_args.purge_step = step
-            self.save_config_kwargs["config_filename"] = f"config.resumed-at-step-{step}.yaml"
+            # A job preempted twice before its next last.ckpt resumes from the same step twice: keep
+            # every resume's config, numbered, rather than refuse to start or overwrite one.
+            self.save_config_kwargs["config_filename"] = _unused_name(
+                run_dir, f"config.resumed-at-step-{step}", ".yaml"
+            )
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would overwrite the config with the checkpoint's saved hyperparameters. Ours
         # describe themselves (see `_prepare_resume`), and what the user passes now must win: a resumed
         # run may raise max_steps, and sampling settings are never model hyperparameters.
         return
+
+
+def _unused_name(folder: Path, stem: str, suffix: str) -> str:
+    """`stem + suffix`, or `stem.2 + suffix`, `stem.3 + suffix`, ...: the first name not taken in folder."""
+    name, n = stem + suffix, 1
+    while (folder / name).exists():
+        n += 1
+        name = f"{stem}.{n}{suffix}"
+    return name
 
 
 def _existing_checkpoint(path: str) -> Path:

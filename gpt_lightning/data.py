@@ -58,8 +58,8 @@ def download_corpus(path: Path, url: str = CORPUS_URL, sha256: str = CORPUS_SHA2
     except OSError as err:
         raise FileNotFoundError(
             f"could not download tiny Shakespeare from {url} ({err}). Without network, copy input.txt "
-            f"(sha256 {sha256[:12]}...) to {path}, or point --data.data_dir at a folder holding "
-            "tinyshakespeare/input.txt."
+            f"(sha256 {sha256[:12]}...) to {path}, point --data.data_dir at a folder holding "
+            "tinyshakespeare/input.txt, or give a local copy with --data.corpus_source PATH."
         ) from err
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:

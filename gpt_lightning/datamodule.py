@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from functools import cached_property
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from gpt_lightning.checkpoint import load_checkpoint, model_config_of, tokenizer_of
-from gpt_lightning.data import RandomWindows, SequentialWindows, ensure_corpus, read_text, speeches_of
+from gpt_lightning.data import CORPUS_URL, RandomWindows, SequentialWindows, ensure_corpus, read_text, speeches_of
 from gpt_lightning.tokenizer import CharTokenizer
 
 DEFAULT_BLOCK_SIZE = 256
@@ -26,6 +28,7 @@ class ShakespeareDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "data",
+        corpus_source: str = CORPUS_URL,
         path: str | None = None,
         speakers: list[str] | None = None,
         block_size: int | None = None,
@@ -42,6 +45,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         Args:
             data_dir: Folder that caches the corpus as `<data_dir>/tinyshakespeare/input.txt`. A missing file
                 is downloaded once and checked against its sha256; put a local copy there to work offline.
+            corpus_source: Where a missing corpus comes from: its canonical URL, or a local copy (a path or a
+                file:// URL), e.g. on a cluster's shared disk, copied into each node's own data_dir.
             path: A UTF-8 text file to train on instead of the corpus, e.g. for fine-tuning.
             speakers: Train only on the speeches of these characters (e.g. [ROMEO, JULIET]): a fine-tuning
                 target drawn from the corpus (or from `path`) that needs nothing else.
@@ -65,6 +70,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}: 0.1 holds out 10%.")
         self.data_dir = data_dir
+        self.corpus_source = corpus_source
         self.path = path
         self.speakers = speakers
         self.batch_size = batch_size
@@ -99,7 +105,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         if self.path is not None:
             text = read_text(self.path, "data.path")
         else:
-            text = read_text(ensure_corpus(self.data_dir, download=_is_local_rank_zero()), "the corpus")
+            text = read_text(self._corpus(download=_is_local_rank_zero()), "the corpus")
         return speeches_of(text, self.speakers) if self.speakers else text
 
     @cached_property
@@ -119,7 +125,12 @@ class ShakespeareDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node; the others wait at a barrier.
         if self.path is None:
-            ensure_corpus(self.data_dir, download=True)
+            self._corpus(download=True)
+
+    def _corpus(self, download: bool) -> Path:
+        source = self.corpus_source
+        url = source if "://" in source else Path(source).resolve().as_uri()
+        return ensure_corpus(self.data_dir, download=download, url=url)
 
     def setup(self, stage: str) -> None:
         if self.train_tokens is not None:
@@ -150,10 +161,24 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_tokens is not None, "setup() first"
+        windows = SequentialWindows(self.val_tokens, self.block_size)
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning's own DistributedSampler pads each rank's share with repeated windows when the world
+            # size does not divide the window count, which skews val/loss. Each window once, on one rank:
+            # shares differ by one window at most, and the character-weighted mean is reduced over ranks.
+            world = self.trainer.world_size
+            if len(windows) < world:
+                raise ValueError(
+                    f"the validation split has {len(windows)} windows of block_size {self.block_size}, fewer "
+                    f"than the {world} processes: use fewer devices, a smaller block_size or more text."
+                )
+            sampler = UnrepeatedDistributedSampler(windows, num_replicas=world, rank=self.trainer.global_rank,
+                                                   shuffle=False)  # fmt: skip
         return DataLoader(
-            SequentialWindows(self.val_tokens, self.block_size),
+            windows,
             batch_size=self.val_batch_size,
-            shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -23,14 +22,44 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then a cosine down to min_ratio at decay_steps, then flat."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if step >= decay_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+def is_logging_step(step: int, log_every_n_steps: int) -> bool:
+    """Whether Lightning writes step metrics for the batches of optimizer step `step` (counted from 0).
+
+    Lightning's own rule: every n-th step, where step n - 1 is the first; 0 never logs. Every step
+    metric of ours uses this one function, so all of them land on the same steps."""
+    return log_every_n_steps > 0 and (step + 1) % log_every_n_steps == 0
+
+
+@dataclasses.dataclass
+class WarmupCosine:
+    """LR multiplier: linear warm-up to 1, then a cosine down to min_ratio at decay_steps, then flat.
+
+    LambdaLR saves a callable object's attributes in its state_dict, so the schedule travels in the
+    checkpoint: a resumed run continues the checkpoint's own horizon whatever max_steps it is given.
+    `restretch` moves the horizon mid-run without a jump: from the step it is called at, a new cosine
+    runs from the multiplier reached there down to min_ratio at the new horizon.
+    """
+
+    warmup_steps: int
+    decay_steps: int
+    min_ratio: float
+    cosine_start: int | None = None  # the step the cosine starts at; None: at the end of the warm-up
+    start_ratio: float = 1.0  # the multiplier at cosine_start
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        start = self.warmup_steps if self.cosine_start is None else self.cosine_start
+        if step >= self.decay_steps:
+            return self.min_ratio
+        progress = (step - start) / max(1, self.decay_steps - start)
+        return self.min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.start_ratio - self.min_ratio)
+
+    def restretch(self, step: int, decay_steps: int) -> None:
+        """From `step` on, decay from the current multiplier to min_ratio at `decay_steps` instead."""
+        if step > self.warmup_steps:
+            self.cosine_start, self.start_ratio = step, self(step)
+        self.decay_steps = decay_steps
 
 
 class GPTModule(L.LightningModule):
@@ -99,7 +128,7 @@ class GPTModule(L.LightningModule):
             self.config = dataclasses.replace(source, dropout=dropout)
             self.gpt = GPT(self.config)
             self.gpt.load_state_dict(model_state_dict(checkpoint))
-        self._flops_per_token = self.gpt.flops_per_token()
+        self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
         if compile:
             self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix
         self.val_loss = MeanMetric()
@@ -107,50 +136,50 @@ class GPTModule(L.LightningModule):
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last check
         self._first_nonfinite_step: int | None = None
         self._base_seed = 0
-        self._tokens_per_batch = 0
+        self._window_step, self._micro_batch = -1, 0  # the optimizer step being accumulated, and where in it
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)  # (B, T, vocab_size)
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        self._tokens_per_batch = x.numel()
         logits = self.gpt(x)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def _is_logging_step(self) -> bool:
+        """Whether this batch's optimizer step writes step metrics (call before the step is taken).
+
+        Each self.log call costs about 0.6 ms of Lightning bookkeeping even when nothing is written:
+        logging every step cost the CPU recipe 7% of its throughput (README, Performance)."""
+        return is_logging_step(self.global_step, self.trainer.log_every_n_steps)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         if self._is_logging_step():
-            self.log("train/loss", loss, prog_bar=True)
+            # The mean over ranks (one all-reduce, on logging steps only), not rank 0's own batch.
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self._track_nonfinite(loss)
         return loss
 
-    def _is_logging_step(self) -> bool:
-        """Whether Lightning writes step metrics for this batch, called before its optimizer step.
-
-        Lightning writes them every log_every_n_steps, but each self.log call costs about 0.6 ms of
-        bookkeeping even when nothing is written: logging every step cost the CPU recipe 7% of its
-        throughput (README, Performance)."""
-        return (self.global_step + 1) % getattr(self.trainer, "log_every_n_steps", 1) == 0
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss = self._loss(batch)
-        weight = batch[1].numel()  # windows may differ in count per batch: weight by characters
+        weight = batch[1].numel()  # windows may differ in count per batch and rank: weight by characters
         self.val_loss.update(loss, weight)
         self.val_bpc.update(loss / math.log(2), weight)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/bpc", self.val_bpc)
 
-    @property
-    def flops_per_batch(self) -> int:
-        """Training FLOPs (forward and backward) of the last batch, for MFU."""
-        return self._flops_per_token * self._tokens_per_batch
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step != self._window_step:  # the first micro-batch of an optimizer step
+            self._window_step, self._micro_batch = self.global_step, 0
+        else:
+            self._micro_batch += 1
         if self.config.dropout > 0:
-            # Dropout draws from the global RNG. Seeding it from (seed, rank, step) makes a resumed run
-            # draw exactly the masks the uninterrupted run would have, with no RNG state to save per rank.
-            torch.manual_seed(hash((self._base_seed, self.global_rank, self.global_step)) & (2**63 - 1))
+            # Dropout draws from the global RNG. Seeding it from (seed, rank, step, micro-batch) makes a
+            # resumed run draw exactly the masks the uninterrupted run would have, with no RNG state to
+            # save per rank, while every micro-batch of an accumulation window draws its own.
+            key = (self._base_seed, self.global_rank, self.global_step, self._micro_batch)
+            torch.manual_seed(hash(key) & (2**63 - 1))
 
     def on_fit_start(self) -> None:
         self._base_seed = torch.initial_seed()  # the run's seed_everything value
@@ -164,20 +193,26 @@ class GPTModule(L.LightningModule):
         decay_steps = self.lr_decay_steps if self.lr_decay_steps is not None else self.trainer.max_steps
         if decay_steps is None or decay_steps < 0:
             raise ValueError("set trainer.max_steps, or model.lr_decay_steps, so the LR schedule has an end.")
+        # Fused AdamW unscales fp16 gradients inside its own step, so Lightning skips `scaler.unscale_`
+        # for it: clipping and the logged grad norm would then see gradients times the loss scale.
+        grad_scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         optimizer = torch.optim.AdamW(
             self.gpt.parameter_groups(self.weight_decay),
             lr=self.learning_rate,
             betas=self.betas,
-            fused=self.device.type == "cuda",  # one kernel for all parameters instead of one per tensor
+            fused=self.device.type == "cuda" and grad_scaler is None,  # one kernel for all parameters
         )
-        schedule = functools.partial(
-            warmup_cosine,
-            warmup_steps=self.warmup_steps,
-            decay_steps=decay_steps,
-            min_ratio=self.min_lr / self.learning_rate,
-        )
+        schedule = WarmupCosine(self.warmup_steps, decay_steps, min_ratio=self.min_lr / self.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # The scheduler state is restored by now: a resumed run keeps the checkpoint's horizon, unless
+        # model.lr_decay_steps asks for another one, which then starts from the LR reached so far.
+        scheduler = self.lr_schedulers()
+        schedule = scheduler.lr_lambdas[0]  # type: ignore[union-attr]
+        if self.lr_decay_steps is not None and self.lr_decay_steps != schedule.decay_steps:
+            schedule.restretch(self.global_step, self.lr_decay_steps)
 
     def configure_gradient_clipping(
         self,
@@ -186,13 +221,14 @@ class GPTModule(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         # clip_grad_norm_ returns the norm before clipping; log it for free (no extra pass, no sync).
+        # Lightning has unscaled fp16 gradients before this hook (see configure_optimizers).
         if gradient_clip_algorithm == "value":
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf)
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
         if self._is_logging_step():
-            self.log("train/grad_norm", norm)
+            self.log("train/grad_norm", norm)  # the same on every rank: gradients are all-reduced
 
     # -- non-finite loss guard ------------------------------------------------------------------------
 
@@ -203,14 +239,23 @@ class GPTModule(L.LightningModule):
         self._unchecked_losses.append((self.global_step, loss.detach()))
 
     def check_finite(self) -> None:
+        """Raises on every rank, with the same message, if any rank has seen a non-finite loss.
+
+        All ranks call this at the same points (logging steps and saves), and the decision is reduced
+        across them: a rank that stopped alone would leave the others waiting in the next all-reduce."""
         if self._first_nonfinite_step is None and self._unchecked_losses:
             steps, losses = zip(*self._unchecked_losses, strict=True)
             self._unchecked_losses.clear()
             finite = torch.isfinite(torch.stack(losses)).tolist()
             if not all(finite):
                 self._first_nonfinite_step = steps[finite.index(False)]
-        if self._first_nonfinite_step is None:
+        first_bad = math.inf if self._first_nonfinite_step is None else self._first_nonfinite_step
+        if self.trainer.world_size > 1:
+            reduced = self.trainer.strategy.reduce(torch.tensor(float(first_bad), device=self.device), reduce_op="min")
+            first_bad = float(reduced.item())  # type: ignore[union-attr]
+        if math.isinf(first_bad):
             return
+        self._first_nonfinite_step = int(first_bad)
         callbacks = getattr(self.trainer, "callbacks", [])
         saved = [getattr(cb, "last_path", None) or getattr(cb, "best_model_path", None) for cb in callbacks]
         last = next((str(path) for path in saved if path), None)
@@ -221,8 +266,8 @@ class GPTModule(L.LightningModule):
         )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step % getattr(self.trainer, "log_every_n_steps", 1) == 0:
-            self.check_finite()
+        if is_logging_step(self._window_step, self.trainer.log_every_n_steps) and self.global_step > self._window_step:
+            self.check_finite()  # once per logging step, after its last micro-batch
 
     # -- checkpoints describe themselves ---------------------------------------------------------------
 

@@ -54,7 +54,9 @@ class GPTTrainer(L.Trainer):
             prompt = read_text(Path(prompt_file), "prompt_file")
         gpt, tokenizer = load_model(ckpt_path)
         tokenizer.check(prompt, what="the prompt")
-        gpt.to(self.strategy.root_device)
+        # --trainer.precision applies as in fit: "-true" precisions cast the weights (and so the KV cache),
+        # "-mixed" ones run under autocast (forward_context below).
+        gpt = self.precision_plugin.convert_module(gpt).to(self.strategy.root_device)
         idx = tokenizer.encode(prompt)[None].to(self.strategy.root_device)  # (1, T)
         generator = torch.Generator().manual_seed(seed)
         out = sys.stdout  # the text alone: Lightning's messages go to stderr

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gpt_lightning.callbacks import TokenThroughput
 from gpt_lightning.checkpoint import load_checkpoint, load_model, tokenizer_of
 from gpt_lightning.datamodule import ShakespeareDataModule
-from gpt_lightning.lit_model import GPTModule, warmup_cosine
+from gpt_lightning.lit_model import GPTModule, WarmupCosine
 from gpt_lightning.model import GPT, GPTConfig
 from tests.conftest import scalars
 
@@ -38,7 +38,8 @@ def test_compiled_module_keeps_checkpoint_keys():
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
-    factors = [warmup_cosine(s, warmup_steps=10, decay_steps=110, min_ratio=0.1) for s in range(130)]
+    schedule = WarmupCosine(warmup_steps=10, decay_steps=110, min_ratio=0.1)
+    factors = [schedule(s) for s in range(130)]
     assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
     assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.55)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
