@@ -126,8 +126,19 @@ class LastCheckpoint(Callback):
         for logger in trainer.loggers:
             logger.save()
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed at its last step (preempted after its final save) trains nothing: the last.ckpt it
+        # was resumed from already holds this step, and saving it again from a loop that never ran would
+        # shift the step counters of the next resume by one.
+        self._saved_at_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+        step = trainer.global_step
+        periodic = self.every_n_train_steps and step % self.every_n_train_steps == 0
+        # The last step is saved here too, like any other, rather than at on_train_end: after a validation
+        # at that same step, Lightning reads the loop state of an end-of-training save as saved
+        # mid-step, and a resumed run would log every step one too far.
+        if periodic or 0 < trainer.max_steps <= step:
             self._save(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:

@@ -59,10 +59,10 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 240, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Runs `python main.py ARGS` in a subprocess (as a user would, and as DDP requires)."""
     return subprocess.run(
-        main_py(*args), cwd=ROOT, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+        main_py(*args), cwd=cwd, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -14,26 +14,33 @@ class RecordRank(Callback):
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.batches: list[list[int]] = []
+        self.losses: list[float] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self.batches.append(batch[0][:, 0].tolist())  # first token of each window identifies the batch
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].item())  # this rank's own loss
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         digest = hashlib.sha256()
         for name, tensor in sorted(pl_module.state_dict().items()):
             digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"rank": trainer.global_rank, "batches": self.batches, "weights": digest.hexdigest()}
+        record = {"rank": trainer.global_rank, "batches": self.batches, "losses": self.losses,
+                  "weights": digest.hexdigest()}  # fmt: skip
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 class PoisonWeights(Callback):
-    """Makes the loss NaN from step `at_step` on by writing a NaN into the token embedding."""
+    """Makes the loss NaN from step `at_step` on by writing a NaN into the token embedding (of one rank's
+    copy only, when `rank` is given)."""
 
-    def __init__(self, at_step: int) -> None:
+    def __init__(self, at_step: int, rank: int | None = None) -> None:
         self.at_step = at_step
+        self.rank = rank
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.at_step:
+        if trainer.global_step == self.at_step and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
                 pl_module.gpt.wte.weight[0, 0] = float("nan")

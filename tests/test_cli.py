@@ -71,6 +71,9 @@ def test_ddp_on_two_cpu_processes(text_file: Path, tmp_path: Path):
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 6
     assert all(a != b for a, b in zip(ranks[0]["batches"], ranks[1]["batches"], strict=True))  # different data
     assert ranks[0]["weights"] == ranks[1]["weights"]  # identical weights
+    logged = [loss for _, loss in scalars(tmp_path / "runs" / "run" / "version_0")["train/loss"]]
+    rank_mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
+    assert logged == pytest.approx(rank_mean, abs=1e-6)  # train/loss is the mean over ranks, not rank 0's
     assert [p.name for p in (tmp_path / "runs" / "run").iterdir()] == ["version_0"]  # one run, one set of logs
     assert len(list((tmp_path / "runs" / "run" / "version_0").glob("events.out.tfevents.*"))) == 1
 

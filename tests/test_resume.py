@@ -12,10 +12,12 @@ from tests.conftest import ROOT, assert_ok, cli_env, fit_args, main_py, scalars,
 
 pytestmark = pytest.mark.slow
 
-# dropout > 0: the resumed run must also draw the same dropout masks. The first run stops early as if
-# killed, so both runs get the schedule of the full run (it would otherwise end at their max_steps).
+# dropout > 0 and two micro-batches per step: the resumed run must also draw the same dropout masks, a
+# different one for each micro-batch. The first run stops early as if killed, so both runs get the
+# schedule of the full run (it would otherwise end at their max_steps).
 EXACT = [
     "--model.dropout=0.1",
+    "--trainer.accumulate_grad_batches=2",
     "--model.lr_decay_steps=12",
     "--trainer.val_check_interval=4",
     "--last_checkpoint.every_n_train_steps=3",
