@@ -198,7 +198,7 @@ class TokenThroughput(Callback):
         # Optimizer steps so far: with gradient accumulation, several batches share one, and only the
         # last of them (the one that stepped) ends the step.
         step = trainer.global_step
-        if step == self._logged_at_step or not is_logging_step(step - 1, trainer.log_every_n_steps):
+        if step == self._logged_at_step or not is_logging_step(trainer, step - 1):
             return
         self._logged_at_step = step
         _synchronize(pl_module.device)

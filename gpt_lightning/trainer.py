@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -12,6 +12,7 @@ import torch
 from gpt_lightning.checkpoint import load_model
 from gpt_lightning.data import read_text
 from gpt_lightning.generate import check_sampling_args, generate_tokens
+from gpt_lightning.model import GPT
 
 
 class GPTTrainer(L.Trainer):
@@ -52,11 +53,11 @@ class GPTTrainer(L.Trainer):
             raise ValueError("generate runs on one device: pass --trainer.devices 1.")
         if prompt_file is not None:
             prompt = read_text(Path(prompt_file), "prompt_file")
-        gpt, tokenizer = load_model(ckpt_path)
+        plain, tokenizer = load_model(ckpt_path)
         tokenizer.check(prompt, what="the prompt")
         # --trainer.precision applies as in fit: "-true" precisions cast the weights (and so the KV cache),
         # "-mixed" ones run under autocast (forward_context below).
-        gpt = self.precision_plugin.convert_module(gpt).to(self.strategy.root_device)
+        gpt = cast(GPT, self.precision_plugin.convert_module(plain)).to(self.strategy.root_device)
         idx = tokenizer.encode(prompt)[None].to(self.strategy.root_device)  # (1, T)
         generator = torch.Generator().manual_seed(seed)
         out = sys.stdout  # the text alone: Lightning's messages go to stderr

@@ -79,7 +79,8 @@ def test_validation_counts_every_window_once_on_any_world_size(pretrained: Path,
     windows = (len(text) - int(len(text) * 0.9) - 1) // 32
     assert windows % 3, "the test needs a window count that 3 processes cannot split evenly"
     args = ["validate", "--config", str(ROOT / "configs/pretrain_cpu.yaml"), f"--data.path={text_file}",
-            f"--ckpt_path={pretrained / 'checkpoints' / 'last.ckpt'}", "--data.block_size=32", "--data.val_batch_size=7", *TINY[:3],
+            f"--ckpt_path={pretrained / 'checkpoints' / 'last.ckpt'}", *TINY[:3], "--data.block_size=32",
+            "--data.val_batch_size=7",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--progress_bar.refresh_rate=0"]  # fmt: skip
     one = validated_loss(cli(*args))
     three = validated_loss(cli(*args, "--trainer.devices=3", "--trainer.strategy=ddp"))

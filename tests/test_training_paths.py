@@ -113,9 +113,12 @@ def test_every_micro_batch_of_an_accumulation_window_draws_its_own_dropout(tmp_p
 
 
 def test_logging_cadence_matches_lightning_and_zero_never_logs():
-    assert [s for s in range(12) if is_logging_step(s, 5)] == [4, 9]
-    assert [s for s in range(4) if is_logging_step(s, 1)] == [0, 1, 2, 3]
-    assert not any(is_logging_step(s, 0) for s in range(10))
+    def every(n: int) -> SimpleNamespace:
+        return SimpleNamespace(log_every_n_steps=n)
+
+    assert [s for s in range(12) if is_logging_step(every(5), s)] == [4, 9]
+    assert [s for s in range(4) if is_logging_step(every(1), s)] == [0, 1, 2, 3]
+    assert not any(is_logging_step(every(0), s) for s in range(10))
 
 
 # -- mixed precision ----------------------------------------------------------------------------------
