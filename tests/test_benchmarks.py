@@ -38,3 +38,15 @@ def test_validation_share_benchmark_scales_a_few_steps_to_the_recipes_interval(t
 def test_generation_benchmark_compares_sampling_with_and_without_the_kv_cache():
     lines = run_benchmark("generation.py", "--preset=cpu", "--max-new-tokens=8", "--rounds=1", "--threads=1")
     assert re.fullmatch(r"\s*cpu\s+64\s+[\d,]+\s+[\d,]+\s+[\d.]+x", lines[-1]), lines
+
+
+def test_time_to_loss_benchmark_stops_at_the_first_validation_that_reaches_the_target(text_file: Path):
+    lines = run_benchmark("time_to_loss.py", "--preset=cpu", f"--data-path={text_file}", "--target=3.3",
+                          "--val-every=20", "--threads=1", "--trainer.max_steps=200")  # fmt: skip
+    assert re.fullmatch(r"validations: (\d\.\d{4} @\d+, )*\d\.\d{4} @\d+", lines[-2])
+    reached = (
+        r"time_to_loss: val/loss (\d\.\d{4}) <= 3.3 at step (\d+) in [\d.]+ s "
+        r"\([\d.]+ s of it validating; [\d,]+ tokens/s, MFU n/a .*\)"
+    )
+    match = re.fullmatch(reached, lines[-1])
+    assert match and float(match.group(1)) <= 3.3 and int(match.group(2)) < 200, lines[-2:]

@@ -1,0 +1,89 @@
+"""What only a GPU can show: mixed precision with unscaled clipping, fused AdamW, TF32, a compiled fit,
+sampling under autocast, DDP on every visible GPU and MFU. Deselected by default (`-m gpu` runs them)
+and skipped without CUDA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from gpt_lightning.callbacks import TokenThroughput
+from gpt_lightning.datamodule import ShakespeareDataModule
+from gpt_lightning.generate import generate_tokens
+from gpt_lightning.lit_model import GPTModule
+from tests.conftest import ROOT, assert_ok, scalars, tiny_fit
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def fit(tmp_path: Path, text_file: Path, precision: str, steps: int = 4, **module_kwargs) -> tuple[GPTModule, Path]:
+    torch.manual_seed(0)
+    data = ShakespeareDataModule(path=str(text_file), block_size=64, batch_size=16)
+    module = GPTModule(vocab=data.vocab, block_size=64, n_layer=2, n_head=2, n_embd=64, **module_kwargs)
+    logger = TensorBoardLogger(tmp_path, name=precision, default_hp_metric=False)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=steps, log_every_n_steps=1,
+                        gradient_clip_val=1.0, logger=logger, callbacks=[TokenThroughput()], limit_val_batches=0,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return module, Path(logger.log_dir)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_clips_and_logs_unscaled_gradients(tmp_path: Path, text_file: Path, precision: str):
+    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    module, run = fit(tmp_path, text_file, precision)
+    _, reference = fit(tmp_path, text_file, "32-true")
+    norm, reference_norm = scalars(run)["train/grad_norm"][0][1], scalars(reference)["train/grad_norm"][0][1]
+    assert 0.5 < norm / reference_norm < 2.0  # a loss-scaled norm would be thousands of times larger
+    fused = module.trainer.optimizers[0].defaults["fused"]
+    assert bool(fused) is (precision != "16-mixed")  # fused AdamW would skip Lightning's unscale_
+
+
+def test_tf32_on_ampere_and_train_mfu_between_0_and_1(tmp_path: Path, text_file: Path):
+    _, run = fit(tmp_path, text_file, "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed", steps=8)
+    if torch.cuda.get_device_capability()[0] >= 8:
+        assert torch.get_float32_matmul_precision() == "high"
+    mfu = [value for _, value in scalars(run)["train/mfu"]]
+    assert mfu and all(0.0 < value < 1.0 for value in mfu)
+
+
+def test_compiled_fit_on_the_gpu(tmp_path: Path, text_file: Path):
+    module, run = fit(tmp_path, text_file, "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed",
+                      compile=True)  # fmt: skip
+    assert module.gpt._compiled_call_impl is not None
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in scalars(run)["train/loss"])
+
+
+def test_sampling_under_autocast_is_the_same_with_and_without_the_cache(tmp_path: Path, text_file: Path):
+    module, _ = fit(tmp_path, text_file, "32-true")
+    gpt = module.gpt.eval().cuda()
+    idx = module.tokenizer.encode("KING ARTHUR:")[None].cuda()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    samples = []
+    for use_kv_cache in (True, False):
+        with torch.autocast("cuda", dtype=dtype):
+            tokens = generate_tokens(gpt, idx, 100, 0.8, generator=torch.Generator().manual_seed(0),
+                                     use_kv_cache=use_kv_cache)  # fmt: skip
+            samples.append(torch.cat(list(tokens)).cpu())
+    assert torch.equal(samples[0], samples[1])
+
+
+@pytest.mark.slow
+def test_ddp_on_every_visible_gpu(text_file: Path, tmp_path: Path):
+    world = torch.cuda.device_count()
+    probe = tmp_path / "probe"
+    result = tiny_fit(text_file, tmp_path / "runs", "--config", str(ROOT / "configs/trainer/ddp.yaml"),
+                      "--trainer.max_steps=6", "--trainer.val_check_interval=3",
+                      "--trainer.callbacks+=tests.probe.RecordRank", f"--trainer.callbacks.out_dir={probe}",
+                      timeout=600)  # fmt: skip
+    assert_ok(result)
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(world)]
+    assert len({r["weights"] for r in ranks}) == 1
+    if world > 1:
+        assert ranks[0]["batches"] != ranks[1]["batches"]
