@@ -123,7 +123,8 @@ def _batch_seed(seed: int, rank: int, index: int) -> int:
 
 class RandomWindows(IterableDataset):
     """An endless stream of training batches: `batch_size` windows of block_size + 1 tokens at random
-    offsets, as (x, y) with y shifted one token ahead.
+    offsets, as (x, y) with y shifted one token ahead. `tokens` may be a compact (uint8/16) tensor over a
+    memory-mapped file: a batch reads only the pages its windows touch.
 
     Batch i on a rank depends only on (seed, rank, i): ranks draw different windows, and a run resumed
     at batch i draws exactly what an uninterrupted run would have. One gather builds a whole batch.
@@ -148,7 +149,7 @@ class RandomWindows(IterableDataset):
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(_batch_seed(self.seed, self.rank, index))
         starts = torch.randint(self.tokens.numel() - self.block_size, (self.batch_size,), generator=generator)
-        windows = self.tokens[starts[:, None] + self._offsets]  # (B, T + 1)
+        windows = self.tokens[starts[:, None] + self._offsets].long()  # (B, T + 1): one gather, then int64
         return windows[:, :-1], windows[:, 1:]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -178,5 +179,5 @@ class SequentialWindows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = i * self.block_size
-        window = self.tokens[start : start + self.block_size + 1]
+        window = self.tokens[start : start + self.block_size + 1].long()
         return window[:-1], window[1:]

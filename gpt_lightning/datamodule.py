@@ -13,7 +13,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from gpt_lightning.checkpoint import load_checkpoint, model_config_of, tokenizer_of
-from gpt_lightning.data import CORPUS_URL, RandomWindows, SequentialWindows, ensure_corpus, read_text, speeches_of
+from gpt_lightning.data import CORPUS_URL, RandomWindows, SequentialWindows, ensure_corpus
+from gpt_lightning.token_cache import TokenCache, build_token_cache, wait_for_token_cache
 from gpt_lightning.tokenizer import CharTokenizer
 
 DEFAULT_BLOCK_SIZE = 256
@@ -30,6 +31,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         data_dir: str = "data",
         corpus_source: str = CORPUS_URL,
         path: str | None = None,
+        cache_dir: str | None = None,
         speakers: list[str] | None = None,
         block_size: int | None = None,
         batch_size: int = 64,
@@ -47,7 +49,12 @@ class ShakespeareDataModule(L.LightningDataModule):
                 is downloaded once and checked against its sha256; put a local copy there to work offline.
             corpus_source: Where a missing corpus comes from: its canonical URL, or a local copy (a path or a
                 file:// URL), e.g. on a cluster's shared disk, copied into each node's own data_dir.
-            path: A UTF-8 text file to train on instead of the corpus, e.g. for fine-tuning.
+            path: Your own UTF-8 text to train on instead of the corpus: a file, a folder (its .txt files,
+                recursively) or a glob such as 'src/**/*.py'. Several files are read in sorted order with a
+                blank line between them. Any size: it is encoded once into a token file that every process
+                memory-maps.
+            cache_dir: Where encoded token files are kept, one folder per input. Unset: <data_dir>/token_cache.
+                Later runs reuse them; changed inputs are encoded again.
             speakers: Train only on the speeches of these characters (e.g. [ROMEO, JULIET]): a fine-tuning
                 target drawn from the corpus (or from `path`) that needs nothing else.
             block_size: Context length in characters. Unset: the `init_from` checkpoint's, else 256.
@@ -72,6 +79,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.data_dir = data_dir
         self.corpus_source = corpus_source
         self.path = path
+        self.cache_dir = cache_dir
         self.speakers = speakers
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or 4 * batch_size
@@ -100,22 +108,21 @@ class ShakespeareDataModule(L.LightningDataModule):
         return source
 
     @cached_property
-    def text(self) -> str:
-        """The whole text this module serves, before the train/validation split."""
-        if self.path is not None:
-            text = read_text(self.path, "data.path")
-        else:
-            text = read_text(self._corpus(download=_is_local_rank_zero()), "the corpus")
-        return speeches_of(text, self.speakers) if self.speakers else text
+    def token_cache(self) -> TokenCache:
+        """The text, encoded: built by local rank 0 of each node (also when the CLI first asks for the
+        vocabulary, before any process group exists); the other processes wait for it and map it."""
+        spec = self.path if self.path is not None else self._corpus(download=_is_local_rank_zero())
+        root = self.cache_dir if self.cache_dir is not None else Path(self.data_dir) / "token_cache"
+        vocab = None if self._source is None else self._source[1].vocab
+        what = "data.path" if self.path is not None else "the corpus"
+        if _is_local_rank_zero():
+            return build_token_cache(spec, root, vocab=vocab, speakers=self.speakers, what=what)
+        return wait_for_token_cache(spec, root, vocab=vocab, speakers=self.speakers)
 
     @cached_property
     def tokenizer(self) -> CharTokenizer:
         """The vocabulary: the `init_from` checkpoint's when fine-tuning, else the text's own characters."""
-        if self._source is None:
-            return CharTokenizer.from_text(self.text)
-        tokenizer = self._source[1]
-        tokenizer.check(self.text, what=f"the fine-tuning text ({self.path or 'corpus speeches'})")
-        return tokenizer
+        return CharTokenizer(self.token_cache.vocab)
 
     @property
     def vocab(self) -> str:
@@ -124,8 +131,7 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node; the others wait at a barrier.
-        if self.path is None:
-            self._corpus(download=True)
+        self.token_cache  # noqa: B018 (downloads and encodes what is missing)
 
     def _corpus(self, download: bool) -> Path:
         source = self.corpus_source
@@ -135,7 +141,7 @@ class ShakespeareDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.train_tokens is not None:
             return
-        tokens = self.tokenizer.encode(self.text)
+        tokens = self.token_cache.tokens()  # uint8/16/32, mapped from disk; batches become int64
         split = int(tokens.numel() * (1.0 - self.val_fraction))
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
         SequentialWindows(self.val_tokens, self.block_size)  # checks the split holds one window at least

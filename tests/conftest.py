@@ -70,6 +70,7 @@ def fit_args(text_file: Path, runs: Path, *args: str, name: str = "run") -> list
     """`fit` with the CPU recipe shrunk to TINY, on `text_file`, logging to runs/name/version_N."""
     return [
         "fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"), f"--data.path={text_file}",
+        f"--data.cache_dir={runs}/token_cache",
         f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
         *TINY, *args,
     ]  # fmt: skip

@@ -50,3 +50,12 @@ def test_time_to_loss_benchmark_stops_at_the_first_validation_that_reaches_the_t
     )
     match = re.fullmatch(reached, lines[-1])
     assert match and float(match.group(1)) <= 3.3 and int(match.group(2)) < 200, lines[-2:]
+
+
+def test_data_scale_benchmark_prints_a_row_per_size_and_data_path():
+    lines = run_benchmark("data_scale.py", "--sizes-mb=0.3", "--in-memory-max-mb=0.3", "--no-ddp", "--threads=1")
+    assert lines[0].startswith("| text | data path | encode (MB/s, 1 core)")
+    number = r"[\d,.]+"
+    cache = rf"\| 0\.3 MB \| token cache \| {number} \| {number} \| {number} \| nan \| {number} \|"
+    before = rf"\| 0\.3 MB \| in memory \(before\) \| {number} \| n/a \(encodes again\) \| {number} \| nan \| {number} \|"
+    assert re.fullmatch(cache, lines[2]) and re.fullmatch(before, lines[3]), lines

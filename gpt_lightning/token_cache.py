@@ -1,0 +1,382 @@
+"""Text of any size as a token file on disk, encoded once and memory-mapped by every process.
+
+A corpus is one text file, a folder of `.txt` files or a glob, read in sorted order with a blank line
+(SEPARATOR) between files. `build_token_cache` streams it twice in chunks, never holding it whole: the
+first pass checks the UTF-8, finds the vocabulary and hashes the bytes; the second writes one token per
+character, as uint8 when the vocabulary has at most 256 symbols (uint16, uint32 beyond). The token file
+and a `meta.json` that describes it are written atomically into a cache folder named after the inputs,
+so later runs reuse them, changed inputs rebuild them and a damaged cache is refused, never trained on.
+
+Plain numpy and the standard library: no Lightning here.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import glob
+import hashlib
+import json
+import mmap
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEPARATOR = "\n\n"  # between the files of a folder or glob: a blank line, as between speeches
+CHUNK_BYTES = 4 << 20  # bytes read at a time; a chunk's transient arrays take about 10x this
+FORMAT_VERSION = 1
+_SPEECH_BREAK = re.compile(r"\n\s*\n")  # what separates two speeches, as in data.speeches_of
+_MAX_CODE_POINT = 0x110000
+
+
+def resolve_text_files(spec: str | Path, what: str = "data.path") -> list[Path]:
+    """The files `spec` names, in the order they are read: a file; a folder's `*.txt` files, recursively,
+    sorted by path; or the files a glob matches (`**` recurses), sorted."""
+    spec = str(spec)
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"{what} {spec!r} matches no files: check the pattern.")
+        return files
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file() and not _is_hidden(p.relative_to(path)))
+        if not files:
+            raise FileNotFoundError(
+                f"{what} {path} is a folder with no .txt files in it. Put text files there, or name other "
+                f"files with a glob, e.g. '{path}/**/*.py'."
+            )
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist (or is not a file): check the path.")
+    return [path]
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _file_identity(files: list[Path]) -> list[dict[str, int | str]]:
+    """What tells a cache its inputs changed: each file's absolute path, size and modification time."""
+    identity: list[dict[str, int | str]] = []
+    for f in files:
+        stat = f.stat()
+        identity.append({"path": str(f.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return identity
+
+
+def read_pieces(files: list[Path], digest: hashlib._Hash | None = None, what: str = "text file") -> Iterator[str]:
+    """The files' text in pieces of about CHUNK_BYTES, with SEPARATOR between files. Bytes that are not
+    UTF-8 raise a ValueError naming the file and the byte offset. `digest` is fed every byte read."""
+    for i, path in enumerate(files):
+        if i:
+            yield SEPARATOR
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0  # bytes of this file handed to the decoder so far
+        with path.open("rb") as f:
+            while True:
+                chunk = f.read(CHUNK_BYTES)
+                try:
+                    piece = decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as err:
+                    # The decoder prepends the bytes it held back from the previous chunk.
+                    held = len(err.object) - len(chunk)
+                    raise ValueError(
+                        f"{what} {path} is not UTF-8: byte {offset - held + err.start} ({err.reason}). Convert "
+                        "it, e.g. `iconv -f latin1 -t utf-8`, or leave it out."
+                    ) from None
+                if digest is not None:
+                    digest.update(chunk)
+                offset += len(chunk)
+                if piece:
+                    yield piece
+                if not chunk:
+                    break
+
+
+def select_speeches(pieces: Iterable[str], speakers: list[str]) -> Iterator[str]:
+    """Streams what data.speeches_of returns for the whole text: the speeches (a 'NAME:' line and what
+    follows, up to a blank line) of the given speakers, joined by blank lines."""
+    wanted = {s.upper() for s in speakers}
+    found = False
+
+    def chosen(block: str) -> bool:
+        return block.lstrip("\n").split("\n", 1)[0].rstrip(":").upper() in wanted
+
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        # A break is final once non-blank text follows it: a trailing run of whitespace may grow.
+        last_text = len(pending.rstrip())
+        start = 0
+        for match in _SPEECH_BREAK.finditer(pending, 0, last_text):
+            block = pending[start : match.start()]
+            if chosen(block):
+                yield ("\n\n" if found else "") + block.strip("\n")
+                found = True
+            start = match.end()
+        pending = pending[start:]
+    if chosen(pending):
+        yield ("\n\n" if found else "") + pending.strip("\n")
+        found = True
+    if not found:
+        raise ValueError(f"no speeches by {', '.join(speakers)} in the text: check the speaker names.")
+    yield "\n"
+
+
+def code_points(piece: str) -> np.ndarray:
+    """The piece's characters as code points: uint8 for ASCII (the common, fast case), else uint32."""
+    if piece.isascii():
+        return np.frombuffer(piece.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every token id."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise ValueError(f"a vocabulary of {vocab_size} symbols is too large")
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    """A verified token file and what it holds. `tokens()` maps it into memory."""
+
+    directory: Path
+    token_file: str  # its name inside `directory`; it carries a digest, so a rebuild never overwrites it
+    vocab: str
+    dtype: str
+    num_tokens: int
+    tokens_blake2b: str
+    source_sha256: str  # of the bytes read from the input files, in order (a single file's own sha256)
+    inputs: list[dict[str, int | str]]
+    speakers: list[str] | None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.token_file
+
+    def tokens(self) -> torch.Tensor:
+        """The token ids as a 1-D tensor over the memory-mapped file: processes on a machine share its
+        pages through the page cache, and only the pages a batch touches are read. Copy-on-write mapping,
+        so the tensor is writable as torch expects; nothing is ever written back to the file."""
+        if self.num_tokens == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        with self.path.open("rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        # Training windows lie at random offsets: without this, each one would read ahead megabytes of
+        # neighbours into the page cache and the process's resident memory.
+        mapped.madvise(mmap.MADV_RANDOM)
+        return torch.from_numpy(np.frombuffer(mapped, dtype=np.dtype(self.dtype), count=self.num_tokens))
+
+    @classmethod
+    def open(cls, directory: Path, vocab: str | None = None, full_check: bool = True) -> TokenCache:
+        """Reads and checks the cache in `directory`: its description, the token file's size and (with
+        full_check) its checksum, and, when given, that it was encoded with `vocab`."""
+        meta_path = directory / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta["directory"] = directory
+            cache = cls(**meta)
+        except (OSError, ValueError, TypeError) as err:
+            raise CorruptCacheError(f"the token cache {meta_path} is unreadable ({err})") from err
+        if cache.format_version != FORMAT_VERSION:
+            raise CorruptCacheError(f"{meta_path} has format {cache.format_version}, not {FORMAT_VERSION}")
+        if vocab is not None and cache.vocab != vocab:
+            raise ValueError(
+                f"the token cache {directory} was encoded with another vocabulary ({len(cache.vocab)} symbols) "
+                f"than the one asked for ({len(vocab)} symbols): its ids would mean other characters. Delete "
+                f"{directory} to re-encode the text, or point --data.cache_dir elsewhere."
+            )
+        expected = cache.num_tokens * np.dtype(cache.dtype).itemsize
+        size = cache.path.stat().st_size if cache.path.is_file() else -1
+        if size != expected:
+            raise CorruptCacheError(f"{cache.path} has {size} bytes, expected {expected}")
+        if full_check and _blake2b_of(cache.path) != cache.tokens_blake2b:
+            raise CorruptCacheError(f"{cache.path} does not match its checksum")
+        return cache
+
+    def is_fresh(self, files: list[Path], speakers: list[str] | None) -> bool:
+        return self.inputs == _file_identity(files) and self.speakers == speakers
+
+
+class CorruptCacheError(ValueError):
+    """A token cache that cannot be trusted: it is rebuilt, never trained on."""
+
+
+def cache_dir_for(root: Path, files_spec: str | Path, speakers: list[str] | None, vocab: str | None) -> Path:
+    """One folder per (inputs, speakers, vocabulary): a fine-tune that encodes the corpus with its
+    checkpoint's vocabulary never shares a cache with a run that uses the corpus's own."""
+    spec = str(files_spec) if glob.has_magic(str(files_spec)) else str(Path(files_spec).expanduser().resolve())
+    key = json.dumps({"spec": spec, "speakers": speakers, "vocab": vocab, "version": FORMAT_VERSION})
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).stem or "text")[:40]
+    return Path(root) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _blake2b_of(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pieces(
+    files: list[Path], speakers: list[str] | None, digest: hashlib._Hash | None = None, what: str = "text file"
+) -> Iterator[str]:
+    pieces = read_pieces(files, digest, what)
+    return select_speeches(pieces, speakers) if speakers else pieces
+
+
+def scan(files: list[Path], speakers: list[str] | None = None, what: str = "text file") -> tuple[np.ndarray, int, str]:
+    """First pass: (which code points occur, as a boolean array; the character count; the sha256 of
+    the bytes read). Checks the UTF-8 on the way."""
+    seen = np.zeros(_MAX_CODE_POINT, dtype=bool)
+    count = 0
+    digest = hashlib.sha256()
+    for piece in _pieces(files, speakers, digest, what):
+        points = code_points(piece)
+        seen[: 256 if points.dtype == np.uint8 else _MAX_CODE_POINT] |= np.bincount(
+            points, minlength=256 if points.dtype == np.uint8 else _MAX_CODE_POINT
+        ).astype(bool)
+        count += points.size
+    return seen, count, digest.hexdigest()
+
+
+def build_token_cache(
+    files_spec: str | Path,
+    cache_root: str | Path,
+    vocab: str | None = None,
+    speakers: list[str] | None = None,
+    what: str = "data.path",
+) -> TokenCache:
+    """Returns the token cache of the text `files_spec` names, building it if it is missing, stale or
+    damaged. `vocab` fixes the vocabulary (a checkpoint's, when fine-tuning); unset, it is the text's own
+    characters in sorted order, as CharTokenizer.from_text builds it."""
+    files = resolve_text_files(files_spec, what)
+    directory = cache_dir_for(Path(cache_root), files_spec, speakers, vocab)
+    if (directory / "meta.json").exists():
+        try:
+            cache = TokenCache.open(directory, vocab)
+            if cache.is_fresh(files, speakers):
+                return cache
+        except CorruptCacheError:
+            pass  # rebuilt below, atomically, in place of the damaged one
+    return _encode(files, directory, vocab, speakers, what)
+
+
+def _encode(files: list[Path], directory: Path, vocab: str | None, speakers: list[str] | None, what: str) -> TokenCache:
+    identity = _file_identity(files)
+    seen, count, source_sha256 = scan(files, speakers, what)
+    if count == 0:
+        named = f"{files[0]} is empty" if len(files) == 1 else f"{len(files)} files hold no text"
+        raise ValueError(f"{what} {named}: give text to train on.")
+    present = "".join(map(chr, np.flatnonzero(seen)))
+    if vocab is None:
+        vocab = present
+    else:
+        unknown = sorted(set(present) - set(vocab))
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            raise ValueError(
+                f"the fine-tuning text ({what}) has {len(unknown)} character(s) outside the model's "
+                f"{len(vocab)}-character vocabulary: {shown}. Remove or replace them."
+            )
+    dtype = token_dtype(len(vocab))
+    lookup = np.zeros(_MAX_CODE_POINT, dtype=dtype)
+    lookup[[ord(c) for c in vocab]] = np.arange(len(vocab), dtype=dtype)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    needed = count * dtype.itemsize
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, _no_space(directory, needed, free))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokens.", suffix=".tmp")
+    digest = hashlib.blake2b(digest_size=16)
+    written = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for piece in _pieces(files, speakers, what=what):
+                ids = lookup[code_points(piece)].tobytes()
+                digest.update(ids)
+                f.write(ids)
+                written += len(ids)
+            f.flush()
+            os.fsync(f.fileno())
+        if written != needed:
+            raise RuntimeError(f"the inputs changed while being encoded ({written} bytes, not {needed}): run again.")
+        cache = TokenCache(
+            directory=directory, token_file=f"tokens-{digest.hexdigest()}.bin", vocab=vocab, dtype=dtype.name,
+            num_tokens=count, tokens_blake2b=digest.hexdigest(), source_sha256=source_sha256, inputs=identity,
+            speakers=speakers,
+        )  # fmt: skip
+        os.replace(tmp, cache.path)
+        meta = {k: v for k, v in asdict(cache).items() if k != "directory"}
+        _atomic_write_text(directory / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err.errno, _no_space(directory, needed, shutil.disk_usage(directory).free)) from err
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old in directory.glob("tokens-*.bin"):
+        if old.name != cache.token_file:
+            old.unlink(missing_ok=True)  # a rebuild's predecessor: a process that maps it keeps its pages
+    return cache
+
+
+def _no_space(directory: Path, needed: int, free: int) -> str:
+    return (
+        f"no space left to write the token cache in {directory}: it needs {needed / 1e6:,.1f} MB, "
+        f"{free / 1e6:,.1f} MB are free. Nothing was written. Free some space, or put the cache on another "
+        "disk with --data.cache_dir."
+    )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def wait_for_token_cache(
+    files_spec: str | Path,
+    cache_root: str | Path,
+    vocab: str | None = None,
+    speakers: list[str] | None = None,
+    wait_s: float = 3600.0,
+) -> TokenCache:
+    """For the processes that do not build the cache: waits until the builder (local rank 0) has written
+    a cache of the current inputs, then opens it without re-hashing the token file."""
+    files = resolve_text_files(files_spec)
+    directory = cache_dir_for(Path(cache_root), files_spec, speakers, vocab)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cache = TokenCache.open(directory, vocab, full_check=False)
+            if cache.is_fresh(files, speakers):
+                return cache
+        except (CorruptCacheError, FileNotFoundError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {wait_s:.0f}s for local rank 0 to encode the text into {directory}.")
+        time.sleep(0.5)
