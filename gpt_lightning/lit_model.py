@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 
 from gpt_lightning.checkpoint import METADATA_KEY, load_checkpoint, metadata, model_config_of, model_state_dict
 from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.optim import CombinedOptimizer, hidden_matrices
 from gpt_lightning.tokenizer import CharTokenizer
 
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "bias")
@@ -80,9 +81,12 @@ class GPTModule(L.LightningModule):
         lr_decay_steps: int | None = None,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_learning_rate: float = 0.02,
+        muon_momentum: float = 0.95,
         compile: bool = False,
     ) -> None:
-        """A character GPT trained with AdamW and a warm-up + cosine learning-rate schedule.
+        """A character GPT trained with AdamW (or Muon and AdamW) and a warm-up + cosine LR schedule.
 
         Args:
             vocab: The characters of the vocabulary, in id order. Linked from the data module.
@@ -94,18 +98,29 @@ class GPTModule(L.LightningModule):
             dropout: Dropout probability in [0, 1). Not part of the architecture: a fine-tune may change it.
             init_from: Start from the weights, architecture and vocabulary of this checkpoint (fine-tuning).
                 Steps, optimizer and schedule start fresh: this is not a resume (that is `--ckpt_path`).
-            learning_rate: Peak learning rate, reached after the warm-up.
-            min_lr: Learning rate at the end of the cosine decay. Equal to learning_rate: a constant LR.
+            learning_rate: Peak AdamW learning rate, reached after the warm-up.
+            min_lr: AdamW learning rate at the end of the cosine decay. Equal to learning_rate: a constant
+                LR. Muon's decays by the same ratio, min_lr / learning_rate.
             warmup_steps: Optimizer steps of linear warm-up.
             lr_decay_steps: Step at which the cosine reaches min_lr. Unset: trainer.max_steps.
-            weight_decay: AdamW weight decay, applied to weight matrices and embeddings only.
+            weight_decay: Weight decay, applied to weight matrices and embeddings only (by Muon too).
             betas: AdamW betas. nanoGPT uses 0.99 for beta2 on small, noisy batches.
+            optimizer: adamw: AdamW for every parameter (nanoGPT). muon: torch.optim.Muon for the 2-D
+                weights inside the blocks, AdamW for the embeddings, the tied head, norms and biases;
+                one schedule drives both.
+            muon_learning_rate: Muon's peak learning rate (torch's "original" scaling: times
+                sqrt(max(1, rows / cols)) per matrix). Used with optimizer=muon only.
+            muon_momentum: Muon's (Nesterov) momentum. Used with optimizer=muon only.
             compile: Compile the network with torch.compile (in place, so checkpoint keys are unchanged).
         """
         super().__init__()
         self.save_hyperparameters()
         self.learning_rate, self.min_lr, self.warmup_steps = learning_rate, min_lr, warmup_steps
         self.lr_decay_steps, self.weight_decay, self.betas = lr_decay_steps, weight_decay, (betas[0], betas[1])
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"model.optimizer must be adamw or muon, got {optimizer!r}.")
+        self.optimizer_name = optimizer
+        self.muon_learning_rate, self.muon_momentum = muon_learning_rate, muon_momentum
         self.tokenizer = CharTokenizer(vocab)
         explicit: dict[str, Any] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias}
         if init_from is None:
@@ -197,12 +212,22 @@ class GPTModule(L.LightningModule):
         # Fused AdamW unscales fp16 gradients inside its own step, so Lightning skips `scaler.unscale_`
         # for it: clipping and the logged grad norm would then see gradients times the loss scale.
         grad_scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        optimizer = torch.optim.AdamW(
-            self.gpt.parameter_groups(self.weight_decay),
-            lr=self.learning_rate,
-            betas=self.betas,
-            fused=self.device.type == "cuda" and grad_scaler is None,  # one kernel for all parameters
-        )
+        fused = self.device.type == "cuda" and grad_scaler is None  # one kernel for all parameters
+        groups = self.gpt.parameter_groups(self.weight_decay)
+        optimizer: torch.optim.Optimizer
+        if self.optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, fused=fused)
+        else:
+            hidden = hidden_matrices(self.gpt.h)
+            in_muon = {id(p) for p in hidden}
+            rest = [{**g, "params": [p for p in g["params"] if id(p) not in in_muon]} for g in groups]
+            muon_group = {"params": hidden, "name": "muon"}
+            adamw_groups = [{**g, "name": name} for g, name in zip(rest, ("adamw", "adamw_no_decay"), strict=True)]
+            optimizer = CombinedOptimizer([
+                torch.optim.Muon([muon_group], lr=self.muon_learning_rate, weight_decay=self.weight_decay,
+                                 momentum=self.muon_momentum),
+                torch.optim.AdamW(adamw_groups, lr=self.learning_rate, betas=self.betas, fused=fused),
+            ])  # fmt: skip
         schedule = WarmupCosine(self.warmup_steps, decay_steps, min_ratio=self.min_lr / self.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
