@@ -4,7 +4,7 @@
 #     python main.py fit --config configs/pretrain.yaml --config configs/trainer/ddp.yaml
 # The default command pre-trains the baby GPT on one GPU. Mount data/ with tinyshakespeare/input.txt
 # in it to run without network; runs/ keeps the logs and checkpoints outside the container.
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 WORKDIR /app

@@ -1,6 +1,7 @@
 """Wall time for a recipe to reach a full-validation loss, with its tokens/s and MFU.
 
 The headline on a GPU:   python benchmarks/time_to_loss.py --preset baby-gpt --target 1.47
+                  and:   python benchmarks/time_to_loss.py --preset baby-gpt-muon --target 1.47
 On a CPU (and in CI):    python benchmarks/time_to_loss.py --preset cpu --target 2.0 --data-dir D
 
 It trains the recipe's config through the project's own LightningCLI (module, data module, callbacks
@@ -29,7 +30,12 @@ sys.path.insert(0, str(ROOT))
 from gpt_lightning.callbacks import TokenThroughput  # noqa: E402
 from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
 
-RECIPES = {"cpu": "configs/pretrain_cpu.yaml", "baby-gpt": "configs/pretrain.yaml"}
+RECIPES = {
+    "cpu": "configs/pretrain_cpu.yaml",
+    "cpu-nanogpt": "configs/pretrain_cpu_nanogpt.yaml",
+    "baby-gpt": "configs/pretrain.yaml",
+    "baby-gpt-muon": "configs/pretrain_muon.yaml",  # unmeasured on a GPU so far
+}
 
 
 class StopAtLoss(Callback):

@@ -108,10 +108,12 @@ def test_bad_fine_tuning_input(pretrained: Path, files, text_file: Path, tmp_pat
     assert_clean_error(finetune(pretrained, tmp_path, *args), *patterns)
 
 
-def test_a_non_finite_loss_stops_training_without_saving_it(text_file: Path, tmp_path: Path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_non_finite_loss_stops_training_without_saving_it(text_file: Path, tmp_path: Path, optimizer: str):
     # Losses are tested in batches, at logging steps and before saves: the NaN of step 6 is found when
     # last.ckpt is about to be written at step 8, and reported with its own step.
-    result = tiny_fit(text_file, tmp_path, "--trainer.max_steps=50", "--trainer.val_check_interval=50",
+    result = tiny_fit(text_file, tmp_path, f"--model.optimizer={optimizer}",
+                      "--trainer.max_steps=50", "--trainer.val_check_interval=50",
                       "--trainer.log_every_n_steps=5", "--last_checkpoint.every_n_train_steps=4",
                       "--trainer.callbacks+=tests.probe.PoisonWeights", "--trainer.callbacks.at_step=6")  # fmt: skip
     assert_clean_error(

@@ -16,6 +16,7 @@ from gpt_lightning.callbacks import TokenThroughput
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.optim import CombinedOptimizer
 from tests.conftest import ROOT, assert_ok, scalars, tiny_fit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -23,7 +24,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def fit(tmp_path: Path, text_file: Path, precision: str, steps: int = 4, **module_kwargs) -> tuple[GPTModule, Path]:
     torch.manual_seed(0)
-    data = ShakespeareDataModule(path=str(text_file), block_size=64, batch_size=16)
+    data = ShakespeareDataModule(
+        path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=64, batch_size=16
+    )
     module = GPTModule(vocab=data.vocab, block_size=64, n_layer=2, n_head=2, n_embd=64, **module_kwargs)
     logger = TensorBoardLogger(tmp_path, name=precision, default_hp_metric=False)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=steps, log_every_n_steps=1,
@@ -33,15 +36,18 @@ def fit(tmp_path: Path, text_file: Path, precision: str, steps: int = 4, **modul
     return module, Path(logger.log_dir)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_mixed_precision_clips_and_logs_unscaled_gradients(tmp_path: Path, text_file: Path, precision: str):
+def test_mixed_precision_clips_and_logs_unscaled_gradients(tmp_path: Path, text_file: Path, precision, optimizer):
     if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
         pytest.skip("no bf16 on this GPU")
-    module, run = fit(tmp_path, text_file, precision)
-    _, reference = fit(tmp_path, text_file, "32-true")
+    module, run = fit(tmp_path, text_file, precision, optimizer=optimizer)
+    _, reference = fit(tmp_path, text_file, "32-true", optimizer=optimizer)
     norm, reference_norm = scalars(run)["train/grad_norm"][0][1], scalars(reference)["train/grad_norm"][0][1]
     assert 0.5 < norm / reference_norm < 2.0  # a loss-scaled norm would be thousands of times larger
-    fused = module.trainer.optimizers[0].defaults["fused"]
+    optimizer = module.trainer.optimizers[0]
+    adamw = optimizer.optimizers[-1] if isinstance(optimizer, CombinedOptimizer) else optimizer
+    fused = adamw.defaults["fused"]
     assert bool(fused) is (precision != "16-mixed")  # fused AdamW would skip Lightning's unscale_
 
 

@@ -47,7 +47,9 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_fit_writes_a_checkpoint_that_is_enough_to_sample(tmp_path: Path, text_file: Path):
-    data = ShakespeareDataModule(path=str(text_file), block_size=16, batch_size=4)
+    data = ShakespeareDataModule(
+        path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16, batch_size=4
+    )
     module = GPTModule(vocab=data.vocab, block_size=data.block_size, n_layer=1, n_head=2, n_embd=16)
     trainer = L.Trainer(max_steps=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=2, val_check_interval=3,
@@ -67,7 +69,9 @@ def test_fit_writes_a_checkpoint_that_is_enough_to_sample(tmp_path: Path, text_f
 
 
 def test_initial_training_loss_is_near_uniform(text_file: Path):
-    data = ShakespeareDataModule(path=str(text_file), block_size=32, batch_size=16)
+    data = ShakespeareDataModule(
+        path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=32, batch_size=16
+    )
     data.setup("fit")
     module = GPTModule(vocab=data.vocab, block_size=32, n_layer=2, n_head=2, n_embd=32)
     loss = module._loss(next(iter(data.train_dataloader())))
@@ -75,7 +79,9 @@ def test_initial_training_loss_is_near_uniform(text_file: Path):
 
 
 def test_datamodule_splits_90_10_and_links_vocab_and_block_size(text_file: Path):
-    data = ShakespeareDataModule(path=str(text_file), block_size=24, batch_size=4)
+    data = ShakespeareDataModule(
+        path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=24, batch_size=4
+    )
     data.setup("fit")
     total = data.train_tokens.numel() + data.val_tokens.numel()
     assert total == len(text_file.read_text()) and data.train_tokens.numel() == int(total * 0.9)
@@ -85,7 +91,9 @@ def test_datamodule_splits_90_10_and_links_vocab_and_block_size(text_file: Path)
 
 
 def test_step_scalars_share_logging_steps_with_sparse_logging_and_accumulation(tmp_path: Path, text_file: Path):
-    data = ShakespeareDataModule(path=str(text_file), block_size=16, batch_size=4)
+    data = ShakespeareDataModule(
+        path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16, batch_size=4
+    )
     module = GPTModule(vocab=data.vocab, block_size=data.block_size, n_layer=1, n_head=2, n_embd=16)
     logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
     trainer = L.Trainer(max_steps=12, accumulate_grad_batches=2, log_every_n_steps=3, logger=logger,
@@ -104,7 +112,13 @@ def test_step_scalars_share_logging_steps_with_sparse_logging_and_accumulation(t
 def test_training_batches_are_the_same_with_and_without_loader_workers(text_file: Path):
     streams = []
     for workers in (0, 2):  # 0 serves the dataset itself, 2 a DataLoader around it
-        data = ShakespeareDataModule(path=str(text_file), block_size=16, batch_size=4, num_workers=workers)
+        data = ShakespeareDataModule(
+            path=str(text_file),
+            cache_dir=str(text_file.parent / "token_cache"),
+            block_size=16,
+            batch_size=4,
+            num_workers=workers,
+        )
         data.setup("fit")
         streams.append([x for x, _ in itertools.islice(data.train_dataloader(), 5)])
     assert all(torch.equal(a, b) for a, b in zip(*streams, strict=True))

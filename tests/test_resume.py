@@ -1,5 +1,6 @@
 """Runs that survive: a run of N steps equals k steps, a stop, and a resume to N, bit for bit."""
 
+import json
 import signal
 import subprocess
 import time
@@ -40,22 +41,28 @@ def assert_same_run(straight: Path, resumed: Path, steps: int) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_is_bit_exact_on_cpu(text_file: Path, tmp_path: Path):
-    assert_ok(tiny_fit(text_file, tmp_path / "a", *EXACT, "--trainer.max_steps=12"))
-    assert_ok(tiny_fit(text_file, tmp_path / "b", *EXACT, "--trainer.max_steps=7"))
-    assert_ok(tiny_fit(text_file, tmp_path / "b", *EXACT, "--trainer.max_steps=12", "--ckpt_path=last"))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_exact_on_cpu(text_file: Path, tmp_path: Path, optimizer: str):
+    exact = [*EXACT, f"--model.optimizer={optimizer}"]
+    assert_ok(tiny_fit(text_file, tmp_path / "a", *exact, "--trainer.max_steps=12"))
+    assert_ok(tiny_fit(text_file, tmp_path / "b", *exact, "--trainer.max_steps=7"))
+    assert_ok(tiny_fit(text_file, tmp_path / "b", *exact, "--trainer.max_steps=12", "--ckpt_path=last"))
     run = tmp_path / "b" / "run"
     assert [p.name for p in run.iterdir()] == ["version_0"]  # the curve continues in the same run folder
     assert (run / "version_0" / "config.resumed-at-step-7.yaml").is_file()
     assert_same_run(tmp_path / "a" / "run" / "version_0", run / "version_0", 12)
 
 
-def test_resume_is_bit_exact_with_ddp(text_file: Path, tmp_path: Path):
-    ddp = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *EXACT]
-    assert_ok(tiny_fit(text_file, tmp_path / "a", *ddp, "--trainer.max_steps=8"))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_exact_with_ddp(text_file: Path, tmp_path: Path, optimizer: str):
+    ddp = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *EXACT, f"--model.optimizer={optimizer}"]
+    probe = ["--trainer.callbacks+=tests.probe.RecordRank", f"--trainer.callbacks.out_dir={tmp_path / 'probe'}"]
+    assert_ok(tiny_fit(text_file, tmp_path / "a", *ddp, *probe, "--trainer.max_steps=8"))
     assert_ok(tiny_fit(text_file, tmp_path / "b", *ddp, "--trainer.max_steps=5"))
     assert_ok(tiny_fit(text_file, tmp_path / "b", *ddp, "--trainer.max_steps=8", "--ckpt_path=last"))
     assert_same_run(tmp_path / "a" / "run" / "version_0", tmp_path / "b" / "run" / "version_0", 8)
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # the ranks' weights stay identical
 
 
 def test_sigkill_loses_at_most_the_checkpoint_interval(text_file: Path, tmp_path: Path):

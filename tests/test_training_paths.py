@@ -20,7 +20,9 @@ from gpt_lightning.trainer import GPTTrainer
 
 
 def data_and_module(text_file: Path, **module_kwargs) -> tuple[ShakespeareDataModule, GPTModule]:
-    data = ShakespeareDataModule(path=str(text_file), block_size=16, batch_size=4)
+    data = ShakespeareDataModule(
+        path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16, batch_size=4
+    )
     module = GPTModule(vocab=data.vocab, block_size=16, n_layer=1, n_head=2, n_embd=16, warmup_steps=2,
                        **module_kwargs)  # fmt: skip
     return data, module
