@@ -22,8 +22,11 @@ METADATA_KEY = "gpt_lightning"
 MODEL_PREFIX = "gpt."  # the LightningModule keeps the network in `self.gpt`
 
 
-def metadata(config: GPTConfig, tokenizer: CharTokenizer) -> dict[str, Any]:
-    return {"format": 1, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer.to_dict()}
+def metadata(config: GPTConfig, tokenizer: CharTokenizer, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's own description: model config, vocabulary and, where known, the training data
+    (its source, sha256, selection and validation split)."""
+    described = {"format": 1, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer.to_dict()}
+    return described if data is None else {**described, "data": data}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -52,6 +55,11 @@ def model_config_of(checkpoint: dict[str, Any]) -> GPTConfig:
 
 def tokenizer_of(checkpoint: dict[str, Any]) -> CharTokenizer:
     return CharTokenizer.from_dict(checkpoint[METADATA_KEY]["tokenizer"])
+
+
+def data_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """What the checkpoint's run trained on, for checkpoints that record it."""
+    return checkpoint[METADATA_KEY].get("data")
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -6,15 +6,17 @@ import os
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from gpt_lightning.checkpoint import load_checkpoint, model_config_of, tokenizer_of
+from gpt_lightning.checkpoint import data_of, load_checkpoint, model_config_of, tokenizer_of
 from gpt_lightning.data import CORPUS_URL, RandomWindows, SequentialWindows, ensure_corpus
-from gpt_lightning.token_cache import TokenCache, build_token_cache, wait_for_token_cache
+from gpt_lightning.token_cache import Selection, TokenCache, build_token_cache, wait_for_token_cache
 from gpt_lightning.tokenizer import CharTokenizer
 
 DEFAULT_BLOCK_SIZE = 256
@@ -33,6 +35,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         path: str | None = None,
         cache_dir: str | None = None,
         speakers: list[str] | None = None,
+        text_span: tuple[float, float] | None = None,
         block_size: int | None = None,
         batch_size: int = 64,
         val_batch_size: int | None = None,
@@ -57,6 +60,9 @@ class ShakespeareDataModule(L.LightningDataModule):
                 Later runs reuse them; changed inputs are encoded again.
             speakers: Train only on the speeches of these characters (e.g. [ROMEO, JULIET]): a fine-tuning
                 target drawn from the corpus (or from `path`) that needs nothing else.
+            text_span: Use only this part of the text, as [start, end] fractions of its characters, before
+                `speakers` selects from it. [0.9, 1.0] is the corpus's last 10%: the validation split of
+                a pre-training run, text it never trained on (the default fine-tune's target).
             block_size: Context length in characters. Unset: the `init_from` checkpoint's, else 256.
             batch_size: Sequences per batch on each device.
             val_batch_size: Sequences per validation batch. Unset: 4 x batch_size, since a forward pass
@@ -81,6 +87,11 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.path = path
         self.cache_dir = cache_dir
         self.speakers = speakers
+        self.text_span = text_span
+        self.selection = Selection(
+            span=None if text_span is None else (float(text_span[0]), float(text_span[1])),
+            speakers=None if not speakers else tuple(speakers),
+        )
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or 4 * batch_size
         self.val_fraction = val_fraction
@@ -89,9 +100,11 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.init_from = init_from
         self._source: tuple[int, CharTokenizer] | None = None  # (block_size, tokenizer) of init_from
+        self._source_data: dict[str, Any] | None = None  # what init_from was trained on, if it says
         if init_from is not None:
             checkpoint = load_checkpoint(init_from)
             self._source = model_config_of(checkpoint).block_size, tokenizer_of(checkpoint)
+            self._source_data = data_of(checkpoint)
         self.block_size = self._resolve_block_size(block_size)
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
@@ -116,8 +129,42 @@ class ShakespeareDataModule(L.LightningDataModule):
         vocab = None if self._source is None else self._source[1].vocab
         what = "data.path" if self.path is not None else "the corpus"
         if _is_local_rank_zero():
-            return build_token_cache(spec, root, vocab=vocab, speakers=self.speakers, what=what)
-        return wait_for_token_cache(spec, root, vocab=vocab, speakers=self.speakers)
+            cache = build_token_cache(spec, root, vocab=vocab, selection=self.selection, what=what)
+            if self._source is not None:
+                self._warn_of_overlap(cache, spec, root)
+            return cache
+        return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection)
+
+    def describe(self) -> dict[str, Any]:
+        """What this module serves, for checkpoints: a later fine-tune can tell whether its target
+        overlaps the text this run trained on."""
+        cache = self.token_cache
+        return {
+            "source": self.path if self.path is not None else self.corpus_source,
+            "source_sha256": cache.source_sha256,
+            "selection": cache.selection,
+            "val_fraction": self.val_fraction,
+        }
+
+    def _warn_of_overlap(self, cache: TokenCache, spec: str | Path, root: str | Path) -> None:
+        """Warns when the fine-tuning text lies (partly) in the training split of the checkpoint's run."""
+        trained_on = self._source_data
+        if not trained_on or trained_on.get("source_sha256") != cache.source_sha256:
+            return  # other text, or a checkpoint that does not say
+        if trained_on.get("selection") != Selection().to_dict():
+            return  # pre-trained on a part of the text: its split is not a span of this text
+        train_end = 1.0 - float(trained_on["val_fraction"])
+        start, end = self.selection.span or (0.0, 1.0)
+        if start >= train_end:
+            return
+        inside = Selection((start, min(end, train_end)), self.selection.speakers)
+        overlap = build_token_cache(spec, root, vocab=cache.vocab, selection=inside, what="the overlap")
+        share = overlap.num_tokens / cache.num_tokens
+        rank_zero_warn(
+            f"about {share:.0%} of the fine-tuning text lies in the training split of {self.init_from} (the first "
+            f"{train_end:.0%} of the same text): a low validation loss there measures memory, not transfer. "
+            f"Select held-out text, e.g. --data.text_span '[{train_end:g}, 1.0]'."
+        )
 
     @cached_property
     def tokenizer(self) -> CharTokenizer:

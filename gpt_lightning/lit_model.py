@@ -198,6 +198,10 @@ class GPTModule(L.LightningModule):
             torch.manual_seed(hash(key) & (2**63 - 1))
 
     def on_fit_start(self) -> None:
+        # A `validate` before this fit (a zero-shot score, say) ran under inference mode and left the
+        # metrics' states as inference tensors, which fit's validation may not update in place.
+        self.val_loss.reset()
+        self.val_bpc.reset()
         self._base_seed = torch.initial_seed()  # the run's seed_everything value
         if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8:
             # Ampere and newer: float32 matmuls on TF32 tensor cores (fp32 range, 10-bit mantissa).
@@ -299,4 +303,6 @@ class GPTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite()  # never write weights that came out of a NaN
-        checkpoint[METADATA_KEY] = metadata(self.config, self.tokenizer)
+        describe = getattr(getattr(self._trainer, "datamodule", None), "describe", None)
+        data = describe() if callable(describe) else None  # what the run trains on, when a data module says
+        checkpoint[METADATA_KEY] = metadata(self.config, self.tokenizer, data)

@@ -26,13 +26,16 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from gpt_lightning.data import speaker_of
+
 SEPARATOR = "\n\n"  # between the files of a folder or glob: a blank line, as between speeches
 CHUNK_BYTES = 4 << 20  # bytes read at a time; a chunk's transient arrays take about 10x this
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SPEECH_BREAK = re.compile(r"\n\s*\n")  # what separates two speeches, as in data.speeches_of
 _MAX_CODE_POINT = 0x110000
 
@@ -109,7 +112,7 @@ def select_speeches(pieces: Iterable[str], speakers: list[str]) -> Iterator[str]
     found = False
 
     def chosen(block: str) -> bool:
-        return block.lstrip("\n").split("\n", 1)[0].rstrip(":").upper() in wanted
+        return speaker_of(block) in wanted
 
     pending = ""
     for piece in pieces:
@@ -130,6 +133,37 @@ def select_speeches(pieces: Iterable[str], speakers: list[str]) -> Iterator[str]
     if not found:
         raise ValueError(f"no speeches by {', '.join(speakers)} in the text: check the speaker names.")
     yield "\n"
+
+
+def slice_pieces(pieces: Iterable[str], start: int, end: int) -> Iterator[str]:
+    """Characters [start, end) of the text that `pieces` stream."""
+    position = 0
+    for piece in pieces:
+        lo, hi = max(start - position, 0), min(end - position, len(piece))
+        if lo < hi:
+            yield piece[lo:hi]
+        position += len(piece)
+        if position >= end:
+            return
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which part of the text to serve: a span of it (fractions of its characters, taken first), then the
+    speeches of some speakers within that span. The default is all of it."""
+
+    span: tuple[float, float] | None = None
+    speakers: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.span is not None and not 0.0 <= self.span[0] < self.span[1] <= 1.0:
+            raise ValueError(f"data.text_span must be [start, end] with 0 <= start < end <= 1, got {list(self.span)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "span": list(self.span) if self.span else None,
+            "speakers": list(self.speakers) if self.speakers else None,
+        }
 
 
 def code_points(piece: str) -> np.ndarray:
@@ -159,7 +193,7 @@ class TokenCache:
     tokens_blake2b: str
     source_sha256: str  # of the bytes read from the input files, in order (a single file's own sha256)
     inputs: list[dict[str, int | str]]
-    speakers: list[str] | None
+    selection: dict[str, Any]  # Selection.to_dict()
     format_version: int = FORMAT_VERSION
 
     @property
@@ -206,19 +240,19 @@ class TokenCache:
             raise CorruptCacheError(f"{cache.path} does not match its checksum")
         return cache
 
-    def is_fresh(self, files: list[Path], speakers: list[str] | None) -> bool:
-        return self.inputs == _file_identity(files) and self.speakers == speakers
+    def is_fresh(self, files: list[Path], selection: Selection) -> bool:
+        return self.inputs == _file_identity(files) and self.selection == selection.to_dict()
 
 
 class CorruptCacheError(ValueError):
     """A token cache that cannot be trusted: it is rebuilt, never trained on."""
 
 
-def cache_dir_for(root: Path, files_spec: str | Path, speakers: list[str] | None, vocab: str | None) -> Path:
-    """One folder per (inputs, speakers, vocabulary): a fine-tune that encodes the corpus with its
+def cache_dir_for(root: Path, files_spec: str | Path, selection: Selection, vocab: str | None) -> Path:
+    """One folder per (inputs, selection, vocabulary): a fine-tune that encodes the corpus with its
     checkpoint's vocabulary never shares a cache with a run that uses the corpus's own."""
     spec = str(files_spec) if glob.has_magic(str(files_spec)) else str(Path(files_spec).expanduser().resolve())
-    key = json.dumps({"spec": spec, "speakers": speakers, "vocab": vocab, "version": FORMAT_VERSION})
+    key = json.dumps({"spec": spec, **selection.to_dict(), "vocab": vocab, "version": FORMAT_VERSION})
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).stem or "text")[:40]
     return Path(root) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -232,19 +266,23 @@ def _blake2b_of(path: Path) -> str:
 
 
 def _pieces(
-    files: list[Path], speakers: list[str] | None, digest: hashlib._Hash | None = None, what: str = "text file"
+    files: list[Path], selection: Selection, digest: hashlib._Hash | None = None, what: str = "text file"
 ) -> Iterator[str]:
     pieces = read_pieces(files, digest, what)
-    return select_speeches(pieces, speakers) if speakers else pieces
+    if selection.span is not None:
+        total = sum(len(piece) for piece in read_pieces(files, what=what))  # a span counts characters
+        start, end = (int(total * fraction) for fraction in selection.span)
+        pieces = slice_pieces(pieces, start, end)
+    return select_speeches(pieces, list(selection.speakers)) if selection.speakers else pieces
 
 
-def scan(files: list[Path], speakers: list[str] | None = None, what: str = "text file") -> tuple[np.ndarray, int, str]:
+def scan(files: list[Path], selection: Selection, what: str = "text file") -> tuple[np.ndarray, int, str]:
     """First pass: (which code points occur, as a boolean array; the character count; the sha256 of
     the bytes read). Checks the UTF-8 on the way."""
     seen = np.zeros(_MAX_CODE_POINT, dtype=bool)
     count = 0
     digest = hashlib.sha256()
-    for piece in _pieces(files, speakers, digest, what):
+    for piece in _pieces(files, selection, digest, what):
         points = code_points(piece)
         seen[: 256 if points.dtype == np.uint8 else _MAX_CODE_POINT] |= np.bincount(
             points, minlength=256 if points.dtype == np.uint8 else _MAX_CODE_POINT
@@ -257,27 +295,27 @@ def build_token_cache(
     files_spec: str | Path,
     cache_root: str | Path,
     vocab: str | None = None,
-    speakers: list[str] | None = None,
+    selection: Selection = Selection(),
     what: str = "data.path",
 ) -> TokenCache:
     """Returns the token cache of the text `files_spec` names, building it if it is missing, stale or
     damaged. `vocab` fixes the vocabulary (a checkpoint's, when fine-tuning); unset, it is the text's own
     characters in sorted order, as CharTokenizer.from_text builds it."""
     files = resolve_text_files(files_spec, what)
-    directory = cache_dir_for(Path(cache_root), files_spec, speakers, vocab)
+    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab)
     if (directory / "meta.json").exists():
         try:
             cache = TokenCache.open(directory, vocab)
-            if cache.is_fresh(files, speakers):
+            if cache.is_fresh(files, selection):
                 return cache
         except CorruptCacheError:
             pass  # rebuilt below, atomically, in place of the damaged one
-    return _encode(files, directory, vocab, speakers, what)
+    return _encode(files, directory, vocab, selection, what)
 
 
-def _encode(files: list[Path], directory: Path, vocab: str | None, speakers: list[str] | None, what: str) -> TokenCache:
+def _encode(files: list[Path], directory: Path, vocab: str | None, selection: Selection, what: str) -> TokenCache:
     identity = _file_identity(files)
-    seen, count, source_sha256 = scan(files, speakers, what)
+    seen, count, source_sha256 = scan(files, selection, what)
     if count == 0:
         named = f"{files[0]} is empty" if len(files) == 1 else f"{len(files)} files hold no text"
         raise ValueError(f"{what} {named}: give text to train on.")
@@ -306,7 +344,7 @@ def _encode(files: list[Path], directory: Path, vocab: str | None, speakers: lis
     written = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            for piece in _pieces(files, speakers, what=what):
+            for piece in _pieces(files, selection, what=what):
                 ids = lookup[code_points(piece)].tobytes()
                 digest.update(ids)
                 f.write(ids)
@@ -318,7 +356,7 @@ def _encode(files: list[Path], directory: Path, vocab: str | None, speakers: lis
         cache = TokenCache(
             directory=directory, token_file=f"tokens-{digest.hexdigest()}.bin", vocab=vocab, dtype=dtype.name,
             num_tokens=count, tokens_blake2b=digest.hexdigest(), source_sha256=source_sha256, inputs=identity,
-            speakers=speakers,
+            selection=selection.to_dict(),
         )  # fmt: skip
         os.replace(tmp, cache.path)
         meta = {k: v for k, v in asdict(cache).items() if k != "directory"}
@@ -362,18 +400,18 @@ def wait_for_token_cache(
     files_spec: str | Path,
     cache_root: str | Path,
     vocab: str | None = None,
-    speakers: list[str] | None = None,
+    selection: Selection = Selection(),
     wait_s: float = 3600.0,
 ) -> TokenCache:
     """For the processes that do not build the cache: waits until the builder (local rank 0) has written
     a cache of the current inputs, then opens it without re-hashing the token file."""
     files = resolve_text_files(files_spec)
-    directory = cache_dir_for(Path(cache_root), files_spec, speakers, vocab)
+    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab)
     deadline = time.monotonic() + wait_s
     while True:
         try:
             cache = TokenCache.open(directory, vocab, full_check=False)
-            if cache.is_fresh(files, speakers):
+            if cache.is_fresh(files, selection):
                 return cache
         except (CorruptCacheError, FileNotFoundError):
             pass

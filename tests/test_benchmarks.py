@@ -60,3 +60,20 @@ def test_data_scale_benchmark_prints_a_row_per_size_and_data_path():
     again = r"n/a \(encodes again\)"
     before = rf"\| 0\.3 MB \| in memory \(before\) \| {number} \| {again} \| {number} \| nan \| {number} \|"
     assert re.fullmatch(cache, lines[2]) and re.fullmatch(before, lines[3]), lines
+
+
+def test_transfer_benchmark_reports_every_model_and_ends_with_the_summary_line(text_file: Path):
+    tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.warmup_steps=2",
+            "--data.block_size=32", "--data.batch_size=8", f"--data.cache_dir={text_file.parent}/c"]  # fmt: skip
+    lines = run_benchmark("transfer.py", f"--data-path={text_file}", "--speakers", "KING ARTHUR", "LADY BEATRICE",
+                          "--seeds", "1", "2", "--pretrain-steps=12", "--finetune-steps=6", "--scratch-val-every=6",
+                          "--sample-tokens=8", "--prompt=KING ARTHUR:", "--threads=1", *tiny)  # fmt: skip
+    loss = r"\d\.\d{3} ± \d\.\d{3}"
+    for name in ("zero-shot", "fine-tuned", "scratch, equal steps", "scratch, equal compute"):
+        assert any(re.fullmatch(rf"\| {name} \| {loss} \| {loss} \|", line) for line in lines), name
+    assert any(re.fullmatch(rf"\| (before|after) fine-tuning \| {loss} \|", line) for line in lines)
+    assert any(line.startswith("--- fine-tuned") for line in lines)
+    number = r"\d\.\d{4}"
+    summary = rf"transfer: fine-tuned {number}, from scratch {number}, zero-shot {number} \(target val loss, mean"
+    summary += r" of 2 seeds\)"
+    assert re.fullmatch(summary, lines[-1]), lines[-1]

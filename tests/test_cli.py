@@ -44,7 +44,7 @@ def test_fine_tune_starts_from_the_pretrained_weights(pretrained: Path, text_fil
     result = cli(
         "fit", "--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml"),
         f"--model.init_from={pretrained / 'checkpoints' / 'last.ckpt'}", f"--data.path={target}",
-        "--data.speakers=[KING ARTHUR, LADY BEATRICE]", "--data.batch_size=8",
+        "--data.speakers=[KING ARTHUR, LADY BEATRICE]", "--data.text_span=null", "--data.batch_size=8",
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=6", "--trainer.val_check_interval=3",
         "--trainer.log_every_n_steps=1", "--progress_bar.refresh_rate=0", "--sample.max_new_tokens=10",
     )  # fmt: skip
@@ -56,7 +56,10 @@ def test_fine_tune_starts_from_the_pretrained_weights(pretrained: Path, text_fil
     assert first_loss < math.log(vocab_size) - 0.7
     checkpoint = load_checkpoint(tmp_path / "finetune" / "version_0" / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 6  # steps start fresh: not a resume
-    assert checkpoint["gpt_lightning"] == load_checkpoint(pretrained / "checkpoints" / "last.ckpt")["gpt_lightning"]
+    source = load_checkpoint(pretrained / "checkpoints" / "last.ckpt")["gpt_lightning"]
+    for key in ("model_config", "tokenizer"):
+        assert checkpoint["gpt_lightning"][key] == source[key]
+    assert checkpoint["gpt_lightning"]["data"]["source"] == str(target)  # and it says what it trained on
 
 
 def test_ddp_on_two_cpu_processes(text_file: Path, tmp_path: Path):

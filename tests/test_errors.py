@@ -85,7 +85,7 @@ def finetune(pretrained: Path, tmp_path: Path, *args: str):
     return cli(
         "fit", "--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml"),
         f"--model.init_from={pretrained / 'checkpoints' / 'last.ckpt'}", "--data.speakers=null",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=2", *args,
+        "--data.text_span=null", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=2", *args,
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from gpt_lightning.data import speeches_of
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.token_cache import (
     SEPARATOR,
+    Selection,
     TokenCache,
     build_token_cache,
     cache_dir_for,
@@ -196,7 +197,7 @@ def test_other_processes_wait_for_the_builder_and_map_the_same_file(tmp_path):
     built = build_token_cache(path, tmp_path / "cache")
     waited = wait_for_token_cache(path, tmp_path / "cache", wait_s=0.2)
     assert waited == built and torch.equal(waited.tokens(), built.tokens())
-    assert cache_dir_for(tmp_path / "cache", path, None, None) == built.directory
+    assert cache_dir_for(tmp_path / "cache", path, Selection(), None) == built.directory
 
 
 def test_the_data_module_serves_int64_batches_from_the_compact_map(tmp_path, text_file):

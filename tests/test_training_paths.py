@@ -200,3 +200,12 @@ def test_compiled_fit_trains_and_its_checkpoints_resume_either_way(tmp_path: Pat
     trainer(tmp_path, max_steps=4).fit(compiled_again, datamodule=data, ckpt_path=plain_ckpt)
     assert compiled_again.global_step == 4
     assert all(torch.isfinite(p).all() for p in compiled_again.parameters())
+
+
+def test_validate_then_fit_in_one_process(tmp_path: Path, text_file: Path):
+    # A zero-shot score before fine-tuning: validate, then fit with validations, on one Trainer.
+    data, module = data_and_module(text_file)
+    t = trainer(tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=2)
+    (before,) = t.validate(module, datamodule=data, verbose=False)
+    t.fit(module, datamodule=data)
+    assert t.global_step == 4 and float(t.callback_metrics["val/loss"]) < before["val/loss"]

@@ -1,0 +1,262 @@
+"""Does pre-training help fine-tuning? The two-stage claim, measured on a target pre-training never saw.
+
+    python benchmarks/transfer.py --data-dir D --plot docs/transfer.png
+
+For each seed it
+  (a) pre-trains with configs/pretrain_cpu.yaml (or takes the checkpoint given with --pretrained),
+  (b) evaluates that checkpoint on the target's validation split as it is (zero-shot),
+  (c) fine-tunes it with configs/finetune.yaml (The Tempest, held out from pre-training),
+  (d) trains the same architecture from scratch on the target with the pre-training recipe's learning
+      rate and schedule: for as many steps as the fine-tune (equal steps), and for as many as
+      pre-training and fine-tuning together (equal compute),
+and it measures forgetting: the loss on pre-training's validation split, with the target's speeches
+left out, before and after fine-tuning. Every run goes through the project's own LightningCLI. All
+losses are full-validation losses (every window of the split once); bits per character = loss / ln 2.
+
+Options after the known ones go to every run's CLI, e.g. `--model.n_layer 2` (all runs must agree on
+the architecture, as a fine-tune takes its checkpoint's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gpt_lightning.callbacks import LastCheckpoint  # noqa: E402
+from gpt_lightning.checkpoint import load_model  # noqa: E402
+from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
+from gpt_lightning.data import SequentialWindows, corpus_path, read_text, without_speeches_of  # noqa: E402
+from gpt_lightning.generate import generate  # noqa: E402
+from gpt_lightning.model import GPT  # noqa: E402
+from gpt_lightning.tokenizer import CharTokenizer  # noqa: E402
+
+PRETRAIN = ROOT / "configs/pretrain_cpu.yaml"
+FINETUNE = ROOT / "configs/finetune.yaml"
+QUIET = ["--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false", "--sample.every_n_validations=0",
+         "--checkpoint.save_top_k=0"]  # fmt: skip
+
+
+class ValCurve(Callback):
+    """(step, val/loss) at each validation of a fit."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.points.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
+
+
+@dataclass
+class Seed:
+    seed: int
+    losses: dict[str, float] = field(default_factory=dict)  # what -> target (or pre-training) val loss
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    samples: dict[str, str] = field(default_factory=dict)
+
+
+def cli(config: list[str], seed: int, runs: Path, name: str, extra: list[str]) -> GPTLightningCLI:
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads `args`, not this script's own arguments
+    try:
+        return GPTLightningCLI(
+            args=[*config, f"--seed_everything={seed}", f"--data.seed={seed}",
+                  f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
+                  *QUIET, *extra],
+            run=False,
+        )  # fmt: skip
+    finally:
+        sys.argv = argv
+
+
+def fit(c: GPTLightningCLI) -> tuple[float, list[tuple[int, float]]]:
+    curve = ValCurve()
+    c.trainer.callbacks.append(curve)
+    c.trainer.fit(c.model, datamodule=c.datamodule)
+    return curve.points[-1][1], curve.points
+
+
+@torch.inference_mode()
+def evaluate(model: GPT, tokens: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean loss per character over every block_size window of `tokens`, once each."""
+    windows = SequentialWindows(tokens, model.config.block_size)
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        x, y = zip(*(windows[i] for i in range(start, min(start + batch_size, len(windows)))), strict=True)
+        logits = model(torch.stack(x))
+        total += F.cross_entropy(logits.flatten(0, 1), torch.stack(y).flatten(), reduction="sum").item()
+        count += sum(t.numel() for t in y)
+    return total / count
+
+
+def sample(model: GPT, tokenizer: CharTokenizer, prompt: str, tokens: int) -> str:
+    generator = torch.Generator().manual_seed(0)
+    idx = generate(model, tokenizer.encode(prompt)[None], tokens, temperature=0.8, generator=generator)
+    return tokenizer.decode(idx[0])
+
+
+def run_seed(seed: int, args: argparse.Namespace, data: list[str], extra: list[str], work: Path,
+             pretrained: str | None, forgetting_text: str) -> Seed:  # fmt: skip
+    result = Seed(seed)
+    finetune_config = yaml.safe_load(FINETUNE.read_text())
+    target = [*data, *args.target]
+    start = time.perf_counter()
+    if pretrained is None:  # (a)
+        c = cli(["--config", str(PRETRAIN), *data, *steps(args.pretrain_steps, PRETRAIN)], seed, work,
+                f"pretrain-{seed}", extra)  # fmt: skip
+        result.losses["pre-training val"], _ = fit(c)
+        last = next(cb for cb in c.trainer.callbacks if isinstance(cb, LastCheckpoint)).last_path
+        pretrained, pretrain_steps = str(last), c.trainer.global_step
+    else:
+        pretrain_steps = int(torch.load(pretrained, map_location="cpu", weights_only=True)["global_step"])
+    before, tokenizer = load_model(pretrained)
+
+    # (b) and (c): the fine-tune's own CLI, validated before it trains.
+    c = cli(["--config", str(FINETUNE), "--config", str(ROOT / "configs/trainer/cpu.yaml"), *target,
+             *steps(args.finetune_steps, FINETUNE), f"--model.init_from={pretrained}"], seed, work,
+            f"finetune-{seed}", extra)  # fmt: skip
+    (zero_shot,) = c.trainer.validate(c.model, datamodule=c.datamodule, verbose=False)
+    result.losses["zero-shot"] = zero_shot["val/loss"]
+    result.losses["fine-tuned"], result.curves["fine-tuned"] = fit(c)
+    finetune_steps = c.trainer.global_step
+    val_every = min(finetune_steps, finetune_config["trainer"]["val_check_interval"])
+    after = c.model.gpt.eval()
+
+    # Forgetting: pre-training's validation split, the target's speeches left out.
+    tokens = tokenizer.encode(forgetting_text)
+    result.losses["forgetting: before"] = evaluate(before, tokens)
+    result.losses["forgetting: after"] = evaluate(after, tokens)
+
+    # (d) from scratch on the target, with the pre-training recipe's LR and schedule.
+    baselines = [("scratch, equal steps", finetune_steps, val_every),
+                 ("scratch, equal compute", pretrain_steps + finetune_steps, args.scratch_val_every)]  # fmt: skip
+    for name, length, every in baselines:
+        schedule = [f"--trainer.max_steps={length}", f"--trainer.val_check_interval={min(every, length)}"]
+        c = cli(["--config", str(PRETRAIN), *target, *schedule], seed, work, f"scratch-{length}-{seed}", extra)
+        result.losses[name], result.curves[name] = fit(c)
+        result.samples[name] = sample(c.model.gpt.eval(), c.datamodule.tokenizer, args.prompt, args.sample_tokens)
+    result.samples["zero-shot"] = sample(before, tokenizer, args.prompt, args.sample_tokens)
+    result.samples["fine-tuned"] = sample(after, tokenizer, args.prompt, args.sample_tokens)
+    print(f"seed {seed} ({time.perf_counter() - start:.0f} s): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items()), flush=True)  # fmt: skip
+    return result
+
+
+def steps(max_steps: int | None, config: Path) -> list[str]:
+    """Overrides a recipe's length, validating at its own cadence or at the end if that comes first."""
+    if max_steps is None:
+        return []
+    every = min(max_steps, yaml.safe_load(config.read_text())["trainer"]["val_check_interval"])
+    return [f"--trainer.max_steps={max_steps}", f"--trainer.val_check_interval={every}"]
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
+def plot(results: list[Seed], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no plot: matplotlib is not installed (pip install -e '.[plots]'), so {path} was not written")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    colors = {"fine-tuned": "tab:blue", "scratch, equal steps": "tab:orange"}
+    for name, color in colors.items():
+        for i, r in enumerate(results):
+            steps, losses = zip(*r.curves[name], strict=True)
+            ax.plot(steps, losses, color=color, alpha=0.8, label=name if i == 0 else None)
+    zero = statistics.mean(r.losses["zero-shot"] for r in results)
+    ax.axhline(zero, color="gray", linestyle="--", label="zero-shot (pre-trained, not fine-tuned)")
+    ax.set(xlabel="fine-tuning step", ylabel="target validation loss", title="The Tempest: fine-tune vs from scratch")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data", help="folder holding tinyshakespeare/input.txt")
+    parser.add_argument("--data-path", help="pre-train on this text file instead of the corpus (the target too)")
+    parser.add_argument("--speakers", nargs="+", help="the target's speakers (default: configs/finetune.yaml's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
+    parser.add_argument("--pretrained", nargs="+", help="checkpoint(s) to fine-tune instead of pre-training: one, "
+                        "or one per seed")  # fmt: skip
+    parser.add_argument("--pretrain-steps", type=int, help="pre-training steps (default: the recipe's)")
+    parser.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default: configs/finetune.yaml's)")
+    parser.add_argument("--scratch-val-every", type=int, default=250, help="validation cadence, equal compute")
+    parser.add_argument("--prompt", default="PROSPERO:")
+    parser.add_argument("--sample-tokens", type=int, default=200)
+    parser.add_argument("--plot", type=Path, help="write the validation curves to this PNG (needs [plots])")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    args, extra = parser.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    finetune_data = yaml.safe_load(FINETUNE.read_text())["data"]
+    speakers = args.speakers or finetune_data["speakers"]
+    span = finetune_data["text_span"]
+    args.target = [f"--data.speakers=[{', '.join(speakers)}]", f"--data.text_span=[{span[0]}, {span[1]}]"]
+    data = [f"--data.path={args.data_path}"] if args.data_path else [f"--data.data_dir={args.data_dir}"]
+    source = Path(args.data_path) if args.data_path else corpus_path(args.data_dir)
+    text = read_text(source, "the text")
+    held_out = text[int(len(text) * span[0]) :]  # pre-training's validation split (nanoGPT's 90/10)
+    forgetting_text = without_speeches_of(held_out, speakers)
+    pretrained = args.pretrained or [None]
+    if len(pretrained) not in (1, len(args.seeds)):
+        parser.error("give one --pretrained checkpoint, or one per seed")
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [run_seed(seed, args, data, extra, Path(tmp), pretrained[i % len(pretrained)], forgetting_text)
+                   for i, seed in enumerate(args.seeds)]  # fmt: skip
+    elapsed = time.perf_counter() - start
+
+    n = len(results)
+    print(f"\n{n} seeds, {elapsed / 60:.1f} min. Target: the speeches of {', '.join(speakers)} in the last 10% "
+          f"of the text; its own last 10% is the validation split.\n")  # fmt: skip
+    print("| model | target val loss | target bits/char |")
+    print("|---|---|---|")
+    for name in ("zero-shot", "fine-tuned", "scratch, equal steps", "scratch, equal compute"):
+        values = [r.losses[name] for r in results]
+        print(f"| {name} | {mean_std(values)} | {mean_std([v / math.log(2) for v in values])} |")
+    print("\n| pre-training's validation split, target left out | val loss |")
+    print("|---|---|")
+    for name in ("forgetting: before", "forgetting: after"):
+        print(f"| {name.removeprefix('forgetting: ')} fine-tuning | {mean_std([r.losses[name] for r in results])} |")
+    if all("pre-training val" in r.losses for r in results):
+        values = [r.losses["pre-training val"] for r in results]
+        print(f"\npre-training recipe ({PRETRAIN.relative_to(ROOT)}), full-validation loss: {mean_std(values)} "
+              f"(mean ± std of {n} seeds)")  # fmt: skip
+    print(f"\nsamples (seed {results[0].seed}, prompt {args.prompt!r}, temperature 0.8, sampling seed 0):")
+    for name, text_ in results[0].samples.items():
+        print(f"--- {name}\n{text_}")
+    if args.plot:
+        plot(results, args.plot)
+    means = {k: statistics.mean(r.losses[k] for r in results) for k in ("fine-tuned", "scratch, equal steps",
+                                                                         "zero-shot")}  # fmt: skip
+    print(f"transfer: fine-tuned {means['fine-tuned']:.4f}, from scratch {means['scratch, equal steps']:.4f}, "
+          f"zero-shot {means['zero-shot']:.4f} (target val loss, mean of {n} seeds)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
