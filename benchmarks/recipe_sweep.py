@@ -129,6 +129,10 @@ def cell(values: list[float | None]) -> str:
     return f"{statistics.mean(known):.3f} ± {statistics.stdev(known):.3f}"
 
 
+def seconds(values: list[float]) -> str:
+    return f"{statistics.mean(values):.0f}" + (f" ± {statistics.stdev(values):.0f}" if len(values) > 1 else "")
+
+
 def print_table(points: list[Point], steps: list[int], budgets: list[float]) -> None:
     header = ["recipe", "seeds", *(f"val @ {s}" for s in steps), *(f"val within {b:g} s" for b in budgets),
               "training time (s)"]  # fmt: skip
@@ -137,7 +141,7 @@ def print_table(points: list[Point], steps: list[int], budgets: list[float]) -> 
     for p in points:
         row = [p.label, str(len(p.runs)), *(cell([loss_at_step(r, s) for r in p.runs]) for s in steps),
                *(cell([loss_within(r, b) for r in p.runs]) for b in budgets),
-               cell([r.training_s for r in p.runs]).replace(".000", "")]  # fmt: skip
+               seconds([r.training_s for r in p.runs])]  # fmt: skip
         print("| " + " | ".join(row) + " |", flush=True)
 
 
@@ -145,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data", help="folder holding tinyshakespeare/input.txt")
     parser.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 6e-3])
-    parser.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02])
+    parser.add_argument("--muon-lrs", type=float, nargs="*", default=[0.01, 0.02])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--val-every", type=int, default=250)

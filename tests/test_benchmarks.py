@@ -77,3 +77,19 @@ def test_transfer_benchmark_reports_every_model_and_ends_with_the_summary_line(t
     summary = rf"transfer: fine-tuned {number}, from scratch {number}, zero-shot {number} \(target val loss, mean"
     summary += r" of 2 seeds\)"
     assert re.fullmatch(summary, lines[-1]), lines[-1]
+
+
+def test_recipe_sweep_prints_the_table_and_the_chosen_recipe(text_file: Path):
+    tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.warmup_steps=2",
+            "--data.block_size=32", "--data.batch_size=8", f"--data.path={text_file}",
+            f"--data.cache_dir={text_file.parent}/c", "--trainer.limit_val_batches=2"]  # fmt: skip
+    lines = run_benchmark("recipe_sweep.py", "--adamw-lrs", "1e-3", "--muon-lrs", "0.02", "--seeds", "1", "2",
+                          "--steps=8", "--val-every=4", "--report-steps", "4", "8", "--budgets", "1000", "--threads=1",
+                          *tiny)  # fmt: skip
+    header = "| recipe | seeds | val @ 4 | val @ 8 | val within 1000 s | training time (s) |"
+    table = lines[lines.index(header) + 2 :]
+    loss = r"\d\.\d{3} ± \d\.\d{3}"
+    assert re.fullmatch(rf"\| AdamW 0.001, 8 steps \| 2 \| {loss} \| {loss} \| {loss} \| [\d.]+ ± [\d.]+ \|", table[0])
+    assert table[1].startswith("| Muon 0.02 + AdamW 0.001, 8 steps | 2 |")
+    assert re.fullmatch(r"mean training time per step: adamw [\d.]+ ms, muon [\d.]+ ms", lines[-2])
+    assert re.fullmatch(r"recipe_sweep: lowest val/loss within .*: .*, \d\.\d{4} \(mean of 2 seeds, \d+ s\)", lines[-1])
