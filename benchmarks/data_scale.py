@@ -13,6 +13,7 @@ batches, as the data-path issue measures it. Peak memory is each process's high-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -32,7 +33,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from gpt_lightning.data import RandomWindows, read_text  # noqa: E402
 from gpt_lightning.datamodule import ShakespeareDataModule  # noqa: E402
-from gpt_lightning.token_cache import build_token_cache  # noqa: E402
+from gpt_lightning.token_cache import Selection, build_token_cache  # noqa: E402
 from gpt_lightning.tokenizer import CharTokenizer  # noqa: E402
 
 WORDS = (
@@ -64,6 +65,8 @@ class InMemoryText:
 
     def __init__(self, path: str) -> None:
         text = read_text(path, "data.path")
+        self.source_sha256 = hashlib.sha256(text.encode()).hexdigest()  # what a checkpoint records
+        self.selection = Selection().to_dict()
         self.tokenizer = CharTokenizer.from_text(text)
         self.vocab = self.tokenizer.vocab
         self._tokens = self.tokenizer.encode(text)

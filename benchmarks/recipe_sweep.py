@@ -217,8 +217,9 @@ def main() -> None:
     within = [p for p in seeded if p.steps * per_step[p.optimizer] <= limit]
     best = min(within or seeded, key=Point.final)
     mean_s = statistics.mean(r.training_s for r in best.runs)
+    print("\nmean training time per step: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in sorted(per_step.items())))
     print(
-        f"\nrecipe_sweep: lowest val/loss within {reference.label}'s {reference_s:.0f} s of training: "
+        f"recipe_sweep: lowest val/loss within {reference.label}'s {reference_s:.0f} s of training: "
         f"{best.label}, {best.final():.4f} (mean of {len(best.runs)} seeds, {mean_s:.0f} s)"
     )
     assert all(math.isfinite(p.final()) for p in points)
