@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -52,6 +54,7 @@ def test_time_to_loss_benchmark_stops_at_the_first_validation_that_reaches_the_t
     assert match and float(match.group(1)) <= 3.3 and int(match.group(2)) < 200, lines[-2:]
 
 
+@pytest.mark.slow
 def test_data_scale_benchmark_prints_a_row_per_size_and_data_path():
     lines = run_benchmark("data_scale.py", "--sizes-mb=0.3", "--in-memory-max-mb=0.3", "--no-ddp", "--threads=1")
     assert lines[0].startswith("| text | data path | encode (MB/s, 1 core)")
@@ -62,6 +65,7 @@ def test_data_scale_benchmark_prints_a_row_per_size_and_data_path():
     assert re.fullmatch(cache, lines[2]) and re.fullmatch(before, lines[3]), lines
 
 
+@pytest.mark.slow
 def test_transfer_benchmark_reports_every_model_and_ends_with_the_summary_line(text_file: Path):
     tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.warmup_steps=2",
             "--data.block_size=32", "--data.batch_size=8", f"--data.cache_dir={text_file.parent}/c"]  # fmt: skip
@@ -79,6 +83,7 @@ def test_transfer_benchmark_reports_every_model_and_ends_with_the_summary_line(t
     assert re.fullmatch(summary, lines[-1]), lines[-1]
 
 
+@pytest.mark.slow
 def test_recipe_sweep_prints_the_table_and_the_chosen_recipe(text_file: Path):
     tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.warmup_steps=2",
             "--data.block_size=32", "--data.batch_size=8", f"--data.path={text_file}",

@@ -23,6 +23,7 @@ def windows(text: str) -> set[str]:
     return {text[i : i + WINDOW] for i in range(len(text) - WINDOW + 1)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CORPUS.is_file(), reason="needs the corpus copy in ../shared/data")
 def test_the_default_fine_tune_target_shares_no_64_character_window_with_pretrainings_training_text(tmp_path):
     data_config = yaml.safe_load((ROOT / "configs/finetune.yaml").read_text())["data"]
@@ -40,6 +41,7 @@ def test_the_default_fine_tune_target_shares_no_64_character_window_with_pretrai
     assert not windows(train_text) & pretraining  # the fine-tune's training text is held out too
 
 
+@pytest.mark.slow  # the `pretrained` fixture is a subprocess fit
 def test_checkpoints_record_their_data_and_a_target_inside_it_is_warned_about(pretrained: Path, text_file: Path,
                                                                                tmp_path: Path):  # fmt: skip
     checkpoint = pretrained / "checkpoints" / "last.ckpt"
