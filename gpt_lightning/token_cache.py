@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt_lightning.data import speaker_of
+from gpt_lightning.data import atomic_write_bytes, speaker_of
 
 SEPARATOR = "\n\n"  # between the files of a folder or glob: a blank line, as between speeches
 CHUNK_BYTES = 4 << 20  # bytes read at a time; a chunk's transient arrays take about 10x this
@@ -360,7 +360,7 @@ def _encode(files: list[Path], directory: Path, vocab: str | None, selection: Se
         )  # fmt: skip
         os.replace(tmp, cache.path)
         meta = {k: v for k, v in asdict(cache).items() if k != "directory"}
-        _atomic_write_text(directory / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
+        atomic_write_bytes(directory / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1).encode())
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -381,19 +381,6 @@ def _no_space(directory: Path, needed: int, free: int) -> str:
         f"{free / 1e6:,.1f} MB are free. Nothing was written. Free some space, or put the cache on another "
         "disk with --data.cache_dir."
     )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def wait_for_token_cache(
