@@ -48,11 +48,12 @@ def generate_text(path: Path, size: int, seed: int = 0) -> None:
     """`size` bytes of play-shaped ASCII: a 4 MB block of random speeches, repeated, so that writing a
     gigabyte takes seconds. Repeated text is as hard to encode and to map as fresh text."""
     rng = random.Random(seed)
-    speeches = []
-    while sum(map(len, speeches)) < 4 << 20:
+    speeches, length = [], 0
+    while length < min(size, 4 << 20):
         n_lines = rng.randint(1, 4)
         lines = [" ".join(rng.choices(WORDS, k=rng.randint(5, 10))).capitalize() + "." for _ in range(n_lines)]
         speeches.append(f"{rng.choice(['KING', 'QUEEN', 'FOOL', 'GHOST'])}:\n" + "\n".join(lines) + "\n\n")
+        length += len(speeches[-1])
     block = "".join(speeches).encode("ascii")
     with path.open("wb") as f:
         for start in range(0, size, len(block)):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -59,11 +62,39 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, timeout: float = 240, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Runs `python main.py ARGS` in a subprocess (as a user would, and as DDP requires)."""
+def cli(
+    *args: str, timeout: float = 240, env: dict | None = None, cwd: Path = ROOT, in_process: bool = False
+) -> subprocess.CompletedProcess:
+    """Runs `python main.py ARGS` in a subprocess (as a user would, and as DDP requires), or `in_process`."""
+    if in_process:
+        return main_in_process(*args, env=env)
     return subprocess.run(
         main_py(*args), cwd=cwd, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
     )
+
+
+def main_in_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python main.py ARGS` as this process: `main()`, the same code path, with its exit code, stdout and
+    stderr, but without a new interpreter's ~8 s of importing torch and Lightning. Single-process runs only
+    (DDP re-launches sys.argv). An exception that main() lets escape, a traceback for the user, fails the test.
+    """
+    from gpt_lightning.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    returncode = 0
+    # The environment is restored afterwards: Lightning sets variables (PL_GLOBAL_SEED, ...) during a fit.
+    with (
+        mock.patch.dict(os.environ, env or {}),
+        mock.patch.object(sys, "argv", main_py()[1:]),
+        redirect_stdout(stdout),
+        redirect_stderr(stderr),
+    ):
+        os.environ.pop("GPT_LIGHTNING_TRACEBACK", None)
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            returncode = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    return subprocess.CompletedProcess(main_py(*args), returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def fit_args(text_file: Path, runs: Path, *args: str, name: str = "run") -> list[str]:

@@ -1,5 +1,6 @@
-"""The paths cluster users take, end to end in subprocesses: preemption loops, extended runs, ordinary
-Lightning flags, exact validation under DDP, a NaN on one rank, and torchrun launches (multi-node)."""
+"""The paths cluster users take, end to end (in subprocesses wherever a process boundary matters):
+preemption loops, extended runs, ordinary Lightning flags, exact validation under DDP, a NaN on one rank,
+and torchrun launches (multi-node)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,15 @@ def lr_curve(run_dir: Path) -> list[tuple[int, float]]:
     return next(values for tag, values in logged.items() if tag.startswith("lr-AdamW"))
 
 
-def test_resuming_the_same_checkpoint_again_and_again_then_training_longer(text_file: Path, tmp_path: Path):
+def test_resuming_the_same_checkpoint_again_and_again_then_training_longer(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     # A relative save_dir, as in the shipped configs; the checkpoint is then named in three other ways.
+    # In this process (a fresh process per resume is tested in test_resume.py).
+    monkeypatch.chdir(tmp_path)
+
     def fit(*args: str):
-        return cli(*fit_args(text_file, Path("runs"), "--trainer.val_check_interval=10", *args), cwd=tmp_path)
+        return cli(*fit_args(text_file, Path("runs"), "--trainer.val_check_interval=10", *args), in_process=True)
 
     assert_ok(fit("--trainer.max_steps=20"))
     run = tmp_path / "runs" / "run" / "version_0"

@@ -1,4 +1,8 @@
-"""Bad input fails with a short message that names the problem and the fix: no traceback, exit code not 0."""
+"""Bad input fails with a short message that names the problem and the fix: no traceback, exit code not 0.
+
+The cases run `main()` in this process (`in_process=True`: the code path of `python main.py`, without a new
+interpreter's imports); the missing corpus runs as a real subprocess, so the exit code and stderr a user
+sees are checked once end to end (so are generate's, in test_generate_cli.py)."""
 
 from pathlib import Path
 
@@ -49,7 +53,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ],
 )
 def test_bad_training_input(text_file: Path, tmp_path: Path, args, patterns):
-    assert_clean_error(tiny_fit(text_file, tmp_path, "--trainer.max_steps=2", *args), *patterns)
+    assert_clean_error(tiny_fit(text_file, tmp_path, "--trainer.max_steps=2", *args, in_process=True), *patterns)
 
 
 @pytest.mark.parametrize(
@@ -63,13 +67,14 @@ def test_bad_training_input(text_file: Path, tmp_path: Path, args, patterns):
 )
 def test_bad_text_files(files, tmp_path: Path, name, patterns):
     path = files.get(name, tmp_path / "missing.txt")
-    assert_clean_error(tiny_fit(path, tmp_path, "--trainer.max_steps=2"), *patterns)
+    assert_clean_error(tiny_fit(path, tmp_path, "--trainer.max_steps=2", in_process=True), *patterns)
 
 
 def test_a_corrupted_corpus_is_reported_never_trained_on(files, tmp_path: Path):
     recipe = str(ROOT / "configs/pretrain_cpu.yaml")
     result = cli("fit", "--config", recipe, f"--data.data_dir={files['bad_corpus_dir']}",
-                 f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=2")  # fmt: skip
+                 f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=2",
+                 in_process=True)  # fmt: skip
     assert_clean_error(result, "is not the tiny Shakespeare corpus: its sha256 is", "Delete it")
     assert not (tmp_path / "pretrain_cpu").exists() or not list((tmp_path / "pretrain_cpu").rglob("*.ckpt"))
 
@@ -86,6 +91,7 @@ def finetune(pretrained: Path, tmp_path: Path, *args: str):
         "fit", "--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml"),
         f"--model.init_from={pretrained / 'checkpoints' / 'last.ckpt'}", "--data.speakers=null",
         "--data.text_span=null", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=2", *args,
+        in_process=True,
     )  # fmt: skip
 
 
@@ -115,7 +121,8 @@ def test_a_non_finite_loss_stops_training_without_saving_it(text_file: Path, tmp
     result = tiny_fit(text_file, tmp_path, f"--model.optimizer={optimizer}",
                       "--trainer.max_steps=50", "--trainer.val_check_interval=50",
                       "--trainer.log_every_n_steps=5", "--last_checkpoint.every_n_train_steps=4",
-                      "--trainer.callbacks+=tests.probe.PoisonWeights", "--trainer.callbacks.at_step=6")  # fmt: skip
+                      "--trainer.callbacks+=tests.probe.PoisonWeights", "--trainer.callbacks.at_step=6",
+                      in_process=True)  # fmt: skip
     assert_clean_error(
         result, "the training loss became NaN or infinite at step 6", "last good checkpoint is .*last.ckpt"
     )

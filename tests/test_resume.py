@@ -43,10 +43,13 @@ def assert_same_run(straight: Path, resumed: Path, steps: int) -> None:
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_is_bit_exact_on_cpu(text_file: Path, tmp_path: Path, optimizer: str):
-    exact = [*EXACT, f"--model.optimizer={optimizer}"]
-    assert_ok(tiny_fit(text_file, tmp_path / "a", *exact, "--trainer.max_steps=12"))
-    assert_ok(tiny_fit(text_file, tmp_path / "b", *exact, "--trainer.max_steps=7"))
-    assert_ok(tiny_fit(text_file, tmp_path / "b", *exact, "--trainer.max_steps=12", "--ckpt_path=last"))
+    # In this process; the DDP test below resumes in fresh processes, as after a real crash.
+    def fit(runs: Path, *args: str):
+        return tiny_fit(text_file, runs, *args, *EXACT, f"--model.optimizer={optimizer}", in_process=True)
+
+    assert_ok(fit(tmp_path / "a", "--trainer.max_steps=12"))
+    assert_ok(fit(tmp_path / "b", "--trainer.max_steps=7"))
+    assert_ok(fit(tmp_path / "b", "--trainer.max_steps=12", "--ckpt_path=last"))
     run = tmp_path / "b" / "run"
     assert [p.name for p in run.iterdir()] == ["version_0"]  # the curve continues in the same run folder
     assert (run / "version_0" / "config.resumed-at-step-7.yaml").is_file()
@@ -83,7 +86,7 @@ def test_sigkill_loses_at_most_the_checkpoint_interval(text_file: Path, tmp_path
     assert saved % 5 == 0 and max(logged) + 1 - saved < 5 + 1  # lost at most the interval (+ the step in flight)
     target = saved + 3
     assert_ok(tiny_fit(text_file, runs, "--trainer.val_check_interval=50", "--last_checkpoint.every_n_train_steps=5",
-                       f"--trainer.max_steps={target}", "--ckpt_path=last"))  # fmt: skip
+                       f"--trainer.max_steps={target}", "--ckpt_path=last", in_process=True))  # fmt: skip
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == target
     assert [s for s, _ in train_losses(runs / "run" / "version_0")] == list(range(target))
 
