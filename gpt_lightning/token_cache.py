@@ -105,9 +105,10 @@ def read_pieces(files: list[Path], digest: hashlib._Hash | None = None, what: st
                     break
 
 
-def select_speeches(pieces: Iterable[str], speakers: list[str]) -> Iterator[str]:
+def select_speeches(pieces: Iterable[str], speakers: list[str], where: str = "the text") -> Iterator[str]:
     """Streams what data.speeches_of returns for the whole text: the speeches (a 'NAME:' line and what
-    follows, up to a blank line) of the given speakers, joined by blank lines."""
+    follows, up to a blank line) of the given speakers, joined by blank lines. `where` names the text in
+    the error raised when none is found."""
     wanted = {s.upper() for s in speakers}
     found = False
 
@@ -131,7 +132,10 @@ def select_speeches(pieces: Iterable[str], speakers: list[str]) -> Iterator[str]
         yield ("\n\n" if found else "") + pending.strip("\n")
         found = True
     if not found:
-        raise ValueError(f"no speeches by {', '.join(speakers)} in the text: check the speaker names.")
+        raise ValueError(
+            f"no speeches by {', '.join(speakers)} in {where}: check the speaker names, or set --data.speakers "
+            "null to train on all of the text."
+        )
     yield "\n"
 
 
@@ -269,11 +273,13 @@ def _pieces(
     files: list[Path], selection: Selection, digest: hashlib._Hash | None = None, what: str = "text file"
 ) -> Iterator[str]:
     pieces = read_pieces(files, digest, what)
+    where = f"{what} {files[0] if len(files) == 1 else f'({len(files)} files)'}"
     if selection.span is not None:
         total = sum(len(piece) for piece in read_pieces(files, what=what))  # a span counts characters
         start, end = (int(total * fraction) for fraction in selection.span)
         pieces = slice_pieces(pieces, start, end)
-    return select_speeches(pieces, list(selection.speakers)) if selection.speakers else pieces
+        where += f" within data.text_span {list(selection.span)} (--data.text_span null: all of it)"
+    return select_speeches(pieces, list(selection.speakers), where) if selection.speakers else pieces
 
 
 def scan(files: list[Path], selection: Selection, what: str = "text file") -> tuple[np.ndarray, int, str]:

@@ -107,6 +107,14 @@ def finetune(pretrained: Path, tmp_path: Path, *args: str):
         (["--data.path={text}", "--model.n_layer=3"], [r"another architecture: n_layer=3 \(checkpoint: 2\)"]),
         (["--data.path={text}", "--data.block_size=16"], ["block_size 16 conflicts with .* block_size 32"]),
         (["--data.path={text}", "--ckpt_path=last"], ["model.init_from and --ckpt_path were both given"]),
+        (  # your own text with the default target's selection: The Tempest's cast, in the last tenth
+            ["--data.path={text}", "--data.speakers=[PROSPERO, MIRANDA]", "--data.text_span=[0.9, 1.0]"],
+            [
+                r"no speeches by PROSPERO, MIRANDA in data.path .*play.txt within data.text_span \[0.9, 1.0\]",
+                "--data.speakers null",
+                "--data.text_span null",
+            ],
+        ),
     ],
 )
 def test_bad_fine_tuning_input(pretrained: Path, files, text_file: Path, tmp_path: Path, args, patterns):

@@ -19,8 +19,12 @@ def test_the_walkthrough_runs_every_cell_without_an_error(tmp_path: Path, monkey
     import nbformat
     from nbclient import NotebookClient
 
+    # A data folder of our own that links to the corpus: the token caches it builds stay out of ../shared.
+    corpus = tmp_path / "data" / "tinyshakespeare" / "input.txt"
+    corpus.parent.mkdir(parents=True)
+    corpus.symlink_to(DATA_DIR / "tinyshakespeare" / "input.txt")
     monkeypatch.setenv("GPT_LIGHTNING_SMOKE", "1")
-    monkeypatch.setenv("GPT_LIGHTNING_DATA_DIR", str(DATA_DIR))
+    monkeypatch.setenv("GPT_LIGHTNING_DATA_DIR", str(corpus.parents[1]))
     monkeypatch.setenv("GPT_LIGHTNING_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
@@ -31,6 +35,7 @@ def test_the_walkthrough_runs_every_cell_without_an_error(tmp_path: Path, monkey
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the loss curves and the attention maps
     assert not [o for o in outputs if o.output_type == "error"]
+    assert list((tmp_path / "data" / "token_cache").iterdir())  # its caches went where its data is
 
 
 def test_the_committed_walkthrough_has_its_outputs_and_stays_small():
