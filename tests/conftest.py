@@ -63,13 +63,14 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def cli(
-    *args: str, timeout: float = 240, env: dict | None = None, cwd: Path = ROOT, in_process: bool = False
+    *args: str, timeout: float = 240, env: dict | None = None, in_process: bool = False
 ) -> subprocess.CompletedProcess:
-    """Runs `python main.py ARGS` in a subprocess (as a user would, and as DDP requires), or `in_process`."""
+    """Runs `python main.py ARGS` from the checkout in a subprocess (as a user would, and as DDP requires),
+    or `in_process` (from this process's directory: a test that needs another one uses monkeypatch.chdir)."""
     if in_process:
         return main_in_process(*args, env=env)
     return subprocess.run(
-        main_py(*args), cwd=cwd, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+        main_py(*args), cwd=ROOT, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
     )
 
 
