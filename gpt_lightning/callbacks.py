@@ -3,7 +3,10 @@ a validation after the last step, and token throughput."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +95,13 @@ class LastCheckpoint(Callback):
     def __init__(self, every_n_train_steps: int = 100) -> None:
         """Keeps `last.ckpt` beside the best checkpoint, with everything needed to resume exactly.
 
-        It is written every n optimizer steps, when training ends, and when Ctrl-C or SIGTERM stops it,
-        so a crash loses at most n steps. Other exceptions save nothing: the state that raised them is
-        not worth resuming from. Lightning writes to a temporary file and renames it, so a kill during
-        the write leaves the previous `last.ckpt` intact.
+        It is written every n optimizer steps, when training ends, and when SIGTERM or Ctrl-C stops it,
+        so a crash loses at most n steps. A stop always saves at the end of an optimizer step: one that
+        arrives between the micro-batches of a gradient-accumulation window lets the window finish
+        first (a partial window's gradients are in no checkpoint). A second Ctrl-C stops at once and
+        keeps the previous `last.ckpt`. Other exceptions save nothing: the state that raised them is not
+        worth resuming from. Lightning writes to a temporary file and renames it, so a kill during the
+        write leaves the previous `last.ckpt` intact.
 
         Args:
             every_n_train_steps: Optimizer steps between saves; 0 saves only at the end and on stop.
@@ -106,6 +112,9 @@ class LastCheckpoint(Callback):
         self.last_path: Path | None = None
         self._saved_at_step = -1
         self._flush_pending = False
+        self._step_at_batch_start = -1
+        self._stop_requested = False  # by SIGTERM or Ctrl-C: stop at the end of the current optimizer step
+        self._previous_handlers: dict[int, Any] = {}
 
     def _save(self, trainer: L.Trainer) -> None:
         callback = trainer.checkpoint_callback
@@ -131,9 +140,49 @@ class LastCheckpoint(Callback):
         # was resumed from already holds this step, and saving it again from a loop that never ran would
         # shift the step counters of the next resume by one.
         self._saved_at_step = trainer.global_step
+        self._stop_requested = False
+        # Lightning's SIGTERM handler sets a flag that stops the run after whatever micro-batch is running,
+        # on each rank by itself, and broadcasts inside the handler (Lightning issue #20806). Ours only
+        # records the request; the ranks act on it together at the end of an optimizer step.
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handlers = {
+                signum: signal.signal(signum, partial(self._on_signal, trainer))
+                for signum in (signal.SIGTERM, signal.SIGINT)
+            }
+
+    def _on_signal(self, trainer: L.Trainer, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self._stop_requested:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            rank_zero_info("Ctrl-C: stopping at the end of this step and saving last.ckpt (Ctrl-C again: stop now).")
+        elif not self._stop_requested and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # pass it on to the processes this one started, as Lightning does
+        self._stop_requested = True
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+        # Lightning logs a step's metrics after its on_train_batch_end: flush them too, first thing in the
+        # next batch, so the log holds every step before the checkpoint.
+        if self._flush_pending:
+            self._flush_logs(trainer)
+            self._flush_pending = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         step = trainer.global_step
+        if step == self._step_at_batch_start:
+            # Inside a gradient-accumulation window. A stop here would save Lightning's micro-batch counter
+            # past the window's start, with the window's gradients lost: the resumed run would step early
+            # once and shift every later window.
+            return
+        # One all-reduce of a flag per optimizer step under DDP, so that every rank stops after the same
+        # step, whichever of them got the signal, and when.
+        if trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):
+            trainer._signal_connector.received_sigterm = True  # Lightning stops right after this hook
         periodic = self.every_n_train_steps and step % self.every_n_train_steps == 0
         # The last step is saved here too, like any other, rather than at on_train_end: after a validation
         # at that same step, Lightning reads the loop state of an end-of-training save as saved
@@ -141,20 +190,19 @@ class LastCheckpoint(Callback):
         if periodic or 0 < trainer.max_steps <= step:
             self._save(trainer)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
-        # Lightning logs a step's metrics after its on_train_batch_end: flush them too, first thing in the
-        # next batch, so the log holds every step before the checkpoint.
-        if self._flush_pending:
-            self._flush_logs(trainer)
-            self._flush_pending = False
-
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_signal_handlers()
         self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+        self._restore_signal_handlers()
+        if isinstance(exception, SIGTERMException):  # raised by Lightning after a step, on every rank at once
             self._save(trainer)
             rank_zero_info(f"Saved {self.last_path} at step {trainer.global_step}: resume with --ckpt_path last")
+        elif isinstance(exception, KeyboardInterrupt):
+            # Raised wherever the program was, an optimizer step included: this state may be torn.
+            kept = f"{self.last_path} (step {self._saved_at_step})" if self.last_path else "no last.ckpt"
+            rank_zero_info(f"Stopped at once: nothing saved, {kept} is kept.")
 
 
 class FinalValidation(Callback):

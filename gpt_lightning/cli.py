@@ -201,5 +201,5 @@ def main(args: list[str] | None = None) -> None:
         print("(set GPT_LIGHTNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         sys.exit(1)
     except SIGTERMException:
-        print("stopped by SIGTERM; last.ckpt was saved: resume with --ckpt_path last", file=sys.stderr)
+        print("stopped by SIGTERM or Ctrl-C; last.ckpt was saved: resume with --ckpt_path last", file=sys.stderr)
         sys.exit(143)

@@ -3,6 +3,8 @@ the batches it trained on and a digest of its final weights."""
 
 import hashlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -44,3 +46,28 @@ class PoisonWeights(Callback):
         if trainer.global_step == self.at_step and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
                 pl_module.gpt.wte.weight[0, 0] = float("nan")
+
+
+class StopAfterBatch(Callback):
+    """Sends `signal` to this process after the training batch with index `batch` (counted from 0 over the
+    whole run, micro-batches included) has run: on every rank, or on rank `rank` only."""
+
+    def __init__(self, batch: int, signal: str = "SIGTERM", rank: int | None = None) -> None:
+        self.batch = batch
+        self.signal = signal
+        self.rank = rank
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.total_batch_idx == self.batch and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class CrashAtStep(Callback):
+    """Raises a RuntimeError (a crash that saves nothing) when optimizer step `step` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")

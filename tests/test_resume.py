@@ -56,16 +56,62 @@ def test_resume_is_bit_exact_on_cpu(text_file: Path, tmp_path: Path, optimizer: 
     assert_same_run(tmp_path / "a" / "run" / "version_0", run / "version_0", 12)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_is_bit_exact_with_ddp(text_file: Path, tmp_path: Path, optimizer: str):
+@pytest.mark.parametrize("optimizer, stop", [("adamw", "SIGTERM mid-window"), ("muon", "max_steps")])
+def test_resume_is_bit_exact_with_ddp(text_file: Path, tmp_path: Path, optimizer: str, stop: str):
     ddp = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *EXACT, f"--model.optimizer={optimizer}"]
     probe = ["--trainer.callbacks+=tests.probe.RecordRank", f"--trainer.callbacks.out_dir={tmp_path / 'probe'}"]
     assert_ok(tiny_fit(text_file, tmp_path / "a", *ddp, *probe, "--trainer.max_steps=8"))
-    assert_ok(tiny_fit(text_file, tmp_path / "b", *ddp, "--trainer.max_steps=5"))
+    if stop == "max_steps":
+        assert_ok(tiny_fit(text_file, tmp_path / "b", *ddp, "--trainer.max_steps=5"))
+    else:  # rank 0 gets SIGTERM after micro-batch 1 of 2 of step 4; Lightning forwards it to rank 1
+        stopper = ["--trainer.callbacks+=tests.probe.StopAfterBatch", "--trainer.callbacks.batch=8",
+                   "--trainer.callbacks.rank=0"]  # fmt: skip
+        stopped = tiny_fit(text_file, tmp_path / "b", *ddp, *stopper, "--trainer.max_steps=8")
+        assert stopped.returncode != 0 and "resume with --ckpt_path last" in stopped.stderr, stopped.stderr[-3000:]
+    saved = torch.load(tmp_path / "b/run/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"]
+    assert saved == 5
     assert_ok(tiny_fit(text_file, tmp_path / "b", *ddp, "--trainer.max_steps=8", "--ckpt_path=last"))
     assert_same_run(tmp_path / "a" / "run" / "version_0", tmp_path / "b" / "run" / "version_0", 8)
     ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["weights"] == ranks[1]["weights"]  # the ranks' weights stay identical
+
+
+# Four micro-batches per step, dropout on, a validation and a periodic last.ckpt on the way.
+WINDOWS = [
+    "--model.dropout=0.1",
+    "--trainer.accumulate_grad_batches=4",
+    "--model.lr_decay_steps=6",
+    "--trainer.val_check_interval=12",
+    "--last_checkpoint.every_n_train_steps=2",
+]
+STOPS = {
+    # Batch 9 is micro-batch 2 of 4 of step 2: the stop waits for the window's end and saves at step 3.
+    "SIGTERM mid-window": ("tests.probe.StopAfterBatch", "batch=9"),
+    "SIGTERM at a window edge": ("tests.probe.StopAfterBatch", "batch=11"),
+    "Ctrl-C mid-window": ("tests.probe.StopAfterBatch", "batch=9", "signal=SIGINT"),
+    # A crash saves nothing: the run resumes from the periodic last.ckpt of step 4.
+    "crash after a periodic save": ("tests.probe.CrashAtStep", "step=5"),
+}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_resume_after_a_stop_anywhere_in_a_window_is_bit_exact(text_file: Path, tmp_path: Path, stop: str):
+    def fit(runs: Path, *args: str):
+        return tiny_fit(text_file, runs, *WINDOWS, "--trainer.max_steps=6", *args, in_process=True)
+
+    assert_ok(fit(tmp_path / "a"))
+    callback, *init_args = STOPS[stop]
+    stopper = [f"--trainer.callbacks+={callback}", *(f"--trainer.callbacks.{arg}" for arg in init_args)]
+    if callback.endswith("CrashAtStep"):
+        with pytest.raises(RuntimeError, match="crash at step 5"):
+            fit(tmp_path / "b", *stopper)
+    else:
+        stopped = fit(tmp_path / "b", *stopper)
+        assert stopped.returncode != 0 and "last.ckpt" in stopped.stderr, stopped.stderr[-2000:]
+    saved = torch.load(tmp_path / "b/run/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert saved["global_step"] == (4 if callback.endswith("CrashAtStep") else 3)
+    assert_ok(fit(tmp_path / "b", "--ckpt_path=last"))
+    assert_same_run(tmp_path / "a" / "run" / "version_0", tmp_path / "b" / "run" / "version_0", 6)
 
 
 def test_sigkill_loses_at_most_the_checkpoint_interval(text_file: Path, tmp_path: Path):
