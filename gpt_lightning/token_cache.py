@@ -272,12 +272,15 @@ def _blake2b_of(path: Path) -> str:
 def _pieces(
     files: list[Path], selection: Selection, digest: hashlib._Hash | None = None, what: str = "text file"
 ) -> Iterator[str]:
-    pieces = read_pieces(files, digest, what)
     where = f"{what} {files[0] if len(files) == 1 else f'({len(files)} files)'}"
-    if selection.span is not None:
-        total = sum(len(piece) for piece in read_pieces(files, what=what))  # a span counts characters
+    if selection.span is None:
+        pieces = read_pieces(files, digest, what)
+    else:
+        # A span counts characters: one pass over every byte finds the total (and hashes the whole text;
+        # the slicing pass stops at the span's end).
+        total = sum(len(piece) for piece in read_pieces(files, digest, what))
         start, end = (int(total * fraction) for fraction in selection.span)
-        pieces = slice_pieces(pieces, start, end)
+        pieces = slice_pieces(read_pieces(files, what=what), start, end)
         where += f" within data.text_span {list(selection.span)} (--data.text_span null: all of it)"
     return select_speeches(pieces, list(selection.speakers), where) if selection.speakers else pieces
 

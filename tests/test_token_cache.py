@@ -4,6 +4,7 @@ with the same ids and losses as the in-memory encoding it replaced."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 
 import numpy as np
@@ -266,3 +267,14 @@ def test_the_cpu_recipe_trains_on_exactly_the_same_batches_as_before(tmp_path):
     assert len(record.losses) == 100
     for step, loss in PINNED_LOSSES.items():
         assert record.losses[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.parametrize("span", [(0.0, 0.5), (0.25, 0.75), (0.5, 1.0)])
+def test_a_span_records_the_sha256_of_the_whole_file(tmp_path, monkeypatch, span):
+    # Several chunks: a span that ends early must still hash the bytes after it, or a checkpoint records
+    # a wrong hash and the overlap check silently skips a fine-tune on part of the pre-training text.
+    monkeypatch.setattr(token_cache, "CHUNK_BYTES", 1000)
+    path = tmp_path / "play.txt"
+    path.write_text(make_play(200), encoding="utf-8")
+    cache = build_token_cache(path, tmp_path / "cache", selection=Selection(span=span))
+    assert cache.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
