@@ -8,6 +8,7 @@ so a `.ckpt` alone is enough to sample from or to fine-tune. Everything is loade
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pickle
 import zipfile
 from pathlib import Path
@@ -65,6 +66,39 @@ def data_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The GPT's own weights, without the LightningModule's attribute prefix."""
     return {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFacts:
+    """What a checkpoint says about its run, read once however many parts of a run ask."""
+
+    path: Path
+    config: GPTConfig
+    tokenizer: CharTokenizer
+    data: dict[str, Any] | None  # what the run trained on, where the checkpoint records it
+    optimizer: str  # the model.optimizer it was trained with; its optimizer state fits no other
+    global_step: int
+
+
+def describe_checkpoint(path: str | Path) -> CheckpointFacts:
+    """The facts of one of our checkpoints (read once per file version: the CLI, the data module and the
+    model all ask)."""
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    return _facts(path.resolve(), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, path)
+
+
+@functools.lru_cache(maxsize=8)
+def _facts(resolved: Path, mtime_ns: int, size: int, path: Path) -> CheckpointFacts:
+    checkpoint = load_checkpoint(path)
+    return CheckpointFacts(
+        path=path,
+        config=model_config_of(checkpoint),
+        tokenizer=tokenizer_of(checkpoint),
+        data=data_of(checkpoint),
+        optimizer=checkpoint.get("hyper_parameters", {}).get("optimizer", "adamw"),
+        global_step=int(checkpoint.get("global_step", 0)),
+    )
 
 
 def load_model(path: str | Path) -> tuple[GPT, CharTokenizer]:

@@ -13,6 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from gpt_lightning.callbacks import (
     FinalValidation,
@@ -21,8 +22,9 @@ from gpt_lightning.callbacks import (
     TextSampleLogger,
     TokenThroughput,
 )
+from gpt_lightning.checkpoint import describe_checkpoint
 from gpt_lightning.datamodule import ShakespeareDataModule
-from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
+from gpt_lightning.lit_model import ARCHITECTURE_FIELDS, GPTModule, NonFiniteLossError
 from gpt_lightning.trainer import GPTTrainer
 
 TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -114,9 +116,23 @@ class GPTLightningCLI(LightningCLI):
 
     @staticmethod
     def _take_model_from(config: Namespace, ckpt: Path) -> None:
-        """A resumed or validated checkpoint defines the architecture and vocabulary, not the config."""
+        """A resumed or validated checkpoint defines the architecture, vocabulary and block size: the
+        recipe's settings for them are replaced (they usually come from a config file, not from the user),
+        and the weights come from the checkpoint's full state."""
+        facts = describe_checkpoint(ckpt)
         config.ckpt_path = str(ckpt)
-        config.model.init_from = config.data.init_from = str(ckpt)
+        config.data.init_from = str(ckpt)  # its vocabulary and block size
+        replaced = []
+        for field in ARCHITECTURE_FIELDS:
+            value = getattr(facts.config, field)
+            if config.model.get(field) is not None and config.model[field] != value:
+                replaced.append(f"model.{field}={config.model[field]} -> {value}")
+            config.model[field] = value
+        if config.data.get("block_size") is not None and config.data.block_size != facts.config.block_size:
+            replaced.append(f"data.block_size={config.data.block_size} -> {facts.config.block_size}")
+        config.data.block_size = None
+        if replaced:
+            rank_zero_info(f"{ckpt} defines the architecture: {', '.join(replaced)}")
 
     def _prepare_resume(self, config: Namespace) -> None:
         ckpt_path = config.get("ckpt_path")
@@ -144,6 +160,12 @@ class GPTLightningCLI(LightningCLI):
             ckpt = candidates[-1]
         else:
             ckpt = _existing_checkpoint(ckpt_path)
+        saved = describe_checkpoint(ckpt).optimizer
+        if saved != config.model.optimizer:
+            raise ValueError(
+                f"{ckpt} was trained with model.optimizer={saved}, and its optimizer state fits no other: resume "
+                f"with --model.optimizer {saved} (or start a new run from its weights with --model.init_from)."
+            )
         self._take_model_from(config, ckpt)
         # Continue logging in the checkpoint's own run folder, hiding events the crash left past it. Paths
         # are compared resolved: `runs/...`, `./runs/...`, an absolute path and a symlink are one folder.
@@ -161,6 +183,10 @@ class GPTLightningCLI(LightningCLI):
             self.save_config_kwargs["config_filename"] = _unused_name(
                 run_dir, f"config.resumed-at-step-{step}", ".yaml"
             )
+
+    def before_fit(self) -> None:
+        if self.config.fit.model.init_from is not None:  # a new run from weights: a fine-tune
+            self.datamodule.warn_of_overlap()
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would overwrite the config with the checkpoint's saved hyperparameters. Ours

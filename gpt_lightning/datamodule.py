@@ -14,9 +14,15 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from gpt_lightning.checkpoint import data_of, load_checkpoint, model_config_of, tokenizer_of
+from gpt_lightning.checkpoint import CheckpointFacts, describe_checkpoint
 from gpt_lightning.data import CORPUS_URL, RandomWindows, SequentialWindows, ensure_corpus
-from gpt_lightning.token_cache import Selection, TokenCache, build_token_cache, wait_for_token_cache
+from gpt_lightning.token_cache import (
+    Selection,
+    TokenCache,
+    build_token_cache,
+    count_characters,
+    wait_for_token_cache,
+)
 from gpt_lightning.tokenizer import CharTokenizer
 
 DEFAULT_BLOCK_SIZE = 256
@@ -72,7 +78,8 @@ class ShakespeareDataModule(L.LightningDataModule):
                 draw different windows and a resumed run draws exactly what it would have drawn.
             num_workers: DataLoader worker processes. Batches are one gather each, so 0 is fastest on CPU.
             pin_memory: Pin batches in page-locked memory for faster copies to a GPU.
-            init_from: Set from `model.init_from`: the checkpoint whose vocabulary and block size to use.
+            init_from: Set by the CLI: the checkpoint whose vocabulary and block size to use (`model.init_from`
+                when fine-tuning, `--ckpt_path` when resuming or validating).
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
@@ -99,12 +106,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.init_from = init_from
-        self._source: tuple[int, CharTokenizer] | None = None  # (block_size, tokenizer) of init_from
-        self._source_data: dict[str, Any] | None = None  # what init_from was trained on, if it says
-        if init_from is not None:
-            checkpoint = load_checkpoint(init_from)
-            self._source = model_config_of(checkpoint).block_size, tokenizer_of(checkpoint)
-            self._source_data = data_of(checkpoint)
+        self._source: CheckpointFacts | None = None if init_from is None else describe_checkpoint(init_from)
         self.block_size = self._resolve_block_size(block_size)
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
@@ -112,7 +114,7 @@ class ShakespeareDataModule(L.LightningDataModule):
     def _resolve_block_size(self, block_size: int | None) -> int:
         if self._source is None:
             return DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        source = self._source[0]
+        source = self._source.config.block_size
         if block_size is not None and block_size != source:
             raise ValueError(
                 f"data.block_size {block_size} conflicts with {self.init_from}, which was trained with "
@@ -126,13 +128,10 @@ class ShakespeareDataModule(L.LightningDataModule):
         vocabulary, before any process group exists); the other processes wait for it and map it."""
         spec = self.path if self.path is not None else self._corpus(download=_is_local_rank_zero())
         root = self.cache_dir if self.cache_dir is not None else Path(self.data_dir) / "token_cache"
-        vocab = None if self._source is None else self._source[1].vocab
+        vocab = None if self._source is None else self._source.tokenizer.vocab
         what = "data.path" if self.path is not None else "the corpus"
         if _is_local_rank_zero():
-            cache = build_token_cache(spec, root, vocab=vocab, selection=self.selection, what=what)
-            if self._source is not None:
-                self._warn_of_overlap(cache, spec, root)
-            return cache
+            return build_token_cache(spec, root, vocab=vocab, selection=self.selection, what=what)
         return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection)
 
     def describe(self) -> dict[str, Any]:
@@ -146,9 +145,11 @@ class ShakespeareDataModule(L.LightningDataModule):
             "val_fraction": self.val_fraction,
         }
 
-    def _warn_of_overlap(self, cache: TokenCache, spec: str | Path, root: str | Path) -> None:
-        """Warns when the fine-tuning text lies (partly) in the training split of the checkpoint's run."""
-        trained_on = self._source_data
+    def warn_of_overlap(self) -> None:
+        """Warns when the fine-tuning text lies (partly) in the training split of the `init_from` run: a low
+        validation loss there would measure memory, not transfer. It measures, and never fails a run."""
+        trained_on = None if self._source is None else self._source.data
+        cache = self.token_cache
         if not trained_on or trained_on.get("source_sha256") != cache.source_sha256:
             return  # other text, or a checkpoint that does not say
         if trained_on.get("selection") != Selection().to_dict():
@@ -157,13 +158,14 @@ class ShakespeareDataModule(L.LightningDataModule):
         start, end = self.selection.span or (0.0, 1.0)
         if start >= train_end:
             return
-        inside = Selection((start, min(end, train_end)), self.selection.speakers)
-        overlap = build_token_cache(spec, root, vocab=cache.vocab, selection=inside, what="the overlap")
-        share = overlap.num_tokens / cache.num_tokens
+        spec = self.path if self.path is not None else self._corpus(download=False)
+        inside = count_characters(spec, Selection((start, min(end, train_end)), self.selection.speakers))
+        if inside == 0:
+            return  # e.g. none of the selected speakers speaks before the split
         rank_zero_warn(
-            f"about {share:.0%} of the fine-tuning text lies in the training split of {self.init_from} (the first "
-            f"{train_end:.0%} of the same text): a low validation loss there measures memory, not transfer. "
-            f"Select held-out text, e.g. --data.text_span '[{train_end:g}, 1.0]'."
+            f"about {inside / cache.num_tokens:.0%} of the fine-tuning text lies in the training split of "
+            f"{self.init_from} (the first {train_end:.0%} of the same text): a low validation loss there measures "
+            f"memory, not transfer. Select held-out text, e.g. --data.text_span '[{train_end:g}, 1.0]'."
         )
 
     @cached_property

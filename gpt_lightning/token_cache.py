@@ -132,11 +132,15 @@ def select_speeches(pieces: Iterable[str], speakers: list[str], where: str = "th
         yield ("\n\n" if found else "") + pending.strip("\n")
         found = True
     if not found:
-        raise ValueError(
+        raise NoSpeechesError(
             f"no speeches by {', '.join(speakers)} in {where}: check the speaker names, or set --data.speakers "
             "null to train on all of the text."
         )
     yield "\n"
+
+
+class NoSpeechesError(ValueError):
+    """None of the selected speakers speaks in the selected text."""
 
 
 def slice_pieces(pieces: Iterable[str], start: int, end: int) -> Iterator[str]:
@@ -300,6 +304,34 @@ def scan(files: list[Path], selection: Selection, what: str = "text file") -> tu
     return seen, count, digest.hexdigest()
 
 
+def count_characters(files_spec: str | Path, selection: Selection, what: str = "data.path") -> int:
+    """How many characters `selection` takes from the text: a streaming count, nothing written. A selection
+    of speakers who do not speak there takes none (this measures; it does not check a run's settings)."""
+    try:
+        return sum(len(piece) for piece in _pieces(resolve_text_files(files_spec, what), selection, what=what))
+    except NoSpeechesError:
+        return 0
+
+
+def _existing_cache(
+    files: list[Path], files_spec: str | Path, root: Path, selection: Selection, vocab: str | None, full_check: bool
+) -> TokenCache | None:
+    """A fresh cache of these inputs with these ids, if one is there. A cache of the text's own characters
+    serves a fixed vocabulary that equals them (a resumed or validated run asks for its checkpoint's, which
+    is the text's own): its ids are the same, so the text is not encoded twice."""
+    candidates = [(cache_dir_for(root, files_spec, selection, vocab), vocab)]
+    if vocab is not None:
+        candidates.append((cache_dir_for(root, files_spec, selection, None), None))
+    for directory, required_vocab in candidates:
+        try:  # a cache of other ids under the key of `vocab` is an error, not a cache to replace
+            cache = TokenCache.open(directory, required_vocab, full_check=full_check)
+        except (CorruptCacheError, FileNotFoundError):
+            continue  # absent or damaged: (re)built atomically by the builder
+        if (vocab is None or cache.vocab == vocab) and cache.is_fresh(files, selection):
+            return cache
+    return None
+
+
 def build_token_cache(
     files_spec: str | Path,
     cache_root: str | Path,
@@ -312,14 +344,10 @@ def build_token_cache(
     characters in sorted order, as CharTokenizer.from_text builds it."""
     files = resolve_text_files(files_spec, what)
     directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab)
-    if (directory / "meta.json").exists():
-        try:
-            cache = TokenCache.open(directory, vocab)
-            if cache.is_fresh(files, selection):
-                return cache
-        except CorruptCacheError:
-            pass  # rebuilt below, atomically, in place of the damaged one
-    return _encode(files, directory, vocab, selection, what)
+    cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, full_check=True)
+    if cache is not None:
+        return cache
+    return _encode(files, directory, vocab, selection, what)  # a damaged cache is replaced atomically
 
 
 def _encode(files: list[Path], directory: Path, vocab: str | None, selection: Selection, what: str) -> TokenCache:
@@ -405,12 +433,9 @@ def wait_for_token_cache(
     directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab)
     deadline = time.monotonic() + wait_s
     while True:
-        try:
-            cache = TokenCache.open(directory, vocab, full_check=False)
-            if cache.is_fresh(files, selection):
-                return cache
-        except (CorruptCacheError, FileNotFoundError):
-            pass
+        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, full_check=False)
+        if cache is not None:
+            return cache
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {wait_s:.0f}s for local rank 0 to encode the text into {directory}.")
         time.sleep(0.5)

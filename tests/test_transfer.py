@@ -56,7 +56,7 @@ def test_checkpoints_record_their_data_and_a_target_inside_it_is_warned_about(pr
     def fine_tune(**kwargs) -> ShakespeareDataModule:
         data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), init_from=str(checkpoint),
                                      speakers=["KING ARTHUR"], **kwargs)  # fmt: skip
-        data.token_cache  # noqa: B018
+        data.warn_of_overlap()
         return data
 
     with pytest.warns(UserWarning, match=r"about (8[5-9]|9\d)% of the fine-tuning text lies in the training split"):
