@@ -251,10 +251,13 @@ class GPTModule(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         # clip_grad_norm_ returns the norm before clipping; log it for free (no extra pass, no sync).
-        # Lightning has unscaled fp16 gradients before this hook (see configure_optimizers).
+        # Lightning has unscaled fp16 gradients before this hook (see configure_optimizers). Clipping goes
+        # straight to torch: Lightning's mixed-precision plugin refuses to clip for a fused AdamW, which
+        # is only chosen where there is no scaler, so nothing is left to unscale.
         if gradient_clip_algorithm == "value":
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf)
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            if gradient_clip_val:
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
         if self._is_logging_step():

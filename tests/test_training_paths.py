@@ -140,6 +140,20 @@ def test_no_fused_adamw_while_a_grad_scaler_is_active(monkeypatch: pytest.Monkey
     assert asked == [False, True]
 
 
+def test_value_clipping_under_bf16_mixed_keeps_a_fused_adamw(tmp_path: Path, text_file: Path, monkeypatch):
+    # On CUDA without a GradScaler AdamW is fused, and Lightning's mixed-precision plugin refuses to clip
+    # for a fused optimizer. Fused AdamW runs on CPU too: force it here.
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kwargs: adamw(params, **{**kwargs, "fused": True}))
+    data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=16, batch_size=4)
+    module = GPTModule(vocab=data.vocab, block_size=16, n_layer=1, n_head=1, n_embd=16)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, gradient_clip_val=1e-3,
+                        gradient_clip_algorithm="value", limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert trainer.optimizers[0].defaults["fused"] is True and trainer.global_step == 2
+
+
 def test_bf16_mixed_on_cpu_fits_resumes_and_samples_the_same_with_and_without_the_cache(
     tmp_path: Path, text_file: Path
 ):
