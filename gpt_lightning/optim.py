@@ -4,7 +4,7 @@ precision, checkpoints) and one LR schedule drive both. Plain PyTorch: no Lightn
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self.optimizers = optimizers
         # Optimizer.__init__ appends the very dicts it is given and refuses a parameter in two groups.
         super().__init__([group for opt in optimizers for group in opt.param_groups], defaults={})
+        # What reads `optimizer.state` (Lightning moving it off the GPU after fit, say) sees the children's.
+        self.state = CombinedState(optimizers)  # type: ignore[assignment]
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
@@ -50,6 +52,38 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+class CombinedState(MutableMapping[torch.Tensor, Any]):
+    """The children's per-parameter states as one mapping: a parameter's entry lives in the child that
+    optimizes it, and is read and written there."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    def _owner(self, param: torch.Tensor) -> torch.optim.Optimizer:
+        for optimizer in self.optimizers:
+            if any(p is param for group in optimizer.param_groups for p in group["params"]):
+                return optimizer
+        raise KeyError(param)
+
+    def __getitem__(self, param: torch.Tensor) -> Any:
+        for optimizer in self.optimizers:
+            if param in optimizer.state:
+                return optimizer.state[param]
+        raise KeyError(param)
+
+    def __setitem__(self, param: torch.Tensor, value: Any) -> None:
+        self._owner(param).state[param] = value
+
+    def __delitem__(self, param: torch.Tensor) -> None:
+        del self._owner(param).state[param]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (param for optimizer in self.optimizers for param in optimizer.state)
+
+    def __len__(self) -> int:
+        return sum(len(optimizer.state) for optimizer in self.optimizers)
 
 
 def hidden_matrices(blocks: nn.Module) -> list[nn.Parameter]:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.plugins import MixedPrecision
 
 from gpt_lightning.datamodule import ShakespeareDataModule
@@ -132,3 +133,14 @@ def test_muon_under_mixed_precision_steps_on_unscaled_clipped_gradients(tmp_path
     stepped = [n for n in norms if math.isfinite(n)]  # a scaler skips the steps whose gradients overflowed
     assert stepped and all(0.05 < n <= 0.5 + 1e-3 for n in stepped), norms
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_lightning_moves_the_combined_state_with_the_model():
+    # After fit, Lightning moves optimizer state off the GPU through `optimizer.state`; the children hold it.
+    straight = module("muon")
+    optimizer, scheduler = configured(straight)
+    train_steps(straight, optimizer, scheduler, 2)
+    assert len(optimizer.state) == sum(len(child.state) for child in optimizer.optimizers) > 0
+    _optimizer_to_device(optimizer, torch.device("meta"))
+    moved = [v for child in optimizer.optimizers for s in child.state.values() for k, v in s.items() if k != "step"]
+    assert moved and all(tensor.device.type == "meta" for tensor in moved)
