@@ -114,6 +114,7 @@ class LastCheckpoint(Callback):
         self._flush_pending = False
         self._step_at_batch_start = -1
         self._stop_requested = False  # by SIGTERM or Ctrl-C: stop at the end of the current optimizer step
+        self._validated_at_step = -1
         self._previous_handlers: dict[int, Any] = {}
 
     def _save(self, trainer: L.Trainer) -> None:
@@ -190,9 +191,26 @@ class LastCheckpoint(Callback):
         if periodic or 0 < trainer.max_steps <= step:
             self._save(trainer)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_at_step = trainer.global_step
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_signal_handlers()
+        if self.last_path is not None and self._validated_at_step == self._saved_at_step == trainer.global_step:
+            self._record_final_validation(trainer, self.last_path)
         self._save(trainer)
+
+    @staticmethod
+    def _record_final_validation(trainer: L.Trainer, path: Path) -> None:
+        """The final last.ckpt was written before the final validation (see on_train_batch_end). Its best
+        checkpoint is put into it now, and nothing else: otherwise a resumed run would not know that file,
+        and a better score later would leave two best checkpoints."""
+        if trainer.is_global_zero:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint["callbacks"].update({cb.state_key: cb.state_dict() for cb in trainer.checkpoint_callbacks})
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)  # atomic: temp file, rename
+        trainer.strategy.barrier("last.ckpt")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_signal_handlers()

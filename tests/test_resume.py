@@ -156,3 +156,15 @@ def test_stopping_saves_a_checkpoint_to_resume_from(text_file: Path, tmp_path: P
     assert "last.ckpt at step" in output and "resume with --ckpt_path last" in output, output[-2000:]
     saved = torch.load(events / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     assert saved > 0
+
+
+def test_a_resumed_run_keeps_exactly_one_best_checkpoint_the_best(text_file: Path, tmp_path: Path):
+    # The final last.ckpt is written before the final validation; the best checkpoint of that validation
+    # must still be known to the resumed run, or a later, better score leaves two best-step= files.
+    args = ["--trainer.val_check_interval=4", "--model.lr_decay_steps=16"]
+    assert_ok(tiny_fit(text_file, tmp_path, *args, "--trainer.max_steps=8", in_process=True))
+    assert_ok(tiny_fit(text_file, tmp_path, *args, "--trainer.max_steps=16", "--ckpt_path=last", in_process=True))
+    run = tmp_path / "run" / "version_0"
+    best = sorted(p.name for p in (run / "checkpoints").glob("best-*.ckpt"))
+    val = dict(scalars(run)["val/loss"])
+    assert best == [f"best-step={min(val, key=val.get) + 1}.ckpt"], (best, val)
