@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -214,6 +215,11 @@ USER_ERRORS = (ValueError, FileNotFoundError, TimeoutError, NonFiniteLossError, 
 
 
 def main(args: list[str] | None = None) -> None:
+    # The package's own progress lines (a token cache being built), beside Lightning's on stderr.
+    package_log = logging.getLogger("gpt_lightning")
+    if not package_log.handlers:
+        package_log.addHandler(logging.StreamHandler())
+        package_log.setLevel(logging.INFO)
     # A bare --print_config prints the config documented: every option with its help as a comment.
     documented = ["--print_config=comments" if arg == "--print_config" else arg for arg in args or sys.argv[1:]]
     if args is None:

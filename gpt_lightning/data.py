@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import json
 import os
 import re
+import socket
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +44,59 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def build_state_dir(folder: str | Path) -> Path:
+    """Where the processes that share `folder` coordinate building what it holds: lock files, which stay
+    (removing a lock that another process waits on would let a third one in), and recorded failures."""
+    return Path(folder) / ".builds"
+
+
+@contextmanager
+def exclusive(lock_path: Path, what: str, wait_s: float = 3600.0) -> Iterator[None]:
+    """Holds an exclusive lock while `what` is done, so that processes sharing a folder (the nodes of a
+    cluster on one shared filesystem, say) do it once, one after the other. A POSIX record lock: NFS and
+    local filesystems honour it, and it is released when its holder exits or dies, whatever the cause."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"waited {wait_s:.0f}s for another process {what} ({lock_path} is locked)."
+                    ) from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# When this process started (about): a failure recorded before it belongs to an earlier launch.
+PROCESS_START = time.time()
+FAILURE_GRACE_S = 30.0  # processes of one launch start within this of each other
+
+
+def record_failure(marker: Path, err: BaseException) -> None:
+    """Leaves `err` where the processes waiting for this one look (see `raise_if_failed`)."""
+    failure = {"host": socket.gethostname(), "time": time.time(), "message": str(err)}
+    atomic_write_bytes(marker, json.dumps(failure).encode())
+
+
+def raise_if_failed(marker: Path) -> None:
+    """Raises the error that the process preparing the data on this machine recorded for this launch."""
+    try:
+        failure = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if failure.get("host") == socket.gethostname() and failure.get("time", 0) >= PROCESS_START - FAILURE_GRACE_S:
+        raise ValueError(failure["message"])
 
 
 def verify_corpus(path: Path, sha256: str = CORPUS_SHA256) -> None:
@@ -73,16 +131,23 @@ def ensure_corpus(
     url: str = CORPUS_URL,
     sha256: str = CORPUS_SHA256,
     wait_s: float = 600.0,
+    failure_marker: Path | None = None,
 ) -> Path:
     """Returns the verified corpus under data_dir. A missing file is downloaded when `download` is set;
-    otherwise (a non-zero rank) it waits for the process that downloads it, since the write is atomic."""
+    otherwise (a non-zero rank) it waits for the process that downloads it, since the write is atomic,
+    and stops with that process's error if it records one in `failure_marker`."""
     path = corpus_path(data_dir)
     if not path.exists():
         if download:
-            download_corpus(path, url, sha256)
+            # Nodes that share data_dir download it once: the first to take the lock; the others find it there.
+            with exclusive(build_state_dir(data_dir) / "tinyshakespeare.lock", "downloading the corpus"):
+                if not path.exists():
+                    download_corpus(path, url, sha256)
         else:
             deadline = time.monotonic() + wait_s
             while not path.exists():
+                if failure_marker is not None:
+                    raise_if_failed(failure_marker)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"waited {wait_s:.0f}s for rank 0 to download the corpus to {path}.")
                 time.sleep(0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
@@ -15,11 +16,20 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from gpt_lightning.checkpoint import CheckpointFacts, describe_checkpoint
-from gpt_lightning.data import CORPUS_URL, RandomWindows, SequentialWindows, ensure_corpus
+from gpt_lightning.data import (
+    CORPUS_URL,
+    RandomWindows,
+    SequentialWindows,
+    build_state_dir,
+    corpus_path,
+    ensure_corpus,
+    record_failure,
+)
 from gpt_lightning.token_cache import (
     Selection,
     TokenCache,
     build_token_cache,
+    cache_dir_for,
     count_characters,
     wait_for_token_cache,
 )
@@ -126,13 +136,23 @@ class ShakespeareDataModule(L.LightningDataModule):
     def token_cache(self) -> TokenCache:
         """The text, encoded: built by local rank 0 of each node (also when the CLI first asks for the
         vocabulary, before any process group exists); the other processes wait for it and map it."""
-        spec = self.path if self.path is not None else self._corpus(download=_is_local_rank_zero())
-        root = self.cache_dir if self.cache_dir is not None else Path(self.data_dir) / "token_cache"
+        root = Path(self.cache_dir) if self.cache_dir is not None else Path(self.data_dir) / "token_cache"
         vocab = None if self._source is None else self._source.tokenizer.vocab
         what = "data.path" if self.path is not None else "the corpus"
-        if _is_local_rank_zero():
+        # Where local rank 0 leaves its error, so that the node's other processes stop with it at once
+        # instead of waiting for a cache that will never come (nothing else would stop them under srun).
+        key = cache_dir_for(root, self.path or corpus_path(self.data_dir), self.selection, vocab).name
+        failure = build_state_dir(root) / f"{key}.{socket.gethostname()}.failed.json"
+        if not _is_local_rank_zero():
+            spec = self.path if self.path is not None else self._corpus(download=False, failure_marker=failure)
+            return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection, failure_marker=failure)
+        failure.unlink(missing_ok=True)  # an earlier launch's
+        try:
+            spec = self.path if self.path is not None else self._corpus(download=True)
             return build_token_cache(spec, root, vocab=vocab, selection=self.selection, what=what)
-        return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection)
+        except Exception as err:
+            record_failure(failure, err)
+            raise
 
     def describe(self) -> dict[str, Any]:
         """What this module serves, for checkpoints: a later fine-tune can tell whether its target
@@ -182,10 +202,10 @@ class ShakespeareDataModule(L.LightningDataModule):
         # Lightning calls this on one process per node; the others wait at a barrier.
         self.token_cache  # noqa: B018 (downloads and encodes what is missing)
 
-    def _corpus(self, download: bool) -> Path:
+    def _corpus(self, download: bool, failure_marker: Path | None = None) -> Path:
         source = self.corpus_source
         url = source if "://" in source else Path(source).resolve().as_uri()
-        return ensure_corpus(self.data_dir, download=download, url=url)
+        return ensure_corpus(self.data_dir, download=download, url=url, failure_marker=failure_marker)
 
     def setup(self, stage: str) -> None:
         if self.train_tokens is not None:

@@ -17,6 +17,7 @@ import errno
 import glob
 import hashlib
 import json
+import logging
 import mmap
 import os
 import re
@@ -31,13 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt_lightning.data import atomic_write_bytes, speaker_of
+from gpt_lightning.data import atomic_write_bytes, build_state_dir, exclusive, raise_if_failed, speaker_of
 
 SEPARATOR = "\n\n"  # between the files of a folder or glob: a blank line, as between speeches
 CHUNK_BYTES = 4 << 20  # bytes read at a time; a chunk's transient arrays take about 10x this
 FORMAT_VERSION = 2
 _SPEECH_BREAK = re.compile(r"\n\s*\n")  # what separates two speeches, as in data.speeches_of
 _MAX_CODE_POINT = 0x110000
+log = logging.getLogger(__name__)
 
 
 def resolve_text_files(spec: str | Path, what: str = "data.path") -> list[Path]:
@@ -347,7 +349,14 @@ def build_token_cache(
     cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, full_check=True)
     if cache is not None:
         return cache
-    return _encode(files, directory, vocab, selection, what)  # a damaged cache is replaced atomically
+    # Nodes that share the cache folder build it once: whoever takes the lock first. The others find it
+    # built when they get the lock, and never replace a file that another node may have mapped.
+    with exclusive(build_state_dir(cache_root) / f"{directory.name}.lock", f"encoding {what} into {directory}"):
+        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, full_check=True)
+        if cache is not None:
+            return cache
+        log.info("encoding %s (%d file(s)) into %s", what, len(files), directory)
+        return _encode(files, directory, vocab, selection, what)  # a damaged cache is replaced atomically
 
 
 def _encode(files: list[Path], directory: Path, vocab: str | None, selection: Selection, what: str) -> TokenCache:
@@ -395,7 +404,10 @@ def _encode(files: list[Path], directory: Path, vocab: str | None, selection: Se
             num_tokens=count, tokens_blake2b=digest.hexdigest(), source_sha256=source_sha256, inputs=identity,
             selection=selection.to_dict(),
         )  # fmt: skip
-        os.replace(tmp, cache.path)
+        if cache.path.is_file() and _blake2b_of(cache.path) == cache.tokens_blake2b:
+            Path(tmp).unlink()  # the same tokens are there, verified: leave the file others may map alone
+        else:
+            os.replace(tmp, cache.path)
         meta = {k: v for k, v in asdict(cache).items() if k != "directory"}
         atomic_write_bytes(directory / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1).encode())
     except OSError as err:
@@ -426,16 +438,20 @@ def wait_for_token_cache(
     vocab: str | None = None,
     selection: Selection = Selection(),
     wait_s: float = 3600.0,
+    failure_marker: Path | None = None,
 ) -> TokenCache:
     """For the processes that do not build the cache: waits until the builder (local rank 0) has written
-    a cache of the current inputs, then opens it without re-hashing the token file."""
+    a cache of the current inputs, and maps it only once its checksum holds. Stops with the builder's
+    error as soon as it records one in `failure_marker`."""
     files = resolve_text_files(files_spec)
     directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab)
     deadline = time.monotonic() + wait_s
     while True:
-        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, full_check=False)
+        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, full_check=True)
         if cache is not None:
             return cache
+        if failure_marker is not None:
+            raise_if_failed(failure_marker)
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {wait_s:.0f}s for local rank 0 to encode the text into {directory}.")
         time.sleep(0.5)

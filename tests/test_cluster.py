@@ -9,12 +9,24 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, assert_clean_error, assert_ok, cli, cli_env, fit_args, scalars, tiny_fit
+from tests.conftest import (
+    ROOT,
+    TINY,
+    assert_clean_error,
+    assert_ok,
+    cli,
+    cli_env,
+    fit_args,
+    main_py,
+    scalars,
+    tiny_fit,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -176,3 +188,60 @@ def test_torchrun_standalone_on_one_node(tmp_path: Path):
     [(code, output)] = run_all([command])
     assert code == 0, output[-4000:]
     assert_one_ddp_run(runs, probe, world=2, steps=4)
+
+
+@pytest.mark.skipif(not SHARED_CORPUS.is_file(), reason="needs the corpus copy in ../shared/data")
+def test_two_nodes_sharing_one_cold_data_dir_build_it_once(tmp_path: Path):
+    # As scripts/slurm_ddp.sbatch runs on a cluster: every node's first process prepares the same folder.
+    runs, probe, shared = tmp_path / "runs", tmp_path / "probe", tmp_path / "shared_data"
+    port = str(free_port())
+    nodes = [
+        torchrun("--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                 f"--master_port={port}")
+        + corpus_fit(runs, shared, probe, "--trainer.devices=1", "--trainer.num_nodes=2", "--trainer.strategy=ddp",
+                     "--trainer.max_steps=2")
+        for node in (0, 1)
+    ]  # fmt: skip
+    outputs = run_all(nodes)
+    for code, output in outputs:
+        assert code == 0, output[-4000:]
+    assert sum(output.count("encoding the corpus") for _, output in outputs) == 1  # one build, not two
+    assert_one_ddp_run(runs, probe, world=2, steps=2)
+    assert (shared / "tinyshakespeare" / "input.txt").read_bytes() == SHARED_CORPUS.read_bytes()
+
+
+def srun_like(tasks: int, *args: str) -> list[tuple[int, str]]:
+    """`tasks` processes with the variables srun sets on one node, started together as srun starts them."""
+    port = str(free_port())
+    common = {"SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_NNODES": "1",
+              "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gpt", "SLURM_NODELIST": "127.0.0.1",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+    env = {k: v for k, v in cli_env().items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
+    processes = [
+        subprocess.Popen(main_py(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**env, **common, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+        for r in range(tasks)
+    ]  # fmt: skip
+    return [(p.wait(timeout=240), p.communicate()[0]) for p in processes]
+
+
+def test_srun_ranks_from_slurm_variables_train_one_run(text_file: Path, tmp_path: Path):
+    probe = tmp_path / "probe"
+    args = fit_args(text_file, tmp_path / "runs", "--trainer.devices=2", "--trainer.strategy=ddp",
+                    "--trainer.accelerator=cpu", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                    "--trainer.callbacks+=tests.probe.RecordRank", f"--trainer.callbacks.out_dir={probe}")  # fmt: skip
+    for code, output in srun_like(2, *args):
+        assert code == 0, output[-4000:]
+    assert_one_ddp_run(tmp_path / "runs", probe, world=2, steps=3)
+
+
+def test_a_data_error_on_local_rank_0_ends_every_rank_at_once_with_its_message(tmp_path: Path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 100)
+    args = fit_args(bad, tmp_path / "runs", "--trainer.devices=2", "--trainer.strategy=ddp",
+                    "--trainer.accelerator=cpu", "--trainer.max_steps=3")  # fmt: skip
+    started = time.monotonic()
+    results = srun_like(2, *args)
+    assert time.monotonic() - started < 60  # not the hour a waiting rank used to poll for
+    for code, output in results:
+        assert code == 1 and re.search(r"error: data.path .*latin1.txt is not UTF-8: byte 3", output), output[-3000:]
