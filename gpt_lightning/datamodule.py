@@ -50,6 +50,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         corpus_source: str = CORPUS_URL,
         path: str | None = None,
         cache_dir: str | None = None,
+        skip_undecodable: bool = False,
         speakers: list[str] | None = None,
         text_span: tuple[float, float] | None = None,
         block_size: int | None = None,
@@ -74,6 +75,8 @@ class ShakespeareDataModule(L.LightningDataModule):
                 memory-maps.
             cache_dir: Where encoded token files are kept, one folder per input. Unset: <data_dir>/token_cache.
                 Later runs reuse them; changed inputs are encoded again.
+            skip_undecodable: Leave out the files of `path` that are not UTF-8 (they are listed, and recorded in
+                checkpoints) instead of stopping with an error that names them all.
             speakers: Train only on the speeches of these characters (e.g. [ROMEO, JULIET]): a fine-tuning
                 target drawn from the corpus (or from `path`) that needs nothing else.
             text_span: Use only this part of the text, as [start, end] fractions of its characters, before
@@ -103,6 +106,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.corpus_source = corpus_source
         self.path = path
         self.cache_dir = cache_dir
+        self.skip_undecodable = skip_undecodable
         self.speakers = speakers
         self.text_span = text_span
         self.selection = Selection(
@@ -141,29 +145,37 @@ class ShakespeareDataModule(L.LightningDataModule):
         what = "data.path" if self.path is not None else "the corpus"
         # Where local rank 0 leaves its error, so that the node's other processes stop with it at once
         # instead of waiting for a cache that will never come (nothing else would stop them under srun).
-        key = cache_dir_for(root, self.path or corpus_path(self.data_dir), self.selection, vocab).name
+        skip = self.skip_undecodable
+        key = cache_dir_for(root, self.path or corpus_path(self.data_dir), self.selection, vocab, skip).name
         failure = build_state_dir(root) / f"{key}.{socket.gethostname()}.failed.json"
         if not _is_local_rank_zero():
             spec = self.path if self.path is not None else self._corpus(download=False, failure_marker=failure)
-            return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection, failure_marker=failure)
+            return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection, failure_marker=failure,
+                                        skip_undecodable=skip)  # fmt: skip
         failure.unlink(missing_ok=True)  # an earlier launch's
         try:
             spec = self.path if self.path is not None else self._corpus(download=True)
-            return build_token_cache(spec, root, vocab=vocab, selection=self.selection, what=what)
+            cache = build_token_cache(spec, root, vocab=vocab, selection=self.selection, what=what,
+                                      skip_undecodable=skip)  # fmt: skip
         except Exception as err:
             record_failure(failure, err)
             raise
+        if cache.skipped:
+            shown = ", ".join(cache.skipped[:10]) + (", ..." if len(cache.skipped) > 10 else "")
+            rank_zero_warn(f"data.skip_undecodable: left out {len(cache.skipped)} files that are not UTF-8: {shown}")
+        return cache
 
     def describe(self) -> dict[str, Any]:
         """What this module serves, for checkpoints: a later fine-tune can tell whether its target
         overlaps the text this run trained on."""
         cache = self.token_cache
-        return {
+        described = {
             "source": self.path if self.path is not None else self.corpus_source,
             "source_sha256": cache.source_sha256,
             "selection": cache.selection,
             "val_fraction": self.val_fraction,
         }
+        return {**described, "skipped": cache.skipped} if cache.skipped else described
 
     def warn_of_overlap(self) -> None:
         """Warns when the fine-tuning text lies (partly) in the training split of the `init_from` run: a low

@@ -25,7 +25,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,7 @@ def read_pieces(files: list[Path], digest: hashlib._Hash | None = None, what: st
                 except UnicodeDecodeError as err:
                     # The decoder prepends the bytes it held back from the previous chunk.
                     held = len(err.object) - len(chunk)
-                    raise ValueError(
-                        f"{what} {path} is not UTF-8: byte {offset - held + err.start} ({err.reason}). Convert "
-                        "it, e.g. `iconv -f latin1 -t utf-8`, or leave it out."
-                    ) from None
+                    raise UndecodableTextError(path, f"byte {offset - held + err.start} ({err.reason})", what) from None
                 if digest is not None:
                     digest.update(chunk)
                 offset += len(chunk)
@@ -105,6 +103,41 @@ def read_pieces(files: list[Path], digest: hashlib._Hash | None = None, what: st
                     yield piece
                 if not chunk:
                     break
+
+
+class UndecodableTextError(ValueError):
+    """A file whose bytes are not UTF-8."""
+
+    def __init__(self, path: Path, where: str, what: str) -> None:
+        super().__init__(
+            f"{what} {path} is not UTF-8: {where}. Convert it, e.g. `iconv -f latin1 -t utf-8`, or leave it out "
+            "(--data.skip_undecodable true leaves out every file that is not UTF-8)."
+        )
+        self.path, self.where = path, where
+
+
+def undecodable_files(files: list[Path]) -> dict[Path, str]:
+    """Every file that is not UTF-8, with where its first bad byte lies."""
+    bad = {}
+    for path in files:
+        try:
+            for _ in read_pieces([path]):
+                pass
+        except UndecodableTextError as err:
+            bad[path] = err.where
+    return bad
+
+
+def _undecodable_error(bad: dict[Path, str], files: list[Path], what: str) -> ValueError:
+    if len(bad) == 1:
+        [(path, where)] = bad.items()
+        return UndecodableTextError(path, where, what)
+    shown = [f"{path} ({where})" for path, where in list(bad.items())[:3]]
+    more = f", and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return ValueError(
+        f"{len(bad)} of the {len(files)} files of {what} are not UTF-8: {', '.join(shown)}{more}. Convert them, "
+        "e.g. `iconv -f latin1 -t utf-8`, or leave them out with --data.skip_undecodable true."
+    )
 
 
 def select_speeches(pieces: Iterable[str], speakers: list[str], where: str = "the text") -> Iterator[str]:
@@ -205,6 +238,7 @@ class TokenCache:
     inputs: list[dict[str, int | str]]
     selection: dict[str, Any]  # Selection.to_dict()
     format_version: int = FORMAT_VERSION
+    skipped: list[str] = field(default_factory=list)  # input files left out because they are not UTF-8
 
     @property
     def path(self) -> Path:
@@ -258,11 +292,15 @@ class CorruptCacheError(ValueError):
     """A token cache that cannot be trusted: it is rebuilt, never trained on."""
 
 
-def cache_dir_for(root: Path, files_spec: str | Path, selection: Selection, vocab: str | None) -> Path:
-    """One folder per (inputs, selection, vocabulary): a fine-tune that encodes the corpus with its
-    checkpoint's vocabulary never shares a cache with a run that uses the corpus's own."""
+def cache_dir_for(
+    root: Path, files_spec: str | Path, selection: Selection, vocab: str | None, skip_undecodable: bool = False
+) -> Path:
+    """One folder per (inputs, selection, vocabulary, skipping): a fine-tune that encodes the corpus with its
+    checkpoint's vocabulary never shares a cache with a run that uses the corpus's own, and a strict run never
+    trains on a cache that left files out."""
     spec = str(files_spec) if glob.has_magic(str(files_spec)) else str(Path(files_spec).expanduser().resolve())
-    key = json.dumps({"spec": spec, **selection.to_dict(), "vocab": vocab, "version": FORMAT_VERSION})
+    fields = {"spec": spec, **selection.to_dict(), "vocab": vocab, "version": FORMAT_VERSION}
+    key = json.dumps({**fields, "skip_undecodable": True} if skip_undecodable else fields)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).stem or "text")[:40]
     return Path(root) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -316,14 +354,20 @@ def count_characters(files_spec: str | Path, selection: Selection, what: str = "
 
 
 def _existing_cache(
-    files: list[Path], files_spec: str | Path, root: Path, selection: Selection, vocab: str | None, full_check: bool
+    files: list[Path],
+    files_spec: str | Path,
+    root: Path,
+    selection: Selection,
+    vocab: str | None,
+    full_check: bool,
+    skip_undecodable: bool,
 ) -> TokenCache | None:
     """A fresh cache of these inputs with these ids, if one is there. A cache of the text's own characters
     serves a fixed vocabulary that equals them (a resumed or validated run asks for its checkpoint's, which
     is the text's own): its ids are the same, so the text is not encoded twice."""
-    candidates = [(cache_dir_for(root, files_spec, selection, vocab), vocab)]
+    candidates = [(cache_dir_for(root, files_spec, selection, vocab, skip_undecodable), vocab)]
     if vocab is not None:
-        candidates.append((cache_dir_for(root, files_spec, selection, None), None))
+        candidates.append((cache_dir_for(root, files_spec, selection, None, skip_undecodable), None))
     for directory, required_vocab in candidates:
         try:  # a cache of other ids under the key of `vocab` is an error, not a cache to replace
             cache = TokenCache.open(directory, required_vocab, full_check=full_check)
@@ -340,28 +384,43 @@ def build_token_cache(
     vocab: str | None = None,
     selection: Selection = Selection(),
     what: str = "data.path",
+    skip_undecodable: bool = False,
 ) -> TokenCache:
     """Returns the token cache of the text `files_spec` names, building it if it is missing, stale or
     damaged. `vocab` fixes the vocabulary (a checkpoint's, when fine-tuning); unset, it is the text's own
-    characters in sorted order, as CharTokenizer.from_text builds it."""
+    characters in sorted order, as CharTokenizer.from_text builds it. Files that are not UTF-8 are an
+    error that names them all, or, with `skip_undecodable`, are left out and listed in the cache."""
     files = resolve_text_files(files_spec, what)
-    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab)
-    cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, full_check=True)
+    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab, skip_undecodable)
+    existing = partial(_existing_cache, files, files_spec, Path(cache_root), selection, vocab, True, skip_undecodable)
+    cache = existing()
     if cache is not None:
         return cache
     # Nodes that share the cache folder build it once: whoever takes the lock first. The others find it
     # built when they get the lock, and never replace a file that another node may have mapped.
     with exclusive(build_state_dir(cache_root) / f"{directory.name}.lock", f"encoding {what} into {directory}"):
-        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, full_check=True)
+        cache = existing()
         if cache is not None:
             return cache
         log.info("encoding %s (%d file(s)) into %s", what, len(files), directory)
-        return _encode(files, directory, vocab, selection, what)  # a damaged cache is replaced atomically
+        return _encode(files, directory, vocab, selection, what, skip_undecodable)  # replaces a damaged one
 
 
-def _encode(files: list[Path], directory: Path, vocab: str | None, selection: Selection, what: str) -> TokenCache:
-    identity = _file_identity(files)
-    seen, count, source_sha256 = scan(files, selection, what)
+def _encode(
+    files: list[Path], directory: Path, vocab: str | None, selection: Selection, what: str, skip_undecodable: bool
+) -> TokenCache:
+    identity = _file_identity(files)  # of every input, skipped ones too: a fixed file rebuilds the cache
+    skipped: list[Path] = []
+    try:
+        seen, count, source_sha256 = scan(files, selection, what)
+    except UndecodableTextError:
+        bad = undecodable_files(files)  # all of them, in one error (this pass runs only when one is found)
+        if not skip_undecodable:
+            raise _undecodable_error(bad, files, what) from None
+        skipped, files = list(bad), [f for f in files if f not in bad]
+        if not files:
+            raise _undecodable_error(bad, skipped, what) from None
+        seen, count, source_sha256 = scan(files, selection, what)
     if count == 0:
         named = f"{files[0]} is empty" if len(files) == 1 else f"{len(files)} files hold no text"
         raise ValueError(f"{what} {named}: give text to train on.")
@@ -402,7 +461,7 @@ def _encode(files: list[Path], directory: Path, vocab: str | None, selection: Se
         cache = TokenCache(
             directory=directory, token_file=f"tokens-{digest.hexdigest()}.bin", vocab=vocab, dtype=dtype.name,
             num_tokens=count, tokens_blake2b=digest.hexdigest(), source_sha256=source_sha256, inputs=identity,
-            selection=selection.to_dict(),
+            selection=selection.to_dict(), skipped=[str(f) for f in skipped],
         )  # fmt: skip
         if cache.path.is_file() and _blake2b_of(cache.path) == cache.tokens_blake2b:
             Path(tmp).unlink()  # the same tokens are there, verified: leave the file others may map alone
@@ -439,15 +498,16 @@ def wait_for_token_cache(
     selection: Selection = Selection(),
     wait_s: float = 3600.0,
     failure_marker: Path | None = None,
+    skip_undecodable: bool = False,
 ) -> TokenCache:
     """For the processes that do not build the cache: waits until the builder (local rank 0) has written
     a cache of the current inputs, and maps it only once its checksum holds. Stops with the builder's
     error as soon as it records one in `failure_marker`."""
     files = resolve_text_files(files_spec)
-    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab)
+    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab, skip_undecodable)
     deadline = time.monotonic() + wait_s
     while True:
-        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, full_check=True)
+        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, True, skip_undecodable)
         if cache is not None:
             return cache
         if failure_marker is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +279,37 @@ def test_a_span_records_the_sha256_of_the_whole_file(tmp_path, monkeypatch, span
     path.write_text(make_play(200), encoding="utf-8")
     cache = build_token_cache(path, tmp_path / "cache", selection=Selection(span=span))
     assert cache.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def messy_corpus(tmp_path):
+    """Six files, four of them Latin-1 or KOI8-R, as in a real code corpus."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("a.txt", "c.txt"):
+        (folder / name).write_text(make_play(20), encoding="utf-8")
+    for name, encoding in (("b.txt", "latin-1"), ("d.txt", "latin-1"), ("e.txt", "koi8-r"), ("f.txt", "koi8-r")):
+        (folder / name).write_bytes("Größe, привет\n".encode(encoding, errors="replace") * 3)
+    return folder
+
+
+def test_every_undecodable_file_is_reported_in_one_error(tmp_path):
+    with pytest.raises(ValueError) as error:
+        build_token_cache(messy_corpus(tmp_path), tmp_path / "cache")
+    message = str(error.value)
+    assert message.startswith("4 of the 6 files of data.path are not UTF-8:")
+    assert "b.txt (byte 2" in message and "d.txt" in message and "e.txt" in message and "and 1 more" in message
+    assert "--data.skip_undecodable true" in message
+
+
+def test_skip_undecodable_leaves_them_out_and_says_which(tmp_path, text_file):
+    folder = messy_corpus(tmp_path)
+    cache = build_token_cache(folder, tmp_path / "cache", skip_undecodable=True)
+    assert [Path(p).name for p in cache.skipped] == ["b.txt", "d.txt", "e.txt", "f.txt"]
+    good = (folder / "a.txt").read_text() + SEPARATOR + (folder / "c.txt").read_text()
+    assert cached_ids(cache) == in_memory_ids(good)[1]
+    data = ShakespeareDataModule(path=str(folder), cache_dir=str(tmp_path / "cache"), skip_undecodable=True,
+                                 block_size=8, batch_size=2)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"left out 4 files that are not UTF-8: .*b.txt"):
+        assert data.describe()["skipped"] == cache.skipped
+    with pytest.raises(ValueError, match="4 of the 6 files"):  # strict is the default, and shares no cache
+        build_token_cache(folder, tmp_path / "cache")
