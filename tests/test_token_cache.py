@@ -313,3 +313,16 @@ def test_skip_undecodable_leaves_them_out_and_says_which(tmp_path, text_file):
         assert data.describe()["skipped"] == cache.skipped
     with pytest.raises(ValueError, match="4 of the 6 files"):  # strict is the default, and shares no cache
         build_token_cache(folder, tmp_path / "cache")
+
+
+def test_a_waiting_process_never_maps_a_token_file_that_fails_its_checksum(tmp_path):
+    path = tmp_path / "play.txt"
+    path.write_text(make_play(50), encoding="utf-8")
+    cache = build_token_cache(path, tmp_path / "cache")
+    data = bytearray(cache.path.read_bytes())
+    data[10] ^= 1  # same size, other bytes: only the checksum tells
+    cache.path.write_bytes(bytes(data))
+    with pytest.raises(TimeoutError):
+        wait_for_token_cache(path, tmp_path / "cache", wait_s=1.0)
+    rebuilt = build_token_cache(path, tmp_path / "cache")  # what local rank 0 does: rebuild it
+    assert wait_for_token_cache(path, tmp_path / "cache", wait_s=1.0).tokens_blake2b == rebuilt.tokens_blake2b
