@@ -9,11 +9,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchmetrics import MeanMetric
 
 from gpt_lightning.checkpoint import METADATA_KEY, load_checkpoint, metadata, model_config_of, model_state_dict
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.optim import CombinedOptimizer, hidden_matrices
+from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, hidden_matrices
 from gpt_lightning.tokenizer import CharTokenizer
 
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "bias")
@@ -84,6 +85,7 @@ class GPTModule(L.LightningModule):
         optimizer: Literal["adamw", "muon"] = "adamw",
         muon_learning_rate: float = 0.02,
         muon_momentum: float = 0.95,
+        muon_precision: MuonPrecision = "auto",
         compile: bool = False,
     ) -> None:
         """A character GPT trained with AdamW (or Muon and AdamW) and a warm-up + cosine LR schedule.
@@ -111,6 +113,9 @@ class GPTModule(L.LightningModule):
             muon_learning_rate: Muon's peak learning rate (torch's "original" scaling: times
                 sqrt(max(1, rows / cols)) per matrix). Used with optimizer=muon only.
             muon_momentum: Muon's (Nesterov) momentum. Used with optimizer=muon only.
+            muon_precision: The precision of Muon's Newton-Schulz iteration. bf16 is torch.optim.Muon's own
+                step; fp32 is the same update in float32, far faster on CPUs without native bfloat16 (AVX2).
+                auto: bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, else fp32. The state is the same.
             compile: Compile the network with torch.compile (in place, so checkpoint keys are unchanged).
         """
         super().__init__()
@@ -121,6 +126,9 @@ class GPTModule(L.LightningModule):
             raise ValueError(f"model.optimizer must be adamw or muon, got {optimizer!r}.")
         self.optimizer_name = optimizer
         self.muon_learning_rate, self.muon_momentum = muon_learning_rate, muon_momentum
+        if muon_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {muon_precision!r}.")
+        self.muon_precision = muon_precision
         self.tokenizer = CharTokenizer(vocab)
         explicit: dict[str, Any] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias}
         if init_from is None:
@@ -227,10 +235,12 @@ class GPTModule(L.LightningModule):
             rest = [{**g, "params": [p for p in g["params"] if id(p) not in in_muon]} for g in groups]
             muon_group = {"params": hidden, "name": "muon"}
             adamw_groups = [{**g, "name": name} for g, name in zip(rest, ("adamw", "adamw_no_decay"), strict=True)]
+            muon = Muon([muon_group], precision=self.muon_precision, lr=self.muon_learning_rate,
+                        weight_decay=self.weight_decay, momentum=self.muon_momentum)  # fmt: skip
+            rank_zero_info(f"Muon: Newton-Schulz in {muon.resolved_precision()} on {self.device.type} "
+                           f"(model.muon_precision {self.muon_precision})")  # fmt: skip
             optimizer = CombinedOptimizer([
-                torch.optim.Muon([muon_group], lr=self.muon_learning_rate, weight_decay=self.weight_decay,
-                                 momentum=self.muon_momentum),
-                torch.optim.AdamW(adamw_groups, lr=self.learning_rate, betas=self.betas, fused=fused),
+                muon, torch.optim.AdamW(adamw_groups, lr=self.learning_rate, betas=self.betas, fused=fused)
             ])  # fmt: skip
         schedule = WarmupCosine(self.warmup_steps, decay_steps, min_ratio=self.min_lr / self.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

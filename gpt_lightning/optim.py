@@ -4,8 +4,10 @@ precision, checkpoints) and one LR schedule drive both. Plain PyTorch: no Lightn
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -84,6 +86,96 @@ class CombinedState(MutableMapping[torch.Tensor, Any]):
 
     def __len__(self) -> int:
         return sum(len(optimizer.state) for optimizer in self.optimizers)
+
+
+MuonPrecision = Literal["auto", "bf16", "fp32"]
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below which bfloat16 products take the slow path.
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively: CUDA, or a CPU with AVX-512 BF16 or AMX
+    (read from the CPU's feature flags; a cap on oneDNN's instruction set counts). Elsewhere, an AVX2 CPU
+    say, PyTorch falls back to a kernel far slower than float32 (pytorch/pytorch#146508)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISAS_WITHOUT_BF16:
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", bool)() or getattr(cpu, "_is_amx_tile_supported", bool)())
+
+
+def orthogonalize(grad: torch.Tensor, dtype: torch.dtype, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:  # fmt: skip
+    """Newton-Schulz: the quintic iteration of torch.optim.Muon (Keller Jordan's), in `dtype`. With
+    bfloat16 it is torch's, bit for bit; float32 is for CPUs without native bfloat16."""
+    a, b, c = coefficients
+    tall = grad.size(0) > grad.size(1)
+    x = grad.to(dtype).T if tall else grad.to(dtype)  # (short side, long side)
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon, with its Newton-Schulz in float32 where bfloat16 is slow.
+
+    With precision "bf16" each step is torch's own. With "fp32" it is the same update (Nesterov momentum,
+    orthogonalization, decoupled weight decay, torch's learning-rate adjustment) with the iteration in
+    float32. "auto" takes bf16 where it is native (`native_bf16`). The state is torch's either way, so a
+    checkpoint moves between machines and precisions.
+    """
+
+    def __init__(self, params: Any, precision: MuonPrecision = "auto", **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {precision!r}.")
+        self.precision = precision
+
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
+        return "bf16" if native_bf16(device) else "fp32"
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if self.resolved_precision() == "bf16":
+            return super().step(closure)
+        return self._step(closure, torch.float32)
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], Any] | None, dtype: torch.dtype) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad, memory_format=torch.preserve_format)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = orthogonalize(update, dtype, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's per-matrix learning rate: the same update RMS across rectangular shapes."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn in (None, "original"):
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
 
 
 def hidden_matrices(blocks: nn.Module) -> list[nn.Parameter]:

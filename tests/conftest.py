@@ -52,6 +52,12 @@ TINY = [
 ]  # fmt: skip
 
 
+def optimizer_args(choice: str) -> list[str]:
+    """'adamw', 'muon' (its precision chosen for this machine) or 'muon fp32'."""
+    name, *precision = choice.split()
+    return [f"--model.optimizer={name}", *(f"--model.muon_precision={p}" for p in precision)]
+
+
 def main_py(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "main.py"), *args]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, assert_clean_error, cli, tiny_fit
+from tests.conftest import ROOT, assert_clean_error, cli, optimizer_args, tiny_fit
 
 pytestmark = pytest.mark.slow
 
@@ -122,11 +122,11 @@ def test_bad_fine_tuning_input(pretrained: Path, files, text_file: Path, tmp_pat
     assert_clean_error(finetune(pretrained, tmp_path, *args), *patterns)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "muon fp32"])
 def test_a_non_finite_loss_stops_training_without_saving_it(text_file: Path, tmp_path: Path, optimizer: str):
     # Losses are tested in batches, at logging steps and before saves: the NaN of step 6 is found when
     # last.ckpt is about to be written at step 8, and reported with its own step.
-    result = tiny_fit(text_file, tmp_path, f"--model.optimizer={optimizer}",
+    result = tiny_fit(text_file, tmp_path, *optimizer_args(optimizer),
                       "--trainer.max_steps=50", "--trainer.val_check_interval=50",
                       "--trainer.log_every_n_steps=5", "--last_checkpoint.every_n_train_steps=4",
                       "--trainer.callbacks+=tests.probe.PoisonWeights", "--trainer.callbacks.at_step=6",

@@ -16,7 +16,7 @@ from lightning.pytorch.plugins import MixedPrecision
 
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import GPTModule
-from gpt_lightning.optim import CombinedOptimizer
+from gpt_lightning.optim import CombinedOptimizer, Muon, native_bf16
 
 VOCAB = "abcdefgh"
 
@@ -111,12 +111,15 @@ def test_an_unknown_optimizer_is_refused():
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
-def test_muon_under_mixed_precision_steps_on_unscaled_clipped_gradients(tmp_path: Path, text_file: Path, precision):
+@pytest.mark.parametrize("muon_precision", ["bf16", "fp32"])
+def test_muon_under_mixed_precision_steps_on_unscaled_clipped_gradients(tmp_path: Path, text_file: Path, precision,
+                                                                        muon_precision):  # fmt: skip
     # fp16 on a CPU takes a gradient scaler, as on a GPU. The step must see gradients that were unscaled,
     # then clipped to 0.5: clipping scaled ones would leave them ~65536 times too large, or clip too hard.
     plugin = MixedPrecision(precision, "cpu", torch.amp.GradScaler("cpu") if precision == "16-mixed" else None)
     data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=16, batch_size=4)
-    m = GPTModule(vocab=data.vocab, block_size=16, n_layer=1, n_head=2, n_embd=16, optimizer="muon", warmup_steps=1)
+    m = GPTModule(vocab=data.vocab, block_size=16, n_layer=1, n_head=2, n_embd=16, optimizer="muon", warmup_steps=1,
+                  muon_precision=muon_precision)  # fmt: skip
     norms: list[float] = []
 
     class RecordNorms(L.Callback):
@@ -144,3 +147,68 @@ def test_lightning_moves_the_combined_state_with_the_model():
     _optimizer_to_device(optimizer, torch.device("meta"))
     moved = [v for child in optimizer.optimizers for s in child.state.values() for k, v in s.items() if k != "step"]
     assert moved and all(tensor.device.type == "meta" for tensor in moved)
+
+
+# -- Muon's precision ----------------------------------------------------------------------------------
+
+# The CPU recipe's hidden matrices: attention in (384, 128) and out (128, 128), MLP in (512, 128) and out (128, 512).
+SHAPES = [(384, 128), (128, 128), (512, 128), (128, 512)]
+
+
+def muon_pair(cls_a, cls_b, **kwargs) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter], object, object]:
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in SHAPES]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    return a, b, cls_a(a, lr=0.02, weight_decay=0.1, **kwargs), cls_b(b, lr=0.02, weight_decay=0.1)
+
+
+def step_both(a, b, step_a, step_b, steps: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for pa, pb in zip(a, b, strict=True):
+            pa.grad = torch.randn(pa.shape, generator=generator)
+            pb.grad = pa.grad.clone()
+        step_a()
+        step_b()
+
+
+def test_our_muon_step_in_bf16_is_torchs_bit_for_bit():
+    a, b, ours, torchs = muon_pair(Muon, torch.optim.Muon, precision="fp32")
+    step_both(a, b, lambda: ours._step(None, torch.bfloat16), torchs.step, steps=5)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a, b, strict=True))
+    assert all(torch.equal(ours.state[pa]["momentum_buffer"], torchs.state[pb]["momentum_buffer"])
+               for pa, pb in zip(a, b, strict=True))  # fmt: skip
+
+
+def test_our_muon_step_in_fp32_stays_close_to_torchs():
+    a, b, ours, torchs = muon_pair(Muon, torch.optim.Muon, precision="fp32")
+    start = [p.detach().clone() for p in a]
+    step_both(a, b, ours.step, torchs.step, steps=5)
+    for pa, pb, p0 in zip(a, b, start, strict=True):
+        # bfloat16 keeps 8 bits of mantissa: the two updates agree to about 1% of their size.
+        assert (pa - pb).norm() < 0.02 * (pb - p0).norm()
+
+
+@pytest.mark.parametrize("saved_in, loaded_in", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_muon_state_moves_between_precisions(saved_in: str, loaded_in: str):
+    a, b, first, _ = muon_pair(Muon, torch.optim.Muon, precision=saved_in)
+    step_both(a, b, first.step, lambda: None, steps=2)
+    second = Muon(a, precision=loaded_in, lr=0.02, weight_decay=0.1)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert second.state_dict()["state"].keys() == first.state_dict()["state"].keys()
+    assert all(torch.equal(second.state[p]["momentum_buffer"], first.state[p]["momentum_buffer"]) for p in a)
+    torch.optim.Muon(a, lr=0.02).load_state_dict(first.state_dict())  # and into torch's own
+
+
+def test_auto_takes_bf16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch):
+    assert native_bf16(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not native_bf16(torch.device("cpu"))
+    assert Muon([torch.nn.Parameter(torch.zeros(2, 2))], precision="auto").resolved_precision() == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert native_bf16(torch.device("cpu"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN capped below its bfloat16 kernels
+    assert not native_bf16(torch.device("cpu"))
+    with pytest.raises(ValueError, match="muon_precision must be auto, bf16 or fp32"):
+        GPTModule(vocab=VOCAB, block_size=8, optimizer="muon", muon_precision="fp16")  # type: ignore[arg-type]

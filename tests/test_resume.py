@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_ok, cli_env, fit_args, main_py, scalars, tiny_fit
+from tests.conftest import ROOT, assert_ok, cli_env, fit_args, main_py, optimizer_args, scalars, tiny_fit
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +41,13 @@ def assert_same_run(straight: Path, resumed: Path, steps: int) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "muon fp32"])
 def test_resume_is_bit_exact_on_cpu(text_file: Path, tmp_path: Path, optimizer: str):
     # In this process; the DDP test below resumes in fresh processes, as after a real crash.
+    choice = optimizer_args(optimizer)
+
     def fit(runs: Path, *args: str):
-        return tiny_fit(text_file, runs, *args, *EXACT, f"--model.optimizer={optimizer}", in_process=True)
+        return tiny_fit(text_file, runs, *args, *EXACT, *choice, in_process=True)
 
     assert_ok(fit(tmp_path / "a", "--trainer.max_steps=12"))
     assert_ok(fit(tmp_path / "b", "--trainer.max_steps=7"))
@@ -56,9 +58,9 @@ def test_resume_is_bit_exact_on_cpu(text_file: Path, tmp_path: Path, optimizer: 
     assert_same_run(tmp_path / "a" / "run" / "version_0", run / "version_0", 12)
 
 
-@pytest.mark.parametrize("optimizer, stop", [("adamw", "SIGTERM mid-window"), ("muon", "max_steps")])
+@pytest.mark.parametrize("optimizer, stop", [("adamw", "SIGTERM mid-window"), ("muon fp32", "max_steps")])
 def test_resume_is_bit_exact_with_ddp(text_file: Path, tmp_path: Path, optimizer: str, stop: str):
-    ddp = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *EXACT, f"--model.optimizer={optimizer}"]
+    ddp = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *EXACT, *optimizer_args(optimizer)]
     probe = ["--trainer.callbacks+=tests.probe.RecordRank", f"--trainer.callbacks.out_dir={tmp_path / 'probe'}"]
     assert_ok(tiny_fit(text_file, tmp_path / "a", *ddp, *probe, "--trainer.max_steps=8"))
     if stop == "max_steps":
