@@ -10,9 +10,10 @@ validation split every `--val-every` steps. Training time leaves the validations
 1. Sweep: each point once, with the first seed.
 2. Seeds: nanoGPT's recipe (AdamW 1e-3), the best AdamW and the best Muon point, again with the other
    seeds, so each of them has `len(--seeds)` runs.
-3. Budget: the best Muon point with its step count cut so that its training time matches nanoGPT's
-   recipe (its cosine schedule ends at the new step count), with every seed. This is the candidate
-   for configs/pretrain_cpu.yaml: the lowest loss within nanoGPT's wall time.
+3. Budget: the best Muon point (with --budget-every-muon-lr: every Muon point) with its step count cut
+   so that its training time matches nanoGPT's recipe (its cosine schedule ends at the new step count),
+   with every seed. This is the candidate for configs/pretrain_cpu.yaml: the lowest loss within
+   nanoGPT's wall time.
 
 Options after the known ones go to the CLI of every run, e.g. `--model.n_layer 6` for a larger model.
 """
@@ -161,6 +162,8 @@ def main() -> None:
     parser.add_argument("--time-tolerance", type=float, default=0.1, help="how much longer than nanoGPT's recipe "
                         "a run may train and still count as within its wall time (runs vary by a few %%)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--budget-every-muon-lr", action="store_true", help="give every Muon point, not only the "
+                        "best, the steps that fit nanoGPT's time (and no full-length seeds)")  # fmt: skip
     args, cli_args = parser.parse_known_args()
     torch.set_num_threads(args.threads)
     first, others = args.seeds[0], args.seeds[1:]
@@ -179,7 +182,8 @@ def main() -> None:
 
     print(f"2. seeds {others}: nanoGPT's recipe, the best AdamW and the best Muon point", flush=True)
     # Muon runs stopped early are not candidates for the recipe: one seed shows how far they got.
-    candidates = (nanogpt, best_adamw, best_muon if best_muon and best_muon.stop_at is None else None)
+    full_length_muon = best_muon and best_muon.stop_at is None and not args.budget_every_muon_lr
+    candidates = (nanogpt, best_adamw, best_muon if full_length_muon else None)
     for p in dict.fromkeys(q for q in candidates if q is not None):
         for seed in others:
             p.runs.append(train(p, seed, args, cli_args))
@@ -195,10 +199,10 @@ def main() -> None:
             fit = reference_s / muon_s_per_step
             print(f"3. budget: a Muon step takes {muon_s_per_step * 1000:.0f} ms here; {reference_s:.0f} s of "
                   f"training fit {fit:.0f} steps, too few for a schedule: skipped")  # fmt: skip
-        else:
-            budgeted = Point("muon", best_muon.lr, budget_steps)
-            print(f"3. budget: {budgeted.label} fits the {reference_s:.0f} s of {reference.label}", flush=True)
-            if budget_steps < args.steps:
+        elif budget_steps < args.steps:
+            for lr in [p.lr for p in muons] if args.budget_every_muon_lr else [best_muon.lr]:
+                budgeted = Point("muon", lr, budget_steps)
+                print(f"3. budget: {budgeted.label} fits the {reference_s:.0f} s of {reference.label}", flush=True)
                 for seed in args.seeds:
                     budgeted.runs.append(train(budgeted, seed, args, cli_args))
                 points.append(budgeted)

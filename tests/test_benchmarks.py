@@ -98,3 +98,11 @@ def test_recipe_sweep_prints_the_table_and_the_chosen_recipe(text_file: Path):
     assert table[1].startswith("| Muon 0.02 + AdamW 0.001, 8 steps | 2 |")
     assert re.fullmatch(r"mean training time per step: adamw [\d.]+ ms, muon [\d.]+ ms", lines[-2])
     assert re.fullmatch(r"recipe_sweep: lowest val/loss within .*: .*, \d\.\d{4} \(mean of 2 seeds, \d+ s\)", lines[-1])
+
+
+def test_muon_step_benchmark_prints_a_row_per_optimizer():
+    lines = run_benchmark("muon_step.py", "--rounds", "1", "--steps", "2", "--threads", "1", "--n-layer", "1",
+                          "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch-size", "2")  # fmt: skip
+    rows = [line for line in lines if line.startswith("| ") and "ms" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| AdamW", "| Muon bf16", "| Muon fp32"]
+    assert rows[0].endswith("| 1.00x |")
