@@ -7,6 +7,7 @@ and optimizer; the batches are random tokens (the cost does not depend on their 
 
     python benchmarks/muon_step.py
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/muon_step.py   # as on a CPU without native bfloat16
+    python benchmarks/muon_step.py --device cuda --n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64
 
 `ONEDNN_MAX_CPU_ISA=AVX2` caps oneDNN below its bfloat16 kernels, so a CPU with AVX-512 BF16 or AMX
 multiplies bfloat16 matrices as an AVX2 laptop does, through PyTorch's slow fallback.
@@ -39,6 +40,7 @@ def build(variant: dict, args: argparse.Namespace) -> tuple[GPTModule, torch.opt
     module = GPTModule(vocab=vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd, **variant)  # fmt: skip
     module._trainer = SimpleNamespace(max_steps=10_000, precision_plugin=SimpleNamespace(scaler=None))  # type: ignore[assignment]
+    module.to(args.device)
     return module, module.configure_optimizers()["optimizer"]
 
 
@@ -47,14 +49,18 @@ def turn(
 ) -> tuple[float, float]:
     """(ms per training step, ms per optimizer step) over `steps` steps."""
     total = optimizer_s = 0.0
+    sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
     for _ in range(steps):
-        x = torch.randint(65, (args.batch_size, args.block_size))
+        x = torch.randint(65, (args.batch_size, args.block_size), device=args.device)
+        sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         module._loss((x, x.roll(-1, dims=1))).backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        sync()
         before_step = time.perf_counter()
         optimizer.step()
+        sync()
         end = time.perf_counter()
         total += end - start
         optimizer_s += end - before_step
@@ -66,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="steps per turn")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 weights; TF32 is not turned on)")
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
@@ -73,9 +80,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, native bfloat16 on this CPU: "
-          f"{native_bf16(torch.device('cpu'))}; model {args.n_layer}x{args.n_embd}, context {args.block_size}, "
-          f"batch {args.batch_size}")  # fmt: skip
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
+    bf16 = native_bf16(torch.device(args.device))
+    print(f"torch {torch.__version__}, {device}, native bfloat16: {bf16}; model {args.n_layer}x{args.n_embd}, "
+          f"context {args.block_size}, batch {args.batch_size}")  # fmt: skip
     built = {name: build(variant, args) for name, variant in VARIANTS.items()}
     for module, optimizer in built.values():
         turn(module, optimizer, 2, args)  # warm-up: allocator, kernels, lazy state
