@@ -94,7 +94,7 @@ def main() -> None:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     config, trainer = cli.model.config, cli.trainer
     print(f"\npreset {args.preset}: {config.n_layer} layers, {config.n_embd} wide, context {config.block_size}, "
-          f"{cli.model.gpt.num_parameters() / 1e6:.2f}M parameters; device {cli.model.device.type}, "
+          f"{cli.model.gpt.num_parameters() / 1e6:.2f}M parameters; device {trainer.strategy.root_device.type}, "
           f"precision {trainer.precision}")  # fmt: skip
     print("validations: " + ", ".join(f"{loss:.4f} @{step}" for step, loss in stop.losses))
     # Training throughput over the whole run, validation left out; MFU against the device's peak for the

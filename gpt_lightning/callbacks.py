@@ -249,7 +249,7 @@ class TokenThroughput(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dtype = COMPUTE_DTYPES.get(str(trainer.precision), torch.float32)
-        self.peak_flops = get_available_flops(pl_module.device, dtype)
+        self.peak_flops = peak_flops(pl_module.device, dtype)
         self._logged_at_step = trainer.global_step  # log only once an optimizer step has completed
         self._restart(pl_module)
 
@@ -282,6 +282,24 @@ class TokenThroughput(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._restart(pl_module)  # the next window starts after validation
+
+
+# Lightning 2.6.6 knows the H200 only by the names "H200 SXM1" and "H200 NVL1"; CUDA calls the SXM card
+# "NVIDIA H200". Its tensor cores and clocks are the H100 SXM's: NVIDIA's datasheets give both 989 TFLOP/s of
+# dense bf16/fp16 (Lightning's own "h200 sxm1" entry holds the 2x figures that assume sparsity).
+_DENSE_PEAK_FLOPS: dict[str, dict[torch.dtype | str, float]] = {
+    "nvidia h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12}
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak FLOP/s for `dtype`, as Lightning knows it, or from the table above."""
+    flops: float | None = get_available_flops(device, dtype)
+    if flops is None and device.type == "cuda":
+        table = _DENSE_PEAK_FLOPS.get(torch.cuda.get_device_name(device).lower(), {})
+        tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+        flops = table.get("tfloat32" if tf32 else dtype)
+    return flops
 
 
 def _synchronize(device: torch.device) -> None:

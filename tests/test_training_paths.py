@@ -223,3 +223,15 @@ def test_validate_then_fit_in_one_process(tmp_path: Path, text_file: Path):
     (before,) = t.validate(module, datamodule=data, verbose=False)
     t.fit(module, datamodule=data)
     assert t.global_step == 4 and float(t.callback_metrics["val/loss"]) < before["val/loss"]
+
+
+def test_the_h200_has_a_peak_for_mfu(monkeypatch: pytest.MonkeyPatch):
+    # Lightning 2.6.6 has no entry for the name CUDA gives the H200 SXM ("NVIDIA H200"): no train/mfu there.
+    from gpt_lightning import callbacks
+
+    monkeypatch.setattr(callbacks, "get_available_flops", lambda device, dtype: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert callbacks.peak_flops(torch.device("cuda", 0), torch.bfloat16) == 989.4e12
+    assert callbacks.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert callbacks.peak_flops(torch.device("cuda", 0), torch.bfloat16) is None
