@@ -1,11 +1,12 @@
 """Only what Lightning lacks: text samples in TensorBoard, last.ckpt on a step cadence and on exit,
-a validation after the last step, and token throughput."""
+a validation after the last step, token throughput, and a TensorBoard logger without epochs."""
 
 from __future__ import annotations
 
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,15 @@ class TextSampleLogger(Callback):
         markdown = "\n".join("    " + line for line in text.split("\n"))
         for logger in loggers:
             logger.experiment.add_text("samples", markdown, global_step=trainer.global_step)
+
+
+class StepTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger without the `epoch` scalar, which Lightning adds to every step's
+    metrics: the training stream is endless, so the epoch is always 0, and its chart would be the first
+    one TensorBoard shows."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
 
 class LossChartLayout(Callback):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -28,7 +28,9 @@ from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import ARCHITECTURE_FIELDS, GPTModule, NonFiniteLossError
 from gpt_lightning.trainer import GPTTrainer
 
-TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+TENSORBOARD_LOGGER = "gpt_lightning.callbacks.StepTensorBoardLogger"
+# Loggers whose runs live in <save_dir>/<name>/version_N, where a resumed run continues.
+TENSORBOARD_LOGGERS = (TENSORBOARD_LOGGER, "lightning.pytorch.loggers.TensorBoardLogger")
 
 
 class GPTLightningCLI(LightningCLI):
@@ -47,7 +49,6 @@ class GPTLightningCLI(LightningCLI):
                     "init_args": {"save_dir": "runs", "name": "gpt", "default_hp_metric": False},
                 },
                 "callbacks": [
-                    LearningRateMonitor(logging_interval="step"),
                     FinalValidation(),
                     LossChartLayout(),
                     TokenThroughput(),
@@ -147,7 +148,7 @@ class GPTLightningCLI(LightningCLI):
             )
         logger = config.trainer.get("logger")
         run_root = None
-        if isinstance(logger, Namespace) and logger.get("class_path") == TENSORBOARD_LOGGER:
+        if isinstance(logger, Namespace) and logger.get("class_path") in TENSORBOARD_LOGGERS:
             run_root = Path(logger.init_args.save_dir) / logger.init_args.name
         if ckpt_path == "last":
             candidates = (

@@ -182,6 +182,7 @@ class GPTModule(L.LightningModule):
         if self._is_logging_step():
             # The mean over ranks (one all-reduce, on logging steps only), not rank 0's own batch.
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+            self.log_dict(self._learning_rates())
         self._track_nonfinite(loss)
         return loss
 
@@ -192,6 +193,14 @@ class GPTModule(L.LightningModule):
         self.val_bpc.update(loss / math.log(2), weight)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/bpc", self.val_bpc)
+
+    def _learning_rates(self) -> dict[str, float]:
+        """One learning rate per schedule, not per parameter group (AdamW's two groups share theirs)."""
+        optimizer = self.optimizers().optimizer  # type: ignore[union-attr]
+        if isinstance(optimizer, CombinedOptimizer):
+            muon, adamw = optimizer.optimizers
+            return {"train/lr": adamw.param_groups[0]["lr"], "train/lr_muon": muon.param_groups[0]["lr"]}
+        return {"train/lr": optimizer.param_groups[0]["lr"]}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.global_step != self._window_step:  # the first micro-batch of an optimizer step

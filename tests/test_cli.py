@@ -19,7 +19,7 @@ def test_fit_logs_curves_samples_and_checkpoints(pretrained: Path, text_file: Pa
     vocab_size = len(set(text_file.read_text()))
     assert logged["val/loss"][-1][1] < math.log(vocab_size) - 0.7  # it learned something
     assert len(logged["train/grad_norm"]) == 40
-    assert any(tag.startswith("lr-AdamW") for tag in logged)
+    assert "train/lr" in logged
     assert len(logged["train/tokens_per_sec"]) == 40 and "train/mfu" not in logged  # no known peak on a CPU
     assert len(text_samples(pretrained)) == 2
     assert (pretrained / "config.yaml").is_file()

@@ -36,7 +36,7 @@ DDP_CPU = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml")]
 
 def lr_curve(run_dir: Path) -> list[tuple[int, float]]:
     logged = scalars(run_dir)
-    return next(values for tag, values in logged.items() if tag.startswith("lr-AdamW"))
+    return logged["train/lr"]
 
 
 def test_resuming_the_same_checkpoint_again_and_again_then_training_longer(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import assert_ok, scalars, tiny_fit
+
 pytestmark = pytest.mark.slow
 
 
@@ -42,8 +44,10 @@ def test_tensorboard_serves_the_runs_scalars(server: str):
     while not (tags := get(f"{server}/data/plugin/scalars/tags")) and time.monotonic() < deadline:
         time.sleep(0.5)  # the first load of the run is asynchronous
     (run,) = tags
-    expected = {"train/loss": 40, "val/loss": 2, "lr-AdamW/pg1": 40, "train/tokens_per_sec": 40,
+    # Exactly these: no `epoch` (the stream is endless), one learning rate for AdamW's two groups.
+    expected = {"train/loss": 40, "val/loss": 2, "val/bpc": 2, "train/lr": 40, "train/tokens_per_sec": 40,
                 "train/grad_norm": 40}  # fmt: skip
+    assert set(tags[run]) == set(expected)
     steps = {}
     for tag, points in expected.items():
         query = urllib.parse.urlencode({"run": run, "tag": tag})
@@ -52,7 +56,17 @@ def test_tensorboard_serves_the_runs_scalars(server: str):
         steps[tag] = [step for _, step, _ in series]
         assert steps[tag] == sorted(set(steps[tag])), tag
     # A logging step's scalars share its step number, however each one reaches the logger.
-    assert steps["train/tokens_per_sec"] == steps["train/loss"] == steps["train/grad_norm"] == steps["lr-AdamW/pg1"]
+    assert steps["train/tokens_per_sec"] == steps["train/loss"] == steps["train/grad_norm"] == steps["train/lr"]
     layout = get(f"{server}/data/plugin/custom_scalars/layout")
     charts = [chart for category in layout["category"] for chart in category["chart"]]
     assert any(chart["multiline"]["tag"] == ["train/loss", "val/loss"] for chart in charts)
+
+
+def test_a_muon_run_logs_one_learning_rate_per_schedule(text_file: Path, tmp_path: Path):
+    assert_ok(tiny_fit(text_file, tmp_path, "--model.optimizer=muon", "--trainer.max_steps=3",
+                       "--trainer.val_check_interval=3", in_process=True))  # fmt: skip
+    logged = scalars(tmp_path / "run" / "version_0")
+    assert set(logged) == {"train/loss", "train/lr", "train/lr_muon", "train/grad_norm", "train/tokens_per_sec",
+                           "val/loss", "val/bpc"}  # fmt: skip
+    # One schedule drives both: Muon's 0.02 against TINY's AdamW 1e-2, at every step.
+    assert [lr for _, lr in logged["train/lr_muon"]] == pytest.approx([2 * lr for _, lr in logged["train/lr"]])
