@@ -189,10 +189,11 @@ def main() -> None:
             p.runs.append(train(p, seed, args, cli_args))
 
     reference = nanogpt or best_adamw
-    reference_s = statistics.mean(r.training_s for r in reference.runs)
+    # Medians: a shared machine can stall a run for tens of seconds, and one stalled run would move a
+    # mean (and so every budget) by a fifth.
+    reference_s = statistics.median(r.training_s for r in reference.runs)
     if best_muon is not None:
-        reached = best_muon.runs[0].points[-1][0]
-        muon_s_per_step = statistics.mean(r.training_s for r in best_muon.runs) / reached
+        muon_s_per_step = statistics.median(r.training_s / r.points[-1][0] for p in muons for r in p.runs)
         budget_steps = min(args.steps, int(reference_s / muon_s_per_step / 100) * 100)
         warmup = 100
         if budget_steps < 2 * warmup:
@@ -212,16 +213,17 @@ def main() -> None:
     print_table(points, [s for s in args.report_steps if s <= args.steps], budgets)
     seeded = [p for p in points if len(p.runs) == len(args.seeds)]
     # Runs of one optimizer cost the same per step; their times differ by the machine's drift. Judge
-    # "within nanoGPT's time" by steps times the optimizer's mean time per step over all its runs.
+    # "within nanoGPT's time" by steps times the optimizer's median time per step over all its runs.
     per_step = {
-        name: statistics.mean(r.training_s / r.points[-1][0] for p in points if p.optimizer == name for r in p.runs)
+        name: statistics.median(r.training_s / r.points[-1][0] for p in points if p.optimizer == name for r in p.runs)
         for name in {p.optimizer for p in points}
     }
     limit = (1 + args.time_tolerance) * reference.steps * per_step[reference.optimizer]
     within = [p for p in seeded if p.steps * per_step[p.optimizer] <= limit]
     best = min(within or seeded, key=Point.final)
     mean_s = statistics.mean(r.training_s for r in best.runs)
-    print("\nmean training time per step: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in sorted(per_step.items())))
+    medians = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in sorted(per_step.items()))
+    print(f"\nmedian training time per step: {medians}")
     print(
         f"recipe_sweep: lowest val/loss within {reference.label}'s {reference_s:.0f} s of training: "
         f"{best.label}, {best.final():.4f} (mean of {len(best.runs)} seeds, {mean_s:.0f} s)"
