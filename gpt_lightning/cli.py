@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
@@ -177,7 +176,7 @@ class GPTLightningCLI(LightningCLI):
             and ckpt.resolve().parent.name == "checkpoints"
             and run_dir.parent == run_root.resolve()
         ):
-            step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+            step = describe_checkpoint(ckpt).global_step
             logger.init_args.version = run_dir.name
             logger.init_args.purge_step = step
             # A job preempted twice before its next last.ckpt resumes from the same step twice: keep
@@ -187,7 +186,9 @@ class GPTLightningCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
-        if self.config.fit.model.init_from is not None:  # a new run from weights: a fine-tune
+        # A new run from weights (a fine-tune) measures its overlap with the checkpoint's training split:
+        # one pass over the text, on the process that prints the warning.
+        if self.config.fit.model.init_from is not None and self.trainer.is_global_zero:
             self.datamodule.warn_of_overlap()
 
     def _parse_ckpt_path(self) -> None:

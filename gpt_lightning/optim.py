@@ -131,14 +131,17 @@ class Muon(torch.optim.Muon):
     def __init__(self, params: Any, precision: MuonPrecision = "auto", **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {precision!r}.")
+            raise ValueError(f"Muon's precision must be auto, bf16 or fp32, got {precision!r}.")
         self.precision = precision
+        self._resolved: str | None = None
 
     def resolved_precision(self) -> str:
-        if self.precision != "auto":
-            return self.precision
-        device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
-        return "bf16" if native_bf16(device) else "fp32"
+        """bf16 or fp32: `precision`, with auto decided by where the parameters are (once)."""
+        if self._resolved is None:
+            device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
+            auto = "bf16" if native_bf16(device) else "fp32"
+            self._resolved = auto if self.precision == "auto" else self.precision
+        return self._resolved
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         if self.resolved_precision() == "bf16":
