@@ -64,12 +64,12 @@ class GPTLightningCLI(LightningCLI):
         # test and predict have nothing to run on: the data has two splits and the model predicts text
         # through `generate`.
         lightning = LightningCLI.subcommands()
-        return {"fit": lightning["fit"], "validate": lightning["validate"], "generate": {"model"}}
+        return {"fit": lightning["fit"], "validate": lightning["validate"], "generate": {"model"}, "export": {"model"}}
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        if subcommand != "generate":
+        if subcommand not in ("generate", "export"):
             return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        # Sampling needs a checkpoint and a device, not the model and data sections of training.
+        # Sampling and exporting need a checkpoint (and a device), not the model and data sections of training.
         parser = self.init_parser(**kwargs)
         parser.add_lightning_class_args(self.trainer_class, "trainer")
         parser.set_defaults({"trainer.devices": 1, "trainer.logger": False, "trainer.enable_progress_bar": False})
@@ -213,7 +213,8 @@ def _existing_checkpoint(path: str) -> Path:
     return Path(path)
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, TimeoutError, NonFiniteLossError, MisconfigurationException)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, TimeoutError, NonFiniteLossError,
+               MisconfigurationException)  # fmt: skip
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Lightning's Trainer with one more entry point, `generate`, next to fit, validate, test and predict."""
+"""Lightning's Trainer with two more entry points next to fit and validate: `generate` and `export`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from gpt_lightning.checkpoint import load_model
 from gpt_lightning.data import read_text
 from gpt_lightning.generate import check_sampling_args, generate_tokens
+from gpt_lightning.hf import export_hf_gpt2
 from gpt_lightning.model import GPT
 
 
@@ -79,3 +80,17 @@ class GPTTrainer(L.Trainer):
         out.write("\n")
         out.flush()
         return samples
+
+    def export(self, ckpt_path: str, output: str, model: Any = None) -> Path:
+        """Write a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json):
+        `transformers.GPT2LMHeadModel.from_pretrained(output)` gives the same logits.
+
+        Args:
+            ckpt_path: A checkpoint written by `fit`. Architecture and vocabulary come from it.
+            output: A new folder (or an empty one): an existing folder with files in it is never overwritten.
+            model: Unused: the checkpoint defines the model.
+        """
+        gpt, tokenizer = load_model(ckpt_path)
+        written = export_hf_gpt2(gpt, tokenizer, output)
+        print(f"exported {ckpt_path} to {written}: load it with GPT2LMHeadModel.from_pretrained({str(written)!r})")
+        return written
