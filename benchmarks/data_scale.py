@@ -68,6 +68,7 @@ class InMemoryText:
         text = read_text(path, "data.path")
         self.source_sha256 = hashlib.sha256(text.encode()).hexdigest()  # what a checkpoint records
         self.selection = Selection().to_dict()
+        self.skipped: list[str] = []  # every file was read
         self.tokenizer = CharTokenizer.from_text(text)
         self.vocab = self.tokenizer.vocab
         self._tokens = self.tokenizer.encode(text)

@@ -33,7 +33,7 @@ def test_validation_share_benchmark_scales_a_few_steps_to_the_recipes_interval(t
     lines = run_benchmark("validation_share.py", "--preset=cpu", f"--data-path={text_file}", "--threads=1",
                           "--train-steps=4")  # fmt: skip
     assert re.fullmatch(r"training [\d.]+ s \([\d.]+ s/step\), validation [\d.]+ s \(1 full pass .*\)", lines[-2])
-    share = r"validation share of wall time at val_check_interval=500, training time scaled from 4 steps: [\d.]+%"
+    share = r"validation share of wall time at val_check_interval=\d+, training time scaled from 4 steps: [\d.]+%"
     assert re.fullmatch(share, lines[-1])
 
 

@@ -44,9 +44,10 @@ def test_tensorboard_serves_the_runs_scalars(server: str):
     while not (tags := get(f"{server}/data/plugin/scalars/tags")) and time.monotonic() < deadline:
         time.sleep(0.5)  # the first load of the run is asynchronous
     (run,) = tags
-    # Exactly these: no `epoch` (the stream is endless), one learning rate for AdamW's two groups.
-    expected = {"train/loss": 40, "val/loss": 2, "val/bpc": 2, "train/lr": 40, "train/tokens_per_sec": 40,
-                "train/grad_norm": 40}  # fmt: skip
+    # Exactly these, for the CPU recipe (Muon for the blocks' matrices, AdamW for the rest): no `epoch` (the
+    # stream is endless), one learning rate per schedule.
+    expected = {"train/loss": 40, "val/loss": 2, "val/bpc": 2, "train/lr": 40, "train/lr_muon": 40,
+                "train/tokens_per_sec": 40, "train/grad_norm": 40}  # fmt: skip
     assert set(tags[run]) == set(expected)
     steps = {}
     for tag, points in expected.items():
@@ -62,11 +63,13 @@ def test_tensorboard_serves_the_runs_scalars(server: str):
     assert any(chart["multiline"]["tag"] == ["train/loss", "val/loss"] for chart in charts)
 
 
-def test_a_muon_run_logs_one_learning_rate_per_schedule(text_file: Path, tmp_path: Path):
-    assert_ok(tiny_fit(text_file, tmp_path, "--model.optimizer=muon", "--trainer.max_steps=3",
-                       "--trainer.val_check_interval=3", in_process=True))  # fmt: skip
-    logged = scalars(tmp_path / "run" / "version_0")
-    assert set(logged) == {"train/loss", "train/lr", "train/lr_muon", "train/grad_norm", "train/tokens_per_sec",
-                           "val/loss", "val/bpc"}  # fmt: skip
+def test_learning_rate_charts_one_per_schedule(text_file: Path, tmp_path: Path):
+    for optimizer in ("adamw", "muon"):
+        assert_ok(tiny_fit(text_file, tmp_path, f"--model.optimizer={optimizer}", "--trainer.max_steps=3",
+                           "--trainer.val_check_interval=3", name=optimizer, in_process=True))  # fmt: skip
+    adamw, muon = (scalars(tmp_path / name / "version_0") for name in ("adamw", "muon"))
+    base = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "val/loss", "val/bpc"}
+    assert set(adamw) == base  # AdamW's two parameter groups share one chart
+    assert set(muon) == base | {"train/lr_muon"}
     # One schedule drives both: Muon's 0.02 against TINY's AdamW 1e-2, at every step.
-    assert [lr for _, lr in logged["train/lr_muon"]] == pytest.approx([2 * lr for _, lr in logged["train/lr"]])
+    assert [lr for _, lr in muon["train/lr_muon"]] == pytest.approx([2 * lr for _, lr in muon["train/lr"]])

@@ -241,7 +241,7 @@ PINNED_LOSSES = {0: 4.193244934082031, 1: 4.152455806732178, 2: 4.12637090682983
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare/input.txt").exists(), reason="needs ../shared corpus")
-def test_the_cpu_recipe_trains_on_exactly_the_same_batches_as_before(tmp_path):
+def test_nanogpts_cpu_recipe_trains_on_exactly_the_same_batches_as_before(tmp_path):
     from gpt_lightning.cli import GPTLightningCLI
     from tests.probe import RecordRank
 
@@ -249,7 +249,7 @@ def test_the_cpu_recipe_trains_on_exactly_the_same_batches_as_before(tmp_path):
     torch.set_num_threads(1)
     try:
         cli = GPTLightningCLI(
-            args=["--config", str(ROOT / "configs/pretrain_cpu.yaml"), f"--data.data_dir={SHARED_DATA}",
+            args=["--config", str(ROOT / "configs/pretrain_cpu_nanogpt.yaml"), f"--data.data_dir={SHARED_DATA}",
                   f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.logger.init_args.save_dir={tmp_path}",
                   "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=128", "--model.dropout=0.0",
                   "--model.learning_rate=1e-3", "--model.min_lr=1e-4", "--model.warmup_steps=100",
