@@ -174,7 +174,7 @@ class GPTModule(L.LightningModule):
         """Whether this batch's optimizer step writes step metrics (call before the step is taken).
 
         Each self.log call costs about 0.6 ms of Lightning bookkeeping even when nothing is written:
-        logging every step cost the CPU recipe 7% of its throughput (README, Performance)."""
+        logging every step cost the CPU recipe 7% of its throughput (docs/recipes-and-benchmarks.md, Performance)."""
         return is_logging_step(self.trainer, self.global_step)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -35,6 +35,26 @@ def make_play(n_speeches: int, seed: int = 0) -> str:
     return "\n\n".join(speeches) + "\n"
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs from its own folder: a run that takes the defaults (runs/, data/) writes there, never
+    into the checkout. (Subprocess runs name their folders; a test that needs the checkout chdirs there.)"""
+    monkeypatch.chdir(tmp_path)
+
+
+def _checkout_outputs() -> set[str]:
+    return {str(p.relative_to(ROOT)) for folder in ("runs", "data/token_cache") for p in (ROOT / folder).glob("*")}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkout_left_alone():
+    """Fails the session if a test left runs or token caches in the checkout (a user's own stay)."""
+    before = _checkout_outputs()
+    yield
+    added = _checkout_outputs() - before
+    assert not added, f"tests wrote into the checkout: {sorted(added)}"
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "play.txt"
@@ -71,12 +91,13 @@ def cli_env(**extra: str) -> dict[str, str]:
 def cli(
     *args: str, timeout: float = 240, env: dict | None = None, in_process: bool = False
 ) -> subprocess.CompletedProcess:
-    """Runs `python main.py ARGS` from the checkout in a subprocess (as a user would, and as DDP requires),
-    or `in_process` (from this process's directory: a test that needs another one uses monkeypatch.chdir)."""
+    """Runs `python main.py ARGS` in a subprocess (as a user would, and as DDP requires), or `in_process`.
+    Either way from the test's own folder (see `_outside_the_checkout`), so that defaults such as `runs/`
+    and `data/` never land in the checkout; `main.py` is named by its absolute path."""
     if in_process:
         return main_in_process(*args, env=env)
     return subprocess.run(
-        main_py(*args), cwd=ROOT, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+        main_py(*args), cwd=Path.cwd(), env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
     )
 
 

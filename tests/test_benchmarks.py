@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 def run_benchmark(script: str, *args: str) -> list[str]:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+                            capture_output=True, text=True, timeout=300, cwd=Path.cwd())  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(ROOT.glob("config.yaml")), "a benchmark must not write into the checkout"
     return result.stdout.strip().splitlines()

@@ -137,8 +137,8 @@ def corpus_fit(runs: Path, data_dir: Path, probe: Path, *args: str) -> list[str]
 
 def run_all(commands: list[list[str]], timeout: float = 240) -> list[tuple[int, str]]:
     env = {k: v for k, v in cli_env().items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    processes = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for c in commands]  # fmt: skip
+    processes = [subprocess.Popen(c, cwd=Path.cwd(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for c in commands]  # fmt: skip
     return [(p.wait(timeout=timeout), p.communicate()[0]) for p in processes]
 
 
@@ -218,7 +218,7 @@ def srun_like(tasks: int, *args: str) -> list[tuple[int, str]]:
               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
     env = {k: v for k, v in cli_env().items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
     processes = [
-        subprocess.Popen(main_py(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        subprocess.Popen(main_py(*args), cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**env, **common, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
         for r in range(tasks)
     ]  # fmt: skip
