@@ -95,3 +95,60 @@ def export_hf_gpt2(model: GPT, tokenizer: CharTokenizer, output: str | Path) -> 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+# Hugging Face's names for GPT-2's GELU: "gelu_new" (its default) is the tanh approximation.
+HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def gpt_from_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPT:
+    """Our GPT with the weights of a Hugging Face GPT-2 folder (`config.json`, `model.safetensors`), as
+    nanoGPT's `from_pretrained` does: the Conv1D weights transposed back, Hugging Face's other buffers
+    (attention masks) left out, the head tied. `block_size` crops the position table, never extends it."""
+    folder = Path(folder)
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a Hugging Face GPT-2 folder: it needs config.json and model.safetensors."
+        )
+    hf = json.loads(config_path.read_text(encoding="utf-8"))
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{folder} holds a {hf.get('model_type')!r} model, not GPT-2 (config.json's model_type).")
+    gelu = HF_GELU.get(hf.get("activation_function", "gelu_new"))
+    n_embd, positions = hf["n_embd"], hf["n_positions"]
+    if gelu is None or (hf.get("n_inner") or 4 * n_embd) != 4 * n_embd or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise ValueError(
+            f"{folder}'s GPT-2 differs from ours: activation {hf.get('activation_function')!r}, MLP width "
+            f"{hf.get('n_inner')}, LayerNorm epsilon {hf.get('layer_norm_epsilon')} (ours: GELU, 4 x n_embd, 1e-5)."
+        )
+    if block_size is not None and block_size > positions:
+        raise ValueError(f"block_size {block_size} exceeds the {positions} positions {folder} was trained with: "
+                         f"use {positions} or less.")  # fmt: skip
+    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=block_size or positions, n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=n_embd, bias=True, gelu=gelu)  # fmt: skip
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise ImportError("loading Hugging Face weights needs safetensors: pip install -e '.[hf]'") from err
+    # Saved with or without the "transformer." prefix, depending on the class that saved them.
+    theirs = {k.removeprefix("transformer."): v for k, v in load_file(str(weights_path)).items()}
+    try:
+        model = GPT(config)
+        model.load_state_dict(_from_hf_names(theirs, config))
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(f"{weights_path} does not hold the GPT-2 weights config.json describes ({err}).") from None
+    return model.eval()
+
+
+def _from_hf_names(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    ours = {"wte.weight": theirs["wte.weight"], "wpe.weight": theirs["wpe.weight"][: config.block_size]}
+    for i in range(config.n_layer):
+        for norm in LAYER_NORMS:
+            for kind in ("weight", "bias"):
+                ours[f"h.{i}.{norm}.{kind}"] = theirs[f"h.{i}.{norm}.{kind}"]
+        for name in CONV1D:
+            ours[f"h.{i}.{name}.weight"] = theirs[f"h.{i}.{name}.weight"].t()  # (in, out) -> (out, in)
+            ours[f"h.{i}.{name}.bias"] = theirs[f"h.{i}.{name}.bias"]
+    ours["ln_f.weight"], ours["ln_f.bias"] = theirs["ln_f.weight"], theirs["ln_f.bias"]
+    ours["lm_head.weight"] = ours["wte.weight"]  # tied
+    return ours

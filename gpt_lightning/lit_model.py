@@ -17,7 +17,7 @@ from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, hidden_matrices
 from gpt_lightning.tokenizer import CharTokenizer
 
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "bias")
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "gelu")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,6 +74,7 @@ class GPTModule(L.LightningModule):
         n_head: int | None = None,
         n_embd: int | None = None,
         bias: bool | None = None,
+        gelu: Literal["exact", "tanh"] | None = None,
         dropout: float = 0.0,
         init_from: str | None = None,
         learning_rate: float = 1e-3,
@@ -97,6 +98,8 @@ class GPTModule(L.LightningModule):
             n_head: Attention heads per block; must divide n_embd. Unset: the checkpoint's, else 6.
             n_embd: Width of the residual stream. Unset: the checkpoint's, else 384.
             bias: Biases in Linear and LayerNorm layers (GPT-2 has them). Unset: the checkpoint's, else False.
+            gelu: The MLP's GELU: exact, or tanh (the approximation GPT-2's weights were trained with). Unset: the
+                checkpoint's, else exact.
             dropout: Dropout probability in [0, 1). Not part of the architecture: a fine-tune may change it.
             init_from: Start from the weights, architecture and vocabulary of this checkpoint (fine-tuning).
                 Steps, optimizer and schedule start fresh: this is not a resume (that is `--ckpt_path`).
@@ -130,7 +133,7 @@ class GPTModule(L.LightningModule):
             raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {muon_precision!r}.")
         self.muon_precision = muon_precision
         self.tokenizer = CharTokenizer(vocab)
-        explicit: dict[str, Any] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias}
+        explicit: dict[str, Any] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias, "gelu": gelu}
         if init_from is None:
             defaults = GPTConfig(vocab_size=len(vocab), block_size=block_size, dropout=dropout)
             self.config = dataclasses.replace(defaults, **{k: v for k, v in explicit.items() if v is not None})

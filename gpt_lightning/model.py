@@ -23,6 +23,7 @@ class GPTConfig:
     n_embd: int = 384  # width of the residual stream
     dropout: float = 0.0  # the baby GPT overfits 1M characters without it; large corpora want 0
     bias: bool = False  # biases in Linear and LayerNorm: GPT-2 had them, without is a bit better and faster
+    gelu: str = "exact"  # "tanh": the approximation OpenAI's GPT-2 was trained with; its weights need it
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -35,6 +36,8 @@ class GPTConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) so every head gets "
                 f"the same width: use n_embd {lower or self.n_head} or {lower + self.n_head}, or another n_head."
             )
+        if self.gelu not in ("exact", "tanh"):
+            raise ValueError(f"gelu must be exact or tanh (GPT-2's approximation), got {self.gelu!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}: 0 disables it, 0.2 is typical.")
 
@@ -114,7 +117,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

@@ -92,6 +92,7 @@ def test_residual_projections_are_scaled_down():
         ({"block_size": -1}, "block_size must be a positive integer"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+        ({"gelu": "relu"}, r"gelu must be exact or tanh"),
     ],
 )
 def test_invalid_shapes_fail_at_construction(kwargs, message):
