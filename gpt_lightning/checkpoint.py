@@ -16,14 +16,15 @@ from typing import Any
 
 import torch
 
+from gpt_lightning.hf import HUB_NAMES, gpt_from_hf_gpt2, hf_gpt2_folder, tokenizer_of_hf_folder
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.tokenizer import CharTokenizer
+from gpt_lightning.tokenizer import Tokenizer, tokenizer_from_dict
 
 METADATA_KEY = "gpt_lightning"
 MODEL_PREFIX = "gpt."  # the LightningModule keeps the network in `self.gpt`
 
 
-def metadata(config: GPTConfig, tokenizer: CharTokenizer, data: dict[str, Any] | None = None) -> dict[str, Any]:
+def metadata(config: GPTConfig, tokenizer: Tokenizer, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint's own description: model config, vocabulary and, where known, the training data
     (its source, sha256, selection and validation split)."""
     described = {"format": 1, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer.to_dict()}
@@ -33,6 +34,11 @@ def metadata(config: GPTConfig, tokenizer: CharTokenizer, data: dict[str, Any] |
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads one of our checkpoints onto the CPU, with clear errors for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a folder, not a .ckpt: `generate` and `load_model` take a Hugging Face GPT-2 folder; "
+            "training from one (model.init_from) is not supported yet."
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (runs/*/version_*/checkpoints/).")
     if not zipfile.is_zipfile(path):
@@ -54,8 +60,8 @@ def model_config_of(checkpoint: dict[str, Any]) -> GPTConfig:
     return GPTConfig(**checkpoint[METADATA_KEY]["model_config"])
 
 
-def tokenizer_of(checkpoint: dict[str, Any]) -> CharTokenizer:
-    return CharTokenizer.from_dict(checkpoint[METADATA_KEY]["tokenizer"])
+def tokenizer_of(checkpoint: dict[str, Any]) -> Tokenizer:
+    return tokenizer_from_dict(checkpoint[METADATA_KEY]["tokenizer"])
 
 
 def data_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -74,7 +80,7 @@ class CheckpointFacts:
 
     path: Path
     config: GPTConfig
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     data: dict[str, Any] | None  # what the run trained on, where the checkpoint records it
     optimizer: str  # the model.optimizer it was trained with; its optimizer state fits no other
     global_step: int
@@ -101,8 +107,13 @@ def _facts(resolved: Path, mtime_ns: int, size: int, path: Path) -> CheckpointFa
     )
 
 
-def load_model(path: str | Path) -> tuple[GPT, CharTokenizer]:
-    """The trained GPT (in eval mode, on the CPU) and its tokenizer, from a checkpoint file alone."""
+def load_model(path: str | Path) -> tuple[GPT, Tokenizer]:
+    """The trained GPT (in eval mode, on the CPU) and its tokenizer, from one of our checkpoints, a Hugging
+    Face GPT-2 folder (config.json, model.safetensors and its tokenizer), or a hub name such as `gpt2`."""
+    if str(path) in HUB_NAMES or Path(path).is_dir():
+        folder = hf_gpt2_folder(path)
+        model = gpt_from_hf_gpt2(folder)
+        return model, tokenizer_of_hf_folder(folder, model.config.vocab_size)
     checkpoint = load_checkpoint(path)
     model = GPT(model_config_of(checkpoint))
     model.load_state_dict(model_state_dict(checkpoint))

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -121,6 +121,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.init_from = init_from
         self._source: CheckpointFacts | None = None if init_from is None else describe_checkpoint(init_from)
+        if self._source is not None and not isinstance(self._source.tokenizer, CharTokenizer):
+            raise ValueError(f"{init_from} uses a BPE tokenizer: the data path encodes characters only so far.")
         self.block_size = self._resolve_block_size(block_size)
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
@@ -141,7 +143,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         """The text, encoded: built by local rank 0 of each node (also when the CLI first asks for the
         vocabulary, before any process group exists); the other processes wait for it and map it."""
         root = Path(self.cache_dir) if self.cache_dir is not None else Path(self.data_dir) / "token_cache"
-        vocab = None if self._source is None else self._source.tokenizer.vocab
+        vocab = None if self._source is None else cast(CharTokenizer, self._source.tokenizer).vocab
         what = "data.path" if self.path is not None else "the corpus"
         # Where local rank 0 leaves its error, so that the node's other processes stop with it at once
         # instead of waiting for a cache that will never come (nothing else would stop them under srun).

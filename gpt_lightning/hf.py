@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.tokenizer import CharTokenizer
+from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # stored transposed by Hugging Face
 LAYER_NORMS = ("ln_1", "ln_2")
@@ -69,10 +69,10 @@ def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in theirs.items()}
 
 
-def export_hf_gpt2(model: GPT, tokenizer: CharTokenizer, output: str | Path) -> Path:
+def export_hf_gpt2(model: GPT, tokenizer: Tokenizer, output: str | Path) -> Path:
     """Writes `output` as a Hugging Face GPT-2 folder, whole or not at all: an existing folder with files in
-    it is never overwritten. The vocabulary goes to `vocab.json` ({character: id}), so that text maps to
-    ids without our code: `ids = [vocab[c] for c in text]`."""
+    it is never overwritten. A BPE tokenizer goes to `tokenizer.json`; characters go to `vocab.json`
+    ({character: id}), so that text maps to ids without our code: `ids = [vocab[c] for c in text]`."""
     try:
         from safetensors.torch import save_file
     except ImportError as err:
@@ -86,8 +86,12 @@ def export_hf_gpt2(model: GPT, tokenizer: CharTokenizer, output: str | Path) -> 
         save_file(hf_gpt2_state_dict(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
         config = json.dumps(hf_gpt2_config(model.config), indent=2)
         (staging / "config.json").write_text(config + "\n", encoding="utf-8")
-        vocab = {char: i for i, char in enumerate(tokenizer.vocab)}
-        (staging / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        if isinstance(tokenizer, BPETokenizer):
+            (staging / "tokenizer.json").write_text(tokenizer.tokenizer_json, encoding="utf-8")
+        else:
+            vocab = {char: i for i, char in enumerate(tokenizer.vocab)}
+            vocab_json = json.dumps(vocab, ensure_ascii=False, indent=1) + "\n"
+            (staging / "vocab.json").write_text(vocab_json, encoding="utf-8")
         if output.exists():
             output.rmdir()  # empty, checked above
         os.replace(staging, output)
@@ -152,3 +156,47 @@ def _from_hf_names(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
     ours["ln_f.weight"], ours["ln_f.bias"] = theirs["ln_f.weight"], theirs["ln_f.bias"]
     ours["lm_head.weight"] = ours["wte.weight"]  # tied
     return ours
+
+
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 weights on the hub
+HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def hf_gpt2_folder(name_or_folder: str | Path) -> Path:
+    """A local GPT-2 folder: the folder itself, or a hub name's files in huggingface_hub's cache (downloaded
+    on first use; `HF_HUB_OFFLINE=1` reads the cache only)."""
+    if str(name_or_folder) not in HUB_NAMES:
+        return Path(name_or_folder)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise ImportError("GPT-2 from the hub needs huggingface_hub: pip install -e '.[hf]'") from err
+    try:
+        return Path(snapshot_download(f"openai-community/{name_or_folder}", allow_patterns=HUB_FILES))
+    except Exception as err:  # offline, not cached, or the hub refused: one line, and how to go on
+        raise FileNotFoundError(
+            f"could not get {name_or_folder} from the Hugging Face hub ({type(err).__name__}). Without network, "
+            f"give a local GPT-2 folder ({', '.join(HUB_FILES)}), or set HF_HUB_OFFLINE=1 with the files already "
+            "in huggingface_hub's cache."
+        ) from None
+
+
+def tokenizer_of_hf_folder(folder: Path, vocab_size: int) -> Tokenizer:
+    """The folder's tokenizer: `tokenizer.json` (BPE), or the `vocab.json` of characters that `export`
+    writes. It must fit the model's vocabulary."""
+    tokenizer: Tokenizer
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = BPETokenizer.from_file(folder / "tokenizer.json")
+    elif (folder / "vocab.json").is_file() and not (folder / "merges.txt").exists():
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        if sorted(vocab.values()) != list(range(len(vocab))) or any(len(c) != 1 for c in vocab):
+            raise ValueError(f"{folder}/vocab.json is not a character vocabulary: give the folder a tokenizer.json.")
+        tokenizer = CharTokenizer(sorted(vocab, key=vocab.__getitem__))
+    else:
+        raise FileNotFoundError(f"{folder} has no tokenizer: add its tokenizer.json (or export's vocab.json).")
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{folder}'s tokenizer has {tokenizer.vocab_size} tokens, more than the model's {vocab_size}: its ids "
+            "would index past the embedding. Use the tokenizer the model was trained with."
+        )
+    return tokenizer

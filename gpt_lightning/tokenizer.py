@@ -1,9 +1,12 @@
-"""Character-level tokenizer: one token per distinct character, ids in sorted order (as in nanoGPT)."""
+"""Tokenizers behind one small interface (encode, decode, check, to_dict): characters, one token each with ids
+in sorted order (as in nanoGPT, the default), and byte-level BPE from a Hugging Face `tokenizer.json`
+(GPT-2's), through the `tokenizers` library, imported where it is used (the `hf` extra)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -73,3 +76,77 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+class BPETokenizer:
+    """Byte-level BPE as a Hugging Face `tokenizer.json` defines it (GPT-2's, for one). The JSON travels in
+    checkpoints, so a checkpoint alone can encode and decode."""
+
+    def __init__(self, tokenizer_json: str) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as err:
+            raise ImportError("BPE tokenizers need the tokenizers library: pip install -e '.[hf]'") from err
+        self.tokenizer_json = tokenizer_json
+        self._tokenizer = Tokenizer.from_str(tokenizer_json)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BPETokenizer:
+        return cls(Path(path).read_text(encoding="utf-8"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def check(self, text: str, what: str = "text") -> None:
+        """Byte-level BPE encodes any text."""
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": "bpe", "tokenizer_json": self.tokenizer_json}
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+Tokenizer = CharTokenizer | BPETokenizer
+
+
+def tokenizer_from_dict(state: dict[str, str]) -> Tokenizer:
+    """The tokenizer a checkpoint recorded (`to_dict`)."""
+    if state.get("type") == "bpe":
+        return BPETokenizer(state["tokenizer_json"])
+    return CharTokenizer.from_dict(state)
+
+
+class StreamDecoder:
+    """Text of a growing sequence of token ids, piece by piece, never splitting a character: a byte-level
+    BPE token can end in the middle of a multi-byte UTF-8 character, which the next token completes. Each
+    `push` returns the text that became certain; `flush` returns the rest."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already returned
+
+    def push(self, ids: Iterable[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        certain = len(text.rstrip(INCOMPLETE))  # an incomplete character decodes to U+FFFD
+        new, self.emitted = text[self.emitted : certain], max(self.emitted, certain)
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        rest, self.emitted = text[self.emitted :], len(text)
+        return rest
+
+
+INCOMPLETE = "\ufffd"

@@ -14,6 +14,7 @@ from gpt_lightning.data import read_text
 from gpt_lightning.generate import check_sampling_args, generate_tokens
 from gpt_lightning.hf import export_hf_gpt2
 from gpt_lightning.model import GPT
+from gpt_lightning.tokenizer import StreamDecoder
 
 
 class GPTTrainer(L.Trainer):
@@ -34,11 +35,12 @@ class GPTTrainer(L.Trainer):
         """Sample text from a checkpoint, streaming it to stdout as it is generated.
 
         Args:
-            ckpt_path: A checkpoint written by `fit` (pre-training or fine-tuning). Architecture and
-                vocabulary come from it.
-            prompt: Text to continue. Every character must be in the checkpoint's vocabulary.
+            ckpt_path: A checkpoint written by `fit` (pre-training or fine-tuning), a Hugging Face GPT-2 folder
+                (config.json, model.safetensors, tokenizer.json) or a hub name: gpt2, gpt2-medium, gpt2-large,
+                gpt2-xl. Architecture and vocabulary come from it.
+            prompt: Text to continue. With a character vocabulary, every character must be in it.
             prompt_file: Read the prompt from this UTF-8 file instead.
-            max_new_tokens: Characters to generate per sample.
+            max_new_tokens: Tokens (characters, for a character model) to generate per sample.
             temperature: Softmax temperature: below 1 is more conservative, 0 is greedy (argmax).
             top_k: Sample from the k most likely characters only (clamped to the vocabulary). Unset: all.
             top_p: Nucleus sampling: the smallest set of characters whose probability reaches p, in (0, 1].
@@ -68,14 +70,17 @@ class GPTTrainer(L.Trainer):
                 out.write("\n" + "-" * 40 + "\n")
             out.write(prompt)
             text = [prompt]
+            # A BPE token may end inside a multi-byte character: the decoder holds it back until it is whole.
+            decoder = StreamDecoder(tokenizer)
             with self.precision_plugin.forward_context():
                 for token in generate_tokens(
                     gpt, idx, max_new_tokens, temperature, top_k, top_p, generator, use_kv_cache
                 ):
-                    char = tokenizer.decode(token.tolist())
-                    out.write(char)
+                    text.append(decoder.push(token.tolist()))
+                    out.write(text[-1])
                     out.flush()
-                    text.append(char)
+            text.append(decoder.flush())
+            out.write(text[-1])
             samples.append("".join(text))
         out.write("\n")
         out.flush()

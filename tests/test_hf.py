@@ -4,6 +4,7 @@ logits, and whose vocabulary maps text to ids without our code."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from gpt_lightning.checkpoint import load_model
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.hf import gpt_from_hf_gpt2, hf_gpt2_config, hf_gpt2_state_dict
 from gpt_lightning.model import GPT, GPTConfig
-from tests.conftest import assert_clean_error, assert_ok, cli
+from gpt_lightning.tokenizer import BPETokenizer, StreamDecoder
+from tests.conftest import assert_clean_error, assert_ok, cli, cli_env, main_py, make_play
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +138,81 @@ def test_folders_that_are_not_gpt2_are_clear_errors(hf_gpt2, tmp_path: Path):
     (folder / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
     with pytest.raises(ValueError, match="does not hold the GPT-2 weights config.json describes"):
         gpt_from_hf_gpt2(folder)
+
+
+# -- sampling GPT-2 folders, BPE ----------------------------------------------------------------------
+
+
+def train_bpe(path: Path, vocab_size: int = 300) -> Path:
+    """A tiny byte-level BPE (GPT-2's kind) trained on generated ASCII text: other characters fall back
+    to their UTF-8 bytes, one token each."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([make_play(200)], trainer)
+    tokenizer.save(str(path))
+    return path
+
+
+@pytest.fixture
+def bpe_gpt2(tmp_path: Path, transformers) -> Path:
+    """A GPT-2 folder as the hub serves one: config.json, model.safetensors and its tokenizer.json."""
+    folder = tmp_path / "bpe-gpt2"
+    folder.mkdir()
+    tokenizer = train_bpe(folder / "tokenizer.json")
+    vocab_size = json.loads(tokenizer.read_text())["model"]["vocab"].__len__()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_utf8_character_split_across_tokens_streams_whole(tmp_path: Path):
+    tokenizer = BPETokenizer.from_file(train_bpe(tmp_path / "tokenizer.json"))
+    text = "KING ARTHUR: 東京 and Ça va"
+    ids = tokenizer.encode(text).tolist()
+    assert len(ids) > len(text.split())  # 東 and 京 are three byte tokens each
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push([i]) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
+    assert "" in pieces  # held back while a character was incomplete
+
+
+@pytest.mark.slow
+def test_generate_samples_a_gpt2_folder_with_its_bpe(bpe_gpt2: Path):
+    args = ("generate", f"--ckpt_path={bpe_gpt2}", "--prompt=KING ARTHUR:", "--max_new_tokens=30", "--seed=3")
+    first, again = cli(*args, in_process=True), cli(*args, in_process=True)
+    assert_ok(first)
+    assert first.stdout == again.stdout and first.stdout.startswith("KING ARTHUR:")  # the same seed, the same bytes
+    gpt, tokenizer = load_model(bpe_gpt2)
+    assert isinstance(tokenizer, BPETokenizer)
+    prompt = tokenizer.encode("KING ARTHUR:")[None]
+    new = torch.cat(list(generate_tokens(gpt, prompt, 30, 0.8, generator=torch.Generator().manual_seed(3))))
+    assert first.stdout == "KING ARTHUR:" + tokenizer.decode(new.flatten()) + "\n"
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(hf_gpt2, tmp_path: Path):
+    _, folder = hf_gpt2  # 50 tokens
+    train_bpe(folder / "tokenizer.json")  # 300 tokens
+    with pytest.raises(ValueError, match="tokenizer has 300 tokens, more than the model's 50"):
+        load_model(folder)
+
+
+@pytest.mark.slow
+def test_a_hub_name_without_network_or_cache_is_a_one_line_error(tmp_path: Path):
+    env = {**cli_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run(main_py("generate", "--ckpt_path=gpt2"), cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert_clean_error(result, r"could not get gpt2 from the Hugging Face hub", "HF_HUB_OFFLINE=1")
+
+
+def test_openais_gpt2_from_the_local_cache_when_it_is_there(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        gpt, tokenizer = load_model("gpt2")
+    except FileNotFoundError:
+        pytest.skip("OpenAI's gpt2 is not in the local huggingface_hub cache, and there is no network here")
+    assert gpt.num_parameters() == 124_439_808 and tokenizer.vocab_size == 50_257
