@@ -1,6 +1,7 @@
-"""Our GPT as a Hugging Face GPT-2 folder: `config.json`, `model.safetensors` and the vocabulary, so that
-`transformers.GPT2LMHeadModel.from_pretrained(folder)` gives the same logits. Plain torch; `safetensors`
-is imported where it is used (the `hf` extra).
+"""Hugging Face GPT-2 folders in and out. Out: our GPT as `config.json`, `model.safetensors` and its
+vocabulary, so that `transformers.GPT2LMHeadModel.from_pretrained(folder)` gives the same logits. In: a
+GPT-2 folder (or a hub name such as `gpt2`) as our GPT and its tokenizer. Plain torch; `safetensors` and
+`huggingface_hub` are imported where they are used (the `hf` extra); `transformers` is never needed.
 
 The two models are one architecture with other names. Hugging Face's GPT-2 keeps its projections in
 `Conv1D` layers, whose weights are stored (in, out) where `nn.Linear` stores (out, in); it always has
