@@ -359,21 +359,22 @@ def _existing_cache(
     root: Path,
     selection: Selection,
     vocab: str | None,
-    full_check: bool,
     skip_undecodable: bool,
 ) -> TokenCache | None:
-    """A fresh cache of these inputs with these ids, if one is there. A cache of the text's own characters
-    serves a fixed vocabulary that equals them (a resumed or validated run asks for its checkpoint's, which
-    is the text's own): its ids are the same, so the text is not encoded twice."""
+    """A fresh cache of these inputs with these ids whose token file passes its checksum, if one is there
+    (the checksum last: a stale cache is not worth hashing). A cache of the text's own characters serves a
+    fixed vocabulary that equals them (a resumed or validated run asks for its checkpoint's, which is the
+    text's own): its ids are the same, so the text is not encoded twice."""
     candidates = [(cache_dir_for(root, files_spec, selection, vocab, skip_undecodable), vocab)]
     if vocab is not None:
         candidates.append((cache_dir_for(root, files_spec, selection, None, skip_undecodable), None))
     for directory, required_vocab in candidates:
         try:  # a cache of other ids under the key of `vocab` is an error, not a cache to replace
-            cache = TokenCache.open(directory, required_vocab, full_check=full_check)
+            cache = TokenCache.open(directory, required_vocab, full_check=False)
         except (CorruptCacheError, FileNotFoundError):
             continue  # absent or damaged: (re)built atomically by the builder
-        if (vocab is None or cache.vocab == vocab) and cache.is_fresh(files, selection):
+        fresh = (vocab is None or cache.vocab == vocab) and cache.is_fresh(files, selection)
+        if fresh and _blake2b_of(cache.path) == cache.tokens_blake2b:
             return cache
     return None
 
@@ -392,7 +393,7 @@ def build_token_cache(
     error that names them all, or, with `skip_undecodable`, are left out and listed in the cache."""
     files = resolve_text_files(files_spec, what)
     directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab, skip_undecodable)
-    existing = partial(_existing_cache, files, files_spec, Path(cache_root), selection, vocab, True, skip_undecodable)
+    existing = partial(_existing_cache, files, files_spec, Path(cache_root), selection, vocab, skip_undecodable)
     cache = existing()
     if cache is not None:
         return cache
@@ -507,7 +508,7 @@ def wait_for_token_cache(
     directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab, skip_undecodable)
     deadline = time.monotonic() + wait_s
     while True:
-        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, True, skip_undecodable)
+        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, skip_undecodable)
         if cache is not None:
             return cache
         if failure_marker is not None:
