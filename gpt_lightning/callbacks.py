@@ -3,6 +3,7 @@ a validation after the last step, token throughput, and a TensorBoard logger wit
 
 from __future__ import annotations
 
+import pickle
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.lit_model import GPTModule, is_logging_step
@@ -217,9 +218,15 @@ class LastCheckpoint(Callback):
         checkpoint is put into it now, and nothing else: otherwise a resumed run would not know that file,
         and a better score later would leave two best checkpoints."""
         if trainer.is_global_zero:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            checkpoint["callbacks"].update({cb.state_key: cb.state_dict() for cb in trainer.checkpoint_callbacks})
-            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)  # atomic: temp file, rename
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:  # a user callback's state that is not plain data
+                reason = str(err).strip().splitlines()[0][:60]
+                rank_zero_warn(f"{path} keeps the best checkpoint it was saved with: reading it back failed ({reason})")
+            else:
+                states = {cb.state_key: cb.state_dict() for cb in trainer.checkpoint_callbacks}
+                checkpoint["callbacks"].update(states)
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)  # atomic: temp file, rename
         trainer.strategy.barrier("last.ckpt")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

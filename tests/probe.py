@@ -71,3 +71,10 @@ class CrashAtStep(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"crash at step {self.step}")
+
+
+class OpaqueState(Callback):
+    """A callback whose state is an object, not plain data: `weights_only` loads refuse it."""
+
+    def state_dict(self) -> dict:
+        return {"opaque": OpaqueState}

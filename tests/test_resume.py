@@ -174,3 +174,10 @@ def test_a_resumed_run_keeps_exactly_one_best_checkpoint_the_best(text_file: Pat
     best = sorted(p.name for p in (run / "checkpoints").glob("best-*.ckpt"))
     val = dict(scalars(run)["val/loss"])
     assert best == [f"best-step={min(val, key=val.get) + 1}.ckpt"], (best, val)
+
+
+def test_a_callback_state_that_is_not_plain_data_does_not_fail_the_end_of_a_run(text_file: Path, tmp_path: Path):
+    with pytest.warns(UserWarning, match="keeps the best checkpoint it was saved with: reading it back failed"):
+        result = tiny_fit(text_file, tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+                          "--trainer.callbacks+=tests.probe.OpaqueState", in_process=True)  # fmt: skip
+    assert_ok(result)
