@@ -78,7 +78,6 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 class CheckpointFacts:
     """What a checkpoint says about its run, read once however many parts of a run ask."""
 
-    path: Path
     config: GPTConfig
     tokenizer: Tokenizer
     data: dict[str, Any] | None  # what the run trained on, where the checkpoint records it
@@ -98,7 +97,6 @@ def describe_checkpoint(path: str | Path) -> CheckpointFacts:
 def _facts(resolved: Path, mtime_ns: int, size: int, path: Path) -> CheckpointFacts:
     checkpoint = load_checkpoint(path)
     return CheckpointFacts(
-        path=path,
         config=model_config_of(checkpoint),
         tokenizer=tokenizer_of(checkpoint),
         data=data_of(checkpoint),

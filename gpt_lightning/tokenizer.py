@@ -129,24 +129,25 @@ def tokenizer_from_dict(state: dict[str, str]) -> Tokenizer:
 class StreamDecoder:
     """Text of a growing sequence of token ids, piece by piece, never splitting a character: a byte-level
     BPE token can end in the middle of a multi-byte UTF-8 character, which the next token completes. Each
-    `push` returns the text that became certain; `flush` returns the rest."""
+    `push` returns the text that became whole. Only the ids since the last whole character are decoded
+    again (for characters and byte-level BPE, text splits at character boundaries), so a long sample
+    costs linear time."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already returned
+        self.pending: list[int] = []  # ids whose text ends in an incomplete character
 
     def push(self, ids: Iterable[int]) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids)
-        certain = len(text.rstrip(INCOMPLETE))  # an incomplete character decodes to U+FFFD
-        new, self.emitted = text[self.emitted : certain], max(self.emitted, certain)
-        return new
+        self.pending.extend(ids)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith(INCOMPLETE):  # an incomplete character decodes to U+FFFD: wait for its next byte
+            return ""
+        self.pending = []
+        return text
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        rest, self.emitted = text[self.emitted :], len(text)
-        return rest
+        text, self.pending = self.tokenizer.decode(self.pending), []
+        return text
 
 
 INCOMPLETE = "\ufffd"

@@ -87,7 +87,8 @@ class GPTTrainer(L.Trainer):
         return samples
 
     def export(self, ckpt_path: str, output: str, model: Any = None) -> Path:
-        """Write a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json):
+        """Write a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors, and vocab.json or,
+        for BPE, tokenizer.json):
         `transformers.GPT2LMHeadModel.from_pretrained(output)` gives the same logits.
 
         Args:
