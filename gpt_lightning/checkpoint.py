@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gpt_lightning.hf import HUB_NAMES, gpt_from_hf_gpt2, hf_gpt2_folder, tokenizer_of_hf_folder
+from gpt_lightning.hf import config_of_hf_gpt2, gpt_from_hf_gpt2, hf_gpt2_folder, is_hf_gpt2, tokenizer_of_hf_folder
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -35,10 +35,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads one of our checkpoints onto the CPU, with clear errors for anything else."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(
-            f"{path} is a folder, not a .ckpt: `generate` and `load_model` take a Hugging Face GPT-2 folder; "
-            "training from one (model.init_from) is not supported yet."
-        )
+        raise ValueError(f"{path} is a folder, not a .ckpt: a Hugging Face GPT-2 folder is a start (model.init_from), "
+                         "not a run to resume or validate (--ckpt_path).")  # fmt: skip
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (runs/*/version_*/checkpoints/).")
     if not zipfile.is_zipfile(path):
@@ -83,11 +81,17 @@ class CheckpointFacts:
     data: dict[str, Any] | None  # what the run trained on, where the checkpoint records it
     optimizer: str  # the model.optimizer it was trained with; its optimizer state fits no other
     global_step: int
+    hf_folder: Path | None = None  # where the weights are, for a Hugging Face GPT-2 rather than a .ckpt
 
 
 def describe_checkpoint(path: str | Path) -> CheckpointFacts:
     """The facts of one of our checkpoints (read once per file version: the CLI, the data module and the
-    model all ask)."""
+    model all ask), or of a Hugging Face GPT-2 folder or hub name."""
+    if is_hf_gpt2(path):
+        folder = hf_gpt2_folder(path)
+        config = config_of_hf_gpt2(folder)
+        return CheckpointFacts(config=config, tokenizer=tokenizer_of_hf_folder(folder, config.vocab_size), data=None,
+                               optimizer="adamw", global_step=0, hf_folder=folder)  # fmt: skip
     path = Path(path)
     stat = path.stat() if path.is_file() else None
     return _facts(path.resolve(), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, path)
@@ -108,7 +112,7 @@ def _facts(resolved: Path, mtime_ns: int, size: int, path: Path) -> CheckpointFa
 def load_model(path: str | Path) -> tuple[GPT, Tokenizer]:
     """The trained GPT (in eval mode, on the CPU) and its tokenizer, from one of our checkpoints, a Hugging
     Face GPT-2 folder (config.json, model.safetensors and its tokenizer), or a hub name such as `gpt2`."""
-    if str(path) in HUB_NAMES or Path(path).is_dir():
+    if is_hf_gpt2(path):
         folder = hf_gpt2_folder(path)
         model = gpt_from_hf_gpt2(folder)
         return model, tokenizer_of_hf_folder(folder, model.config.vocab_size)

@@ -33,7 +33,7 @@ from gpt_lightning.token_cache import (
     count_characters,
     wait_for_token_cache,
 )
-from gpt_lightning.tokenizer import CharTokenizer
+from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_spec
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -49,6 +49,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         data_dir: str = "data",
         corpus_source: str = CORPUS_URL,
         path: str | None = None,
+        tokenizer: str | None = None,
         cache_dir: str | None = None,
         skip_undecodable: bool = False,
         speakers: list[str] | None = None,
@@ -73,6 +74,10 @@ class ShakespeareDataModule(L.LightningDataModule):
                 recursively) or a glob such as 'src/**/*.py'. Several files are read in sorted order with a
                 blank line between them. Any size: it is encoded once into a token file that every process
                 memory-maps.
+            tokenizer: How text becomes tokens: char (one token per character of the text's own vocabulary, as
+                in nanoGPT's shakespeare_char), gpt2 (GPT-2's byte-level BPE, from the Hugging Face hub), or the
+                path of a Hugging Face tokenizer.json. Unset: the `init_from` checkpoint's, else char. A model
+                reads only the ids of its own tokenizer: another one than the checkpoint's is an error.
             cache_dir: Where encoded token files are kept, one folder per input. Unset: <data_dir>/token_cache.
                 Later runs reuse them; changed inputs are encoded again.
             skip_undecodable: Leave out the files of `path` that are not UTF-8 (they are listed, and recorded in
@@ -82,7 +87,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             text_span: Use only this part of the text, as [start, end] fractions of its characters, before
                 `speakers` selects from it. [0.9, 1.0] is the corpus's last 10%: the validation split of
                 a pre-training run, text it never trained on (the default fine-tune's target).
-            block_size: Context length in characters. Unset: the `init_from` checkpoint's, else 256.
+            block_size: Context length in tokens. Unset: the `init_from` checkpoint's, else 256. A GPT-2 start may
+                crop its context (1024 positions) to less, never extend it.
             batch_size: Sequences per batch on each device.
             val_batch_size: Sequences per validation batch. Unset: 4 x batch_size, since a forward pass
                 without gradients needs far less memory, and larger batches run faster.
@@ -121,16 +127,34 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.init_from = init_from
         self._source: CheckpointFacts | None = None if init_from is None else describe_checkpoint(init_from)
-        if self._source is not None and not isinstance(self._source.tokenizer, CharTokenizer):
-            raise ValueError(f"{init_from} uses a BPE tokenizer: the data path encodes characters only so far.")
+        self.tokenizer_spec = tokenizer
+        self._bpe = self._resolve_bpe(tokenizer)
         self.block_size = self._resolve_block_size(block_size)
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
+
+    def _resolve_bpe(self, spec: str | None) -> BPETokenizer | None:
+        """The BPE tokenizer that encodes the text, None for characters: the checkpoint's when there is one."""
+        asked = None if spec is None else tokenizer_from_spec(spec)
+        if self._source is None:
+            return asked
+        source = self._source.tokenizer
+        if spec is not None and (asked != source if asked is not None else not isinstance(source, CharTokenizer)):
+            raise ValueError(
+                f"data.tokenizer {spec} is not the tokenizer of {self.init_from} ({_describe(source)}): a model reads "
+                "only the ids of the tokenizer it was trained with. Drop data.tokenizer to use the checkpoint's."
+            )
+        return source if isinstance(source, BPETokenizer) else None
 
     def _resolve_block_size(self, block_size: int | None) -> int:
         if self._source is None:
             return DEFAULT_BLOCK_SIZE if block_size is None else block_size
         source = self._source.config.block_size
+        if self._source.hf_folder is not None and block_size is not None:
+            if block_size > source:
+                raise ValueError(f"data.block_size {block_size} exceeds the {source} positions of {self.init_from}: "
+                                 f"use {source} or less.")  # fmt: skip
+            return block_size  # GPT-2's position table is cropped to it
         if block_size is not None and block_size != source:
             raise ValueError(
                 f"data.block_size {block_size} conflicts with {self.init_from}, which was trained with "
@@ -143,22 +167,23 @@ class ShakespeareDataModule(L.LightningDataModule):
         """The text, encoded: built by local rank 0 of each node (also when the CLI first asks for the
         vocabulary, before any process group exists); the other processes wait for it and map it."""
         root = Path(self.cache_dir) if self.cache_dir is not None else Path(self.data_dir) / "token_cache"
-        vocab = None if self._source is None else cast(CharTokenizer, self._source.tokenizer).vocab
+        bpe = self._bpe
+        vocab = None if self._source is None or bpe is not None else cast(CharTokenizer, self._source.tokenizer).vocab
         what = "data.path" if self.path is not None else "the corpus"
         # Where local rank 0 leaves its error, so that the node's other processes stop with it at once
         # instead of waiting for a cache that will never come (nothing else would stop them under srun).
         skip = self.skip_undecodable
-        key = cache_dir_for(root, self.path or corpus_path(self.data_dir), self.selection, vocab, skip).name
+        key = cache_dir_for(root, self.path or corpus_path(self.data_dir), self.selection, vocab, skip, bpe).name
         failure = build_state_dir(root) / f"{key}.{socket.gethostname()}.failed.json"
         if not _is_local_rank_zero():
             spec = self.path if self.path is not None else self._corpus(download=False, failure_marker=failure)
             return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection, failure_marker=failure,
-                                        skip_undecodable=skip)  # fmt: skip
+                                        skip_undecodable=skip, bpe=bpe)  # fmt: skip
         failure.unlink(missing_ok=True)  # an earlier launch's
         try:
             spec = self.path if self.path is not None else self._corpus(download=True)
             cache = build_token_cache(spec, root, vocab=vocab, selection=self.selection, what=what,
-                                      skip_undecodable=skip)  # fmt: skip
+                                      skip_undecodable=skip, bpe=bpe)  # fmt: skip
         except Exception as err:
             record_failure(failure, err)
             raise
@@ -197,20 +222,23 @@ class ShakespeareDataModule(L.LightningDataModule):
         if inside == 0:
             return  # e.g. none of the selected speakers speaks before the split
         rank_zero_warn(
-            f"about {inside / cache.num_tokens:.0%} of the fine-tuning text lies in the training split of "
+            f"about {inside / cache.characters:.0%} of the fine-tuning text lies in the training split of "
             f"{self.init_from} (the first {train_end:.0%} of the same text): a low validation loss there measures "
             f"memory, not transfer. Select held-out text, e.g. --data.text_span '[{train_end:g}, 1.0]'."
         )
 
     @cached_property
-    def tokenizer(self) -> CharTokenizer:
-        """The vocabulary: the `init_from` checkpoint's when fine-tuning, else the text's own characters."""
-        return CharTokenizer(self.token_cache.vocab)
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer: the `init_from` checkpoint's when fine-tuning, else data.tokenizer's (for characters,
+        the text's own, in sorted order)."""
+        return self._bpe if self._bpe is not None else CharTokenizer(self.token_cache.vocab)
 
     @property
-    def vocab(self) -> str:
-        """Linked into the model by the CLI, so the vocabulary is written in one place only."""
-        return self.tokenizer.vocab
+    def vocab(self) -> str | dict[str, str]:
+        """Linked into the model by the CLI, so the vocabulary is written in one place only: the characters in
+        id order, or a BPE tokenizer's state."""
+        tokenizer = self.tokenizer
+        return tokenizer.vocab if isinstance(tokenizer, CharTokenizer) else tokenizer.to_dict()
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node; the others wait at a barrier.
@@ -231,7 +259,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         if self.train_tokens.numel() - self.block_size < self.batch_size:
             raise ValueError(
                 f"data.batch_size {self.batch_size} does not fit the data: the training split has only "
-                f"{self.train_tokens.numel()} characters. Lower batch_size or block_size, or add text."
+                f"{self.train_tokens.numel()} tokens. Lower batch_size or block_size, or add text."
             )
 
     def train_dataloader(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -271,3 +299,9 @@ class ShakespeareDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
+
+
+def _describe(tokenizer: Tokenizer) -> str:
+    if isinstance(tokenizer, CharTokenizer):
+        return f"{tokenizer.vocab_size} characters"
+    return f"a {tokenizer.vocab_size}-token BPE"

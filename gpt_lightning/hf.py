@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ LAYER_NORMS = ("ln_1", "ln_2")
 
 
 def hf_gpt2_config(config: GPTConfig) -> dict:
-    """config.json of the same model. Our MLP's GELU is exact: Hugging Face's "gelu" (its GPT-2 default,
-    "gelu_new", is the tanh approximation)."""
+    """config.json of the same model. Hugging Face's "gelu" is our exact GELU; its GPT-2 default, "gelu_new",
+    is the tanh approximation."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -37,7 +38,7 @@ def hf_gpt2_config(config: GPTConfig) -> dict:
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": 4 * config.n_embd,
-        "activation_function": "gelu",
+        "activation_function": "gelu_new" if config.gelu == "tanh" else "gelu",
         "layer_norm_epsilon": 1e-5,
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
@@ -106,10 +107,9 @@ def export_hf_gpt2(model: GPT, tokenizer: Tokenizer, output: str | Path) -> Path
 HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
-def gpt_from_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPT:
-    """Our GPT with the weights of a Hugging Face GPT-2 folder (`config.json`, `model.safetensors`), as
-    nanoGPT's `from_pretrained` does: the Conv1D weights transposed back, Hugging Face's other buffers
-    (attention masks) left out, the head tied. `block_size` crops the position table, never extends it."""
+def config_of_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPTConfig:
+    """Our config of the GPT-2 in a Hugging Face folder, from its config.json. `block_size` crops the
+    position table, never extends it."""
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
@@ -129,13 +129,21 @@ def gpt_from_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPT:
     if block_size is not None and block_size > positions:
         raise ValueError(f"block_size {block_size} exceeds the {positions} positions {folder} was trained with: "
                          f"use {positions} or less.")  # fmt: skip
-    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=block_size or positions, n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=n_embd, bias=True, gelu=gelu)  # fmt: skip
+    return GPTConfig(vocab_size=hf["vocab_size"], block_size=block_size or positions, n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=n_embd, bias=True, gelu=gelu)  # fmt: skip
+
+
+def gpt_from_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPT:
+    """Our GPT with the weights of a Hugging Face GPT-2 folder (`config.json`, `model.safetensors`), as
+    nanoGPT's `from_pretrained` does: the Conv1D weights transposed back, Hugging Face's other buffers
+    (attention masks) left out, the head tied. `block_size` crops the position table, never extends it."""
+    config = config_of_hf_gpt2(folder, block_size)
     try:
         from safetensors.torch import load_file
     except ImportError as err:
         raise ImportError("loading Hugging Face weights needs safetensors: pip install -e '.[hf]'") from err
     # Saved with or without the "transformer." prefix, depending on the class that saved them.
+    weights_path = Path(folder) / "model.safetensors"
     theirs = {k.removeprefix("transformer."): v for k, v in load_file(str(weights_path)).items()}
     try:
         model = GPT(config)
@@ -143,6 +151,11 @@ def gpt_from_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPT:
     except (KeyError, RuntimeError) as err:
         raise ValueError(f"{weights_path} does not hold the GPT-2 weights config.json describes ({err}).") from None
     return model.eval()
+
+
+def is_hf_gpt2(path: str | Path) -> bool:
+    """Whether `path` names a Hugging Face GPT-2 (a hub name or a folder) rather than one of our .ckpt files."""
+    return str(path) in HUB_NAMES or Path(path).is_dir()
 
 
 def _from_hf_names(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -163,23 +176,30 @@ HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 w
 HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json"]
 
 
-def hf_gpt2_folder(name_or_folder: str | Path) -> Path:
+def hf_gpt2_folder(name_or_folder: str | Path, files: list[str] = HUB_FILES, wait_s: float = 3600.0) -> Path:
     """A local GPT-2 folder: the folder itself, or a hub name's files in huggingface_hub's cache (downloaded
-    on first use; `HF_HUB_OFFLINE=1` reads the cache only)."""
+    on first use; `HF_HUB_OFFLINE=1` reads the cache only). As for the corpus, local rank 0 of each node
+    downloads while the node's other processes wait for the files to be in the cache."""
     if str(name_or_folder) not in HUB_NAMES:
         return Path(name_or_folder)
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
         raise ImportError("GPT-2 from the hub needs huggingface_hub: pip install -e '.[hf]'") from err
-    try:
-        return Path(snapshot_download(f"openai-community/{name_or_folder}", allow_patterns=HUB_FILES))
-    except Exception as err:  # offline, not cached, or the hub refused: one line, and how to go on
-        raise FileNotFoundError(
-            f"could not get {name_or_folder} from the Hugging Face hub ({type(err).__name__}). Without network, "
-            f"give a local GPT-2 folder ({', '.join(HUB_FILES)}), or set HF_HUB_OFFLINE=1 with the files already "
-            "in huggingface_hub's cache."
-        ) from None
+    repo = f"openai-community/{name_or_folder}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        downloads = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
+        try:
+            return Path(snapshot_download(repo, allow_patterns=files, local_files_only=not downloads))
+        except Exception as err:  # offline, not cached, or the hub refused: one line, and how to go on
+            if downloads or time.monotonic() > deadline:
+                raise FileNotFoundError(
+                    f"could not get {name_or_folder} from the Hugging Face hub ({type(err).__name__}). Without "
+                    f"network, give a local GPT-2 folder ({', '.join(files)}), or set HF_HUB_OFFLINE=1 with the "
+                    "files already in huggingface_hub's cache."
+                ) from None
+            time.sleep(1.0)  # local rank 0 is downloading them
 
 
 def tokenizer_of_hf_folder(folder: Path, vocab_size: int) -> Tokenizer:

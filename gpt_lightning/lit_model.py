@@ -13,9 +13,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchmetrics import MeanMetric
 
 from gpt_lightning.checkpoint import METADATA_KEY, load_checkpoint, metadata, model_config_of, model_state_dict
+from gpt_lightning.hf import gpt_from_hf_gpt2, hf_gpt2_folder, is_hf_gpt2
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, hidden_matrices
-from gpt_lightning.tokenizer import CharTokenizer
+from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "gelu")
 
@@ -68,7 +69,7 @@ class WarmupCosine:
 class GPTModule(L.LightningModule):
     def __init__(
         self,
-        vocab: str,
+        vocab: str | dict[str, str],
         block_size: int,
         n_layer: int | None = None,
         n_head: int | None = None,
@@ -89,10 +90,11 @@ class GPTModule(L.LightningModule):
         muon_precision: MuonPrecision = "auto",
         compile: bool = False,
     ) -> None:
-        """A character GPT trained with AdamW (or Muon and AdamW) and a warm-up + cosine LR schedule.
+        """A GPT trained with AdamW (or Muon and AdamW) and a warm-up + cosine LR schedule.
 
         Args:
-            vocab: The characters of the vocabulary, in id order. Linked from the data module.
+            vocab: The tokenizer, linked from the data module: the characters of a character vocabulary in id
+                order, or a BPE tokenizer's state ({type: bpe, tokenizer_json: ...}).
             block_size: Context length. Linked from the data module.
             n_layer: Transformer blocks. Unset: the `init_from` checkpoint's, else 6.
             n_head: Attention heads per block; must divide n_embd. Unset: the checkpoint's, else 6.
@@ -101,8 +103,9 @@ class GPTModule(L.LightningModule):
             gelu: The MLP's GELU: exact, or tanh (the approximation GPT-2's weights were trained with). Unset: the
                 checkpoint's, else exact.
             dropout: Dropout probability in [0, 1). Not part of the architecture: a fine-tune may change it.
-            init_from: Start from the weights, architecture and vocabulary of this checkpoint (fine-tuning).
-                Steps, optimizer and schedule start fresh: this is not a resume (that is `--ckpt_path`).
+            init_from: Start from the weights, architecture and tokenizer of this checkpoint (fine-tuning): one of
+                our .ckpt files, a Hugging Face GPT-2 folder, or a hub name (gpt2, gpt2-medium, gpt2-large,
+                gpt2-xl). Steps, optimizer and schedule start fresh: this is not a resume (that is `--ckpt_path`).
             learning_rate: Peak AdamW learning rate, reached after the warm-up.
             min_lr: AdamW learning rate at the end of the cosine decay. Equal to learning_rate: a constant
                 LR. Muon's decays by the same ratio, min_lr / learning_rate.
@@ -122,7 +125,8 @@ class GPTModule(L.LightningModule):
             compile: Compile the network with torch.compile (in place, so checkpoint keys are unchanged).
         """
         super().__init__()
-        self.save_hyperparameters()
+        # A BPE tokenizer's JSON (1.3 MB for GPT-2's) stays out of hparams.yaml; the checkpoint keeps it.
+        self.save_hyperparameters(ignore=["vocab"] if isinstance(vocab, dict) else None)
         self.learning_rate, self.min_lr, self.warmup_steps = learning_rate, min_lr, warmup_steps
         self.lr_decay_steps, self.weight_decay, self.betas = lr_decay_steps, weight_decay, (betas[0], betas[1])
         if optimizer not in ("adamw", "muon"):
@@ -132,16 +136,23 @@ class GPTModule(L.LightningModule):
         if muon_precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {muon_precision!r}.")
         self.muon_precision = muon_precision
-        self.tokenizer = CharTokenizer(vocab)
+        self.tokenizer: Tokenizer = CharTokenizer(vocab) if isinstance(vocab, str) else tokenizer_from_dict(vocab)
+        vocab_size = self.tokenizer.vocab_size
         explicit: dict[str, Any] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias, "gelu": gelu}
         if init_from is None:
-            defaults = GPTConfig(vocab_size=len(vocab), block_size=block_size, dropout=dropout)
+            defaults = GPTConfig(vocab_size=vocab_size, block_size=block_size, dropout=dropout)
             self.config = dataclasses.replace(defaults, **{k: v for k, v in explicit.items() if v is not None})
             self.gpt = GPT(self.config)
         else:
-            checkpoint = load_checkpoint(init_from)
-            source = model_config_of(checkpoint)
-            given = {**explicit, "vocab_size": len(vocab), "block_size": block_size}
+            if is_hf_gpt2(init_from):  # GPT-2's weights, its position table cropped to block_size
+                hf = gpt_from_hf_gpt2(hf_gpt2_folder(init_from), block_size)
+                source, weights = hf.config, hf.state_dict()
+                # A tokenizer may have fewer ids than the embedding has rows (padded to a round number).
+                vocab_size = source.vocab_size if vocab_size <= source.vocab_size else vocab_size
+            else:
+                checkpoint = load_checkpoint(init_from)
+                source, weights = model_config_of(checkpoint), model_state_dict(checkpoint)
+            given = {**explicit, "vocab_size": vocab_size, "block_size": block_size}
             conflicts = [
                 f"{k}={v} (checkpoint: {getattr(source, k)})"
                 for k, v in given.items()
@@ -154,10 +165,13 @@ class GPTModule(L.LightningModule):
                 )
             self.config = dataclasses.replace(source, dropout=dropout)
             self.gpt = GPT(self.config)
-            self.gpt.load_state_dict(model_state_dict(checkpoint))
+            self.gpt.load_state_dict(weights)
         self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
         if compile:
             self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix
+        # Characters each token stands for: val/bpc is in bits per character of text for every tokenizer. Not
+        # a buffer: DDP would broadcast it at every step.
+        self._characters_per_token = self.tokenizer.characters_per_token()
         self.val_loss = MeanMetric()
         self.val_bpc = MeanMetric()
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last check
@@ -190,10 +204,14 @@ class GPTModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss = self._loss(batch)
-        weight = batch[1].numel()  # windows may differ in count per batch and rank: weight by characters
-        self.val_loss.update(loss, weight)
-        self.val_bpc.update(loss / math.log(2), weight)
+        x, y = batch
+        losses = F.cross_entropy(self.gpt(x).flatten(0, 1), y.flatten(), reduction="none")  # (B * T,) in nats
+        # Windows may differ in count per batch and rank: the means are weighted by tokens and characters.
+        if self._characters_per_token.device != y.device:
+            self._characters_per_token = self._characters_per_token.to(y.device)
+        characters = self._characters_per_token[y].sum()
+        self.val_loss.update(losses.mean(), y.numel())
+        self.val_bpc.update(losses.sum() / math.log(2) / characters, characters)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/bpc", self.val_bpc)
 

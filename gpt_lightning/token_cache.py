@@ -3,7 +3,9 @@
 A corpus is one text file, a folder of `.txt` files or a glob, read in sorted order with a blank line
 (SEPARATOR) between files. `build_token_cache` streams it twice in chunks, never holding it whole: the
 first pass checks the UTF-8, finds the vocabulary and hashes the bytes; the second writes one token per
-character, as uint8 when the vocabulary has at most 256 symbols (uint16, uint32 beyond). The token file
+character, as uint8 when the vocabulary has at most 256 symbols (uint16, uint32 beyond), or, with a BPE
+tokenizer, its ids (uint16 for GPT-2's 50,257), encoded in pieces cut where the whole text's encoding
+has a token boundary, so the ids are exactly those of encoding the text in one go. The token file
 and a `meta.json` that describes it are written atomically into a cache folder named after the inputs,
 so later runs reuse them, changed inputs rebuild them and a damaged cache is refused, never trained on.
 
@@ -16,6 +18,7 @@ import codecs
 import errno
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 
 from gpt_lightning.data import atomic_write_bytes, build_state_dir, exclusive, raise_if_failed, speaker_of
+from gpt_lightning.tokenizer import BPETokenizer
 
 SEPARATOR = "\n\n"  # between the files of a folder or glob: a blank line, as between speeches
 CHUNK_BYTES = 4 << 20  # bytes read at a time; a chunk's transient arrays take about 10x this
@@ -239,6 +243,12 @@ class TokenCache:
     selection: dict[str, Any]  # Selection.to_dict()
     format_version: int = FORMAT_VERSION
     skipped: list[str] = field(default_factory=list)  # input files left out because they are not UTF-8
+    tokenizer_sha256: str | None = None  # a BPE tokenizer's fingerprint; None: characters (`vocab`)
+    num_chars: int | None = None  # characters of text the tokens stand for; None: num_tokens (characters)
+
+    @property
+    def characters(self) -> int:
+        return self.num_tokens if self.num_chars is None else self.num_chars
 
     @property
     def path(self) -> Path:
@@ -258,9 +268,11 @@ class TokenCache:
         return torch.from_numpy(np.frombuffer(mapped, dtype=np.dtype(self.dtype), count=self.num_tokens))
 
     @classmethod
-    def open(cls, directory: Path, vocab: str | None = None, full_check: bool = True) -> TokenCache:
+    def open(
+        cls, directory: Path, vocab: str | None = None, full_check: bool = True, bpe: BPETokenizer | None = None
+    ) -> TokenCache:
         """Reads and checks the cache in `directory`: its description, the token file's size and (with
-        full_check) its checksum, and, when given, that it was encoded with `vocab`."""
+        full_check) its checksum, and, when given, that it was encoded with `vocab` or `bpe`."""
         meta_path = directory / "meta.json"
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -276,6 +288,8 @@ class TokenCache:
                 f"than the one asked for ({len(vocab)} symbols): its ids would mean other characters. Delete "
                 f"{directory} to re-encode the text, or point --data.cache_dir elsewhere."
             )
+        if bpe is not None and cache.tokenizer_sha256 != bpe.fingerprint:
+            raise ValueError(f"the token cache {directory} was encoded with another tokenizer: delete it to re-encode.")
         expected = cache.num_tokens * np.dtype(cache.dtype).itemsize
         size = cache.path.stat().st_size if cache.path.is_file() else -1
         if size != expected:
@@ -293,13 +307,20 @@ class CorruptCacheError(ValueError):
 
 
 def cache_dir_for(
-    root: Path, files_spec: str | Path, selection: Selection, vocab: str | None, skip_undecodable: bool = False
+    root: Path,
+    files_spec: str | Path,
+    selection: Selection,
+    vocab: str | None,
+    skip_undecodable: bool = False,
+    bpe: BPETokenizer | None = None,
 ) -> Path:
     """One folder per (inputs, selection, vocabulary, skipping): a fine-tune that encodes the corpus with its
     checkpoint's vocabulary never shares a cache with a run that uses the corpus's own, and a strict run never
     trains on a cache that left files out."""
     spec = str(files_spec) if glob.has_magic(str(files_spec)) else str(Path(files_spec).expanduser().resolve())
     fields = {"spec": spec, **selection.to_dict(), "vocab": vocab, "version": FORMAT_VERSION}
+    if bpe is not None:
+        fields["tokenizer"] = bpe.fingerprint
     key = json.dumps({**fields, "skip_undecodable": True} if skip_undecodable else fields)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).stem or "text")[:40]
     return Path(root) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -360,17 +381,18 @@ def _existing_cache(
     selection: Selection,
     vocab: str | None,
     skip_undecodable: bool,
+    bpe: BPETokenizer | None = None,
 ) -> TokenCache | None:
     """A fresh cache of these inputs with these ids whose token file passes its checksum, if one is there
     (the checksum last: a stale cache is not worth hashing). A cache of the text's own characters serves a
     fixed vocabulary that equals them (a resumed or validated run asks for its checkpoint's, which is the
     text's own): its ids are the same, so the text is not encoded twice."""
-    candidates = [(cache_dir_for(root, files_spec, selection, vocab, skip_undecodable), vocab)]
+    candidates = [(cache_dir_for(root, files_spec, selection, vocab, skip_undecodable, bpe), vocab)]
     if vocab is not None:
         candidates.append((cache_dir_for(root, files_spec, selection, None, skip_undecodable), None))
     for directory, required_vocab in candidates:
         try:  # a cache of other ids under the key of `vocab` is an error, not a cache to replace
-            cache = TokenCache.open(directory, required_vocab, full_check=False)
+            cache = TokenCache.open(directory, required_vocab, full_check=False, bpe=bpe)
         except (CorruptCacheError, FileNotFoundError):
             continue  # absent or damaged: (re)built atomically by the builder
         fresh = (vocab is None or cache.vocab == vocab) and cache.is_fresh(files, selection)
@@ -386,14 +408,18 @@ def build_token_cache(
     selection: Selection = Selection(),
     what: str = "data.path",
     skip_undecodable: bool = False,
+    bpe: BPETokenizer | None = None,
 ) -> TokenCache:
     """Returns the token cache of the text `files_spec` names, building it if it is missing, stale or
     damaged. `vocab` fixes the vocabulary (a checkpoint's, when fine-tuning); unset, it is the text's own
-    characters in sorted order, as CharTokenizer.from_text builds it. Files that are not UTF-8 are an
-    error that names them all, or, with `skip_undecodable`, are left out and listed in the cache."""
+    characters in sorted order, as CharTokenizer.from_text builds it. `bpe` encodes with a BPE tokenizer
+    instead. Files that are not UTF-8 are an error that names them all, or, with `skip_undecodable`, are left
+    out and listed in the cache."""
     files = resolve_text_files(files_spec, what)
-    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab, skip_undecodable)
-    existing = partial(_existing_cache, files, files_spec, Path(cache_root), selection, vocab, skip_undecodable)
+    if bpe is not None and vocab is not None:
+        raise ValueError("a token cache is encoded with a character vocabulary or a BPE tokenizer, not both.")
+    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab, skip_undecodable, bpe)
+    existing = partial(_existing_cache, files, files_spec, Path(cache_root), selection, vocab, skip_undecodable, bpe)
     cache = existing()
     if cache is not None:
         return cache
@@ -404,11 +430,17 @@ def build_token_cache(
         if cache is not None:
             return cache
         log.info("encoding %s (%d file(s)) into %s", what, len(files), directory)
-        return _encode(files, directory, vocab, selection, what, skip_undecodable)  # replaces a damaged one
+        return _encode(files, directory, vocab, selection, what, skip_undecodable, bpe)  # replaces a damaged one
 
 
 def _encode(
-    files: list[Path], directory: Path, vocab: str | None, selection: Selection, what: str, skip_undecodable: bool
+    files: list[Path],
+    directory: Path,
+    vocab: str | None,
+    selection: Selection,
+    what: str,
+    skip_undecodable: bool,
+    bpe: BPETokenizer | None,
 ) -> TokenCache:
     identity = _file_identity(files)  # of every input, skipped ones too: a fixed file rebuilds the cache
     skipped: list[Path] = []
@@ -426,7 +458,11 @@ def _encode(
         named = f"{files[0]} is empty" if len(files) == 1 else f"{len(files)} files hold no text"
         raise ValueError(f"{what} {named}: give text to train on.")
     present = "".join(map(chr, np.flatnonzero(seen)))
-    if vocab is None:
+    if bpe is not None:
+        vocab = ""
+        dtype = token_dtype(bpe.vocab_size)
+        encode_pieces = partial(bpe_encode_pieces, tokenizer=bpe)
+    elif vocab is None:
         vocab = present
     else:
         unknown = sorted(set(present) - set(vocab))
@@ -436,12 +472,14 @@ def _encode(
                 f"the fine-tuning text ({what}) has {len(unknown)} character(s) outside the model's "
                 f"{len(vocab)}-character vocabulary: {shown}. Remove or replace them."
             )
-    dtype = token_dtype(len(vocab))
-    lookup = np.zeros(_MAX_CODE_POINT, dtype=dtype)
-    lookup[[ord(c) for c in vocab]] = np.arange(len(vocab), dtype=dtype)
+    if bpe is None:
+        dtype = token_dtype(len(vocab))
+        lookup = np.zeros(_MAX_CODE_POINT, dtype=dtype)
+        lookup[[ord(c) for c in vocab]] = np.arange(len(vocab), dtype=dtype)
+        encode_pieces = partial(map, lambda piece: lookup[code_points(piece)])
 
     directory.mkdir(parents=True, exist_ok=True)
-    needed = count * dtype.itemsize
+    needed = count * dtype.itemsize  # BPE: about a third of it (GPT-2: ~3.3 characters per token)
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise OSError(errno.ENOSPC, _no_space(directory, needed, free))
@@ -450,19 +488,20 @@ def _encode(
     written = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            for piece in _pieces(files, selection, what=what):
-                ids = lookup[code_points(piece)].tobytes()
+            for piece_ids in encode_pieces(_pieces(files, selection, what=what)):
+                ids = piece_ids.astype(dtype, copy=False).tobytes()
                 digest.update(ids)
                 f.write(ids)
                 written += len(ids)
             f.flush()
             os.fsync(f.fileno())
-        if written != needed:
+        if bpe is None and written != needed:
             raise RuntimeError(f"the inputs changed while being encoded ({written} bytes, not {needed}): run again.")
         cache = TokenCache(
             directory=directory, token_file=f"tokens-{digest.hexdigest()}.bin", vocab=vocab, dtype=dtype.name,
-            num_tokens=count, tokens_blake2b=digest.hexdigest(), source_sha256=source_sha256, inputs=identity,
-            selection=selection.to_dict(), skipped=[str(f) for f in skipped],
+            num_tokens=written // dtype.itemsize, tokens_blake2b=digest.hexdigest(), source_sha256=source_sha256,
+            inputs=identity, selection=selection.to_dict(), skipped=[str(f) for f in skipped],
+            tokenizer_sha256=None if bpe is None else bpe.fingerprint, num_chars=count,
         )  # fmt: skip
         if cache.path.is_file() and _blake2b_of(cache.path) == cache.tokens_blake2b:
             Path(tmp).unlink()  # the same tokens are there, verified: leave the file others may map alone
@@ -484,6 +523,53 @@ def _encode(
     return cache
 
 
+_LINE_START = re.compile(r"\n(?=\S)")  # a line break followed by text: a token boundary for byte-level BPE
+BPE_SEGMENT_CHARS = 1 << 16  # text encoded per call: large enough to amortise the call, small enough to batch
+SEAM_CHARS = 256  # the text on each side of a cut that is checked
+
+
+def bpe_encode_pieces(pieces: Iterable[str], tokenizer: BPETokenizer) -> Iterator[np.ndarray]:
+    """The ids of the text that `pieces` stream, exactly as `tokenizer.encode(whole text)` gives them, without
+    holding the text whole. The text is cut after line breaks followed by text, where GPT-2's pre-tokenizer
+    (and every byte-level one) always ends a token; segments of about BPE_SEGMENT_CHARS are encoded in
+    batches (by the library's threads). Each cut is checked: a tokenizer that joins text across it (one that
+    adds a prefix space to every call, say) is an error, never a silently different encoding."""
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        if len(pending) < 4 * BPE_SEGMENT_CHARS:
+            continue
+        cuts = _cuts(pending)
+        if cuts:
+            yield from _encode_segments(pending, cuts, tokenizer)
+            pending = pending[cuts[-1] :]
+    if pending:
+        yield tokenizer.encode(pending).numpy()
+
+
+def _cuts(text: str) -> list[int]:
+    cuts, start = [], 0
+    while (line := _LINE_START.search(text, start + BPE_SEGMENT_CHARS)) is not None:
+        cuts.append(start := line.end())
+    return cuts
+
+
+def _encode_segments(text: str, cuts: list[int], tokenizer: BPETokenizer) -> Iterator[np.ndarray]:
+    bounds = [0, *cuts]
+    segments = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    encodings = tokenizer.encode_batch(segments)
+    for cut in cuts:
+        left, right = text[max(cut - SEAM_CHARS, 0) : cut], text[cut : cut + SEAM_CHARS]
+        apart = tokenizer.encode(left).tolist() + tokenizer.encode(right).tolist()
+        if tokenizer.encode(left + right).tolist() != apart:
+            raise ValueError(
+                "this tokenizer does not end a token at a line break followed by text (it may add a prefix space "
+                "to every input): the token cache cannot encode text with it in pieces. Use a byte-level BPE "
+                "without add_prefix_space, such as GPT-2's."
+            )
+    yield from encodings
+
+
 def _no_space(directory: Path, needed: int, free: int) -> str:
     return (
         f"no space left to write the token cache in {directory}: it needs {needed / 1e6:,.1f} MB, "
@@ -500,15 +586,16 @@ def wait_for_token_cache(
     wait_s: float = 3600.0,
     failure_marker: Path | None = None,
     skip_undecodable: bool = False,
+    bpe: BPETokenizer | None = None,
 ) -> TokenCache:
     """For the processes that do not build the cache: waits until the builder (local rank 0) has written
     a cache of the current inputs, and maps it only once its checksum holds. Stops with the builder's
     error as soon as it records one in `failure_marker`."""
     files = resolve_text_files(files_spec)
-    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab, skip_undecodable)
+    directory = cache_dir_for(Path(cache_root), files_spec, selection, vocab, skip_undecodable, bpe)
     deadline = time.monotonic() + wait_s
     while True:
-        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, skip_undecodable)
+        cache = _existing_cache(files, files_spec, Path(cache_root), selection, vocab, skip_undecodable, bpe)
         if cache is not None:
             return cache
         if failure_marker is not None:

@@ -1,13 +1,16 @@
-"""Tokenizers behind one small interface (encode, decode, check, to_dict): characters, one token each with ids
-in sorted order (as in nanoGPT, the default), and byte-level BPE from a Hugging Face `tokenizer.json`
-(GPT-2's), through the `tokenizers` library, imported where it is used (the `hf` extra)."""
+"""Tokenizers behind one small interface (encode, decode, check, to_dict, characters_per_token): characters,
+one token each with ids in sorted order (as in nanoGPT, the default), and byte-level BPE from a Hugging
+Face `tokenizer.json` (GPT-2's), through the `tokenizers` library, imported where it is used (the `hf` extra)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -64,6 +67,10 @@ class CharTokenizer:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
+    def characters_per_token(self) -> torch.Tensor:
+        """(vocab_size,): one character each."""
+        return torch.ones(self.vocab_size)
+
     @classmethod
     def from_json(cls, text: str) -> CharTokenizer:
         return cls.from_dict(json.loads(text))
@@ -104,6 +111,11 @@ class BPETokenizer:
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """The ids of each text, encoded by the library's threads together."""
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
+
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
@@ -112,8 +124,44 @@ class BPETokenizer:
     def to_dict(self) -> dict[str, str]:
         return {"type": "bpe", "tokenizer_json": self.tokenizer_json}
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """What identifies the tokenizer: the sha256 of its JSON with sorted keys, so that two copies of one
+        tokenizer.json written differently (indented or not) are the same tokenizer."""
+        canonical = json.dumps(json.loads(self.tokenizer_json), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def characters_per_token(self) -> torch.Tensor:
+        """(vocab_size,): how many characters of text each token stands for, so that a loss summed over
+        tokens becomes bits per character. A byte-level token may hold part of a multi-byte character: it
+        counts the characters that start in it (UTF-8 bytes that are not continuation bytes), so the counts
+        of a sequence add up to its length in characters."""
+        byte_of = {char: byte for byte, char in enumerate(_byte_level_alphabet())}
+        added = {token.content for token in self._tokenizer.get_added_tokens_decoder().values()}
+        counts = torch.zeros(self.vocab_size)
+        for token, i in self._tokenizer.get_vocab(with_added_tokens=True).items():
+            if token not in added and all(c in byte_of for c in token):  # a byte-level token: GPT-2's kind
+                counts[i] = sum(byte_of[c] & 0xC0 != 0x80 for c in token)
+            else:
+                counts[i] = len(self._tokenizer.decode([i], skip_special_tokens=False))
+        return counts
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BPETokenizer) and other.fingerprint == self.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The printable character GPT-2's byte-level BPE writes for each byte 0..255 (its `bytes_to_unicode`):
+    printable Latin-1 bytes stand for themselves; the others are shifted past 255 in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
 Tokenizer = CharTokenizer | BPETokenizer
@@ -124,6 +172,29 @@ def tokenizer_from_dict(state: dict[str, str]) -> Tokenizer:
     if state.get("type") == "bpe":
         return BPETokenizer(state["tokenizer_json"])
     return CharTokenizer.from_dict(state)
+
+
+TOKENIZER_CHOICES = "char (the text's own characters), gpt2 (GPT-2's byte-level BPE) or the path of a tokenizer.json"
+
+
+def tokenizer_from_spec(spec: str) -> BPETokenizer | None:
+    """`--data.tokenizer`: None for `char` (the vocabulary is then the text's own characters), else the BPE
+    tokenizer it names: `gpt2` (its tokenizer.json from the Hugging Face hub, cached) or a tokenizer.json."""
+    if spec == "char":
+        return None
+    if spec == "gpt2":
+        from gpt_lightning.hf import hf_gpt2_folder
+
+        return BPETokenizer.from_file(hf_gpt2_folder("gpt2", files=["tokenizer.json"]) / "tokenizer.json")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"data.tokenizer {spec!r} is neither {TOKENIZER_CHOICES}: check the path.")
+    try:
+        return BPETokenizer.from_file(path)
+    except Exception as err:  # the tokenizers library's parse errors are plain Exceptions
+        raise ValueError(f"data.tokenizer {path} is not a Hugging Face tokenizer.json ({err}).") from None
 
 
 class StreamDecoder:

@@ -12,6 +12,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,10 +119,16 @@ def main_in_process(*args: str, env: dict | None = None) -> subprocess.Completed
         redirect_stderr(stderr),
     ):
         os.environ.pop("GPT_LIGHTNING_TRACEBACK", None)
+        # One thread, as cli_env gives a subprocess: a run compared bit for bit with a subprocess run must
+        # reduce its floats in the same order.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
             main(list(args))
         except SystemExit as exit_:
             returncode = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        finally:
+            torch.set_num_threads(threads)
     return subprocess.CompletedProcess(main_py(*args), returncode, stdout.getvalue(), stderr.getvalue())
 
 
