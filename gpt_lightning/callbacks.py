@@ -17,6 +17,7 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
@@ -53,6 +54,10 @@ class TextSampleLogger(Callback):
         self._validations = 0
 
     def setup(self, trainer: L.Trainer, pl_module: GPTModule, stage: str) -> None:  # type: ignore[override]
+        if self.every_n_validations > 0 and isinstance(trainer.strategy, FSDPStrategy):
+            # Rank 0 alone cannot run a sharded model: every rank would have to gather each layer's weights.
+            rank_zero_warn("sampling during training is off under FSDP: sample the checkpoint with `generate`.")
+            self.every_n_validations = 0
         if self.every_n_validations > 0:
             pl_module.tokenizer.check(self.prompt, what="sample.prompt")  # fail now, not at the first sample
 

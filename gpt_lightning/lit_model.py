@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn.utils import clip_grad_norm_
 from torchmetrics import MeanMetric
 
 from gpt_lightning.checkpoint import METADATA_KEY, load_checkpoint, metadata, model_config_of, model_state_dict
@@ -257,6 +261,9 @@ class GPTModule(L.LightningModule):
         fused = self.device.type == "cuda" and grad_scaler is None  # one kernel for all parameters
         groups = self.gpt.parameter_groups(self.weight_decay)
         optimizer: torch.optim.Optimizer
+        if self.optimizer_name == "muon" and self._is_sharded():
+            raise ValueError("model.optimizer muon needs whole matrices, which FSDP shards: use --model.optimizer "
+                             "adamw with FSDP, or DDP (configs/trainer/ddp.yaml) with Muon.")  # fmt: skip
         if self.optimizer_name == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, fused=fused)
         else:
@@ -276,6 +283,9 @@ class GPTModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _is_sharded(self) -> bool:
+        return isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy)
+
     def on_train_start(self) -> None:
         # The scheduler state is restored by now: a resumed run keeps the checkpoint's horizon, unless
         # model.lr_decay_steps asks for another one, which then starts from the LR reached so far.
@@ -294,12 +304,17 @@ class GPTModule(L.LightningModule):
         # Lightning has unscaled fp16 gradients before this hook (see configure_optimizers). Clipping goes
         # straight to torch: Lightning's mixed-precision plugin refuses to clip for a fused AdamW, which
         # is only chosen where there is no scaler, so nothing is left to unscale.
+        # Under FSDP each rank holds a shard of every gradient: the wrapped model's own clip_grad_norm_ reduces
+        # the norm over ranks.
+        clip_norm: Callable[[float], torch.Tensor] = partial(clip_grad_norm_, self.parameters())
+        if self._is_sharded():
+            clip_norm = self.trainer.strategy.model.clip_grad_norm_  # type: ignore[union-attr, assignment]
         if gradient_clip_algorithm == "value":
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf)
+            norm = clip_norm(math.inf)
             if gradient_clip_val:
                 torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
         else:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
+            norm = clip_norm(gradient_clip_val or math.inf)
         if self._is_logging_step():
             self.log("train/grad_norm", norm)  # the same on every rank: gradients are all-reduced
 

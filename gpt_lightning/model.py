@@ -210,9 +210,11 @@ class GPT(nn.Module):
         return 6 * self.num_parameters(exclude_position_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay the matrices (matmul weights, embeddings); leave biases and norm gains alone."""
+        """AdamW groups: decay the matrices (matmul weights, embeddings); leave biases and norm gains alone.
+        Chosen by the layer that owns them, not by their shape, which FSDP flattens into shards."""
+        matrices = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear | nn.Embedding)}
         params = list(self.parameters())  # unique: the tied head appears once
         return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},
         ]

@@ -128,8 +128,8 @@ def test_finetune_gpt2_recipe_fits_resumes_bit_exactly_samples_and_exports(
         # The recipe, on generated text (not The Tempest: no speakers to select), as the README's CPU check.
         recipe = [*FINETUNE_GPT2, f"--data.path={text_file}", "--data.speakers=null", "--data.text_span=null",
                   f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.logger.init_args.save_dir={runs}",
-                  "--last_checkpoint.every_n_train_steps=3", "--model.lr_decay_steps=6", "--trainer.log_every_n_steps=1",
-                  *ON_CPU]  # fmt: skip
+                  "--last_checkpoint.every_n_train_steps=3", "--model.lr_decay_steps=6",
+                  "--trainer.log_every_n_steps=1", *ON_CPU]  # fmt: skip
         return cli(*recipe, *args, in_process=True)
 
     assert_ok(fit(tmp_path / "a", f"--model.init_from={gpt2_folder}", "--trainer.max_steps=6"))

@@ -13,11 +13,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gpt_lightning.callbacks import TokenThroughput
+from gpt_lightning.checkpoint import load_model
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.optim import CombinedOptimizer
-from tests.conftest import ROOT, assert_ok, scalars, tiny_fit
+from tests.conftest import ROOT, assert_ok, cli, scalars, tiny_fit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -103,3 +104,37 @@ def test_ddp_on_every_visible_gpu(text_file: Path, tmp_path: Path):
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(world)]
     assert len({r["weights"] for r in ranks}) == 1
     assert ranks[0]["batches"] != ranks[1]["batches"]
+
+
+@pytest.mark.slow
+def test_fsdp_preset_trains_saves_a_full_checkpoint_and_resumes(text_file: Path, tmp_path: Path):
+    # On every visible GPU (one is enough for FSDP to wrap, shard over a world of one, and gather a full file).
+    fsdp = ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--model.optimizer=adamw"]
+    assert_ok(tiny_fit(text_file, tmp_path / "runs", *fsdp, "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+                       timeout=600))  # fmt: skip
+    last = tmp_path / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    gpt, _ = load_model(last)  # one full file that the plain loader reads
+    assert gpt.config.n_layer == 2
+    assert_ok(tiny_fit(text_file, tmp_path / "runs", *fsdp, "--trainer.max_steps=6", "--ckpt_path=last", timeout=600))
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_fine_tuning_openais_gpt2_lowers_the_tempests_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The real thing, where a GPU, the corpus and GPT-2's files in the local huggingface_hub cache are all here."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        load_model("gpt2")
+    except FileNotFoundError:
+        pytest.skip("OpenAI's gpt2 is not in the local huggingface_hub cache, and there is no network here")
+    corpus = ROOT.parent / "shared" / "data"
+    if not (corpus / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip("needs the corpus in ../shared/data")
+    runs = tmp_path / "runs"
+    result = cli("fit", "--config", str(ROOT / "configs/finetune_gpt2.yaml"), f"--data.data_dir={corpus}",
+                 f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.logger.init_args.save_dir={runs}",
+                 "--trainer.max_steps=200", "--trainer.val_check_interval=20", timeout=600,
+                 env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert_ok(result)
+    val = [loss for _, loss in scalars(runs / "finetune_gpt2" / "version_0")["val/loss"]]
+    assert min(val) < val[0]  # the best checkpoint improves on the first validation
