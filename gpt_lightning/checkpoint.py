@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from gpt_lightning.hf import config_of_hf_gpt2, gpt_from_hf_gpt2, hf_gpt2_folder, is_hf_gpt2, tokenizer_of_hf_folder
+from gpt_lightning.lora import LoRAConfig, add_lora, merged_state_dict
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -24,10 +26,14 @@ METADATA_KEY = "gpt_lightning"
 MODEL_PREFIX = "gpt."  # the LightningModule keeps the network in `self.gpt`
 
 
-def metadata(config: GPTConfig, tokenizer: Tokenizer, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint's own description: model config, vocabulary and, where known, the training data
-    (its source, sha256, selection and validation split)."""
+def metadata(
+    config: GPTConfig, tokenizer: Tokenizer, data: dict[str, Any] | None = None, lora: LoRAConfig | None = None
+) -> dict[str, Any]:
+    """The checkpoint's own description: model config, vocabulary, the LoRA updates its weights include (if
+    any) and, where known, the training data (its source, sha256, selection and validation split)."""
     described = {"format": 1, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer.to_dict()}
+    if lora is not None and lora.enabled:
+        described["lora"] = dataclasses.asdict(lora)
     return described if data is None else {**described, "data": data}
 
 
@@ -62,14 +68,27 @@ def tokenizer_of(checkpoint: dict[str, Any]) -> Tokenizer:
     return tokenizer_from_dict(checkpoint[METADATA_KEY]["tokenizer"])
 
 
+def lora_of(checkpoint: dict[str, Any]) -> LoRAConfig | None:
+    """The LoRA updates a fine-tune's weights hold beside the frozen base weights, if any."""
+    lora = checkpoint[METADATA_KEY].get("lora")
+    return None if lora is None else LoRAConfig(**lora)
+
+
 def data_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """What the checkpoint's run trained on, for checkpoints that record it."""
     return checkpoint[METADATA_KEY].get("data")
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The GPT's own weights, without the LightningModule's attribute prefix."""
+    """The GPT's own weights, without the LightningModule's attribute prefix (LoRA's A and B included)."""
     return {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
+def plain_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of a plain GPT: a LoRA fine-tune's updates folded into its base weights."""
+    lora = lora_of(checkpoint)
+    state = model_state_dict(checkpoint)
+    return state if lora is None else merged_state_dict(state, lora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +100,7 @@ class CheckpointFacts:
     data: dict[str, Any] | None  # what the run trained on, where the checkpoint records it
     optimizer: str  # the model.optimizer it was trained with; its optimizer state fits no other
     global_step: int
+    lora: LoRAConfig | None = None  # the LoRA updates the weights include
     hf_folder: Path | None = None  # where the weights are, for a Hugging Face GPT-2 rather than a .ckpt
 
 
@@ -106,17 +126,45 @@ def _facts(resolved: Path, mtime_ns: int, size: int, path: Path) -> CheckpointFa
         data=data_of(checkpoint),
         optimizer=checkpoint.get("hyper_parameters", {}).get("optimizer", "adamw"),
         global_step=int(checkpoint.get("global_step", 0)),
+        lora=lora_of(checkpoint),
     )
 
 
-def load_model(path: str | Path) -> tuple[GPT, Tokenizer]:
+def load_model(path: str | Path, merge_lora: bool = False) -> tuple[GPT, Tokenizer]:
     """The trained GPT (in eval mode, on the CPU) and its tokenizer, from one of our checkpoints, a Hugging
-    Face GPT-2 folder (config.json, model.safetensors and its tokenizer), or a hub name such as `gpt2`."""
+    Face GPT-2 folder (config.json, model.safetensors and its tokenizer), or a hub name such as `gpt2`. A LoRA
+    fine-tune comes with its low-rank updates beside the frozen weights, or, with `merge_lora`, as a plain
+    GPT whose weights include them."""
     if is_hf_gpt2(path):
         folder = hf_gpt2_folder(path)
         model = gpt_from_hf_gpt2(folder)
         return model, tokenizer_of_hf_folder(folder, model.config.vocab_size)
     checkpoint = load_checkpoint(path)
     model = GPT(model_config_of(checkpoint))
-    model.load_state_dict(model_state_dict(checkpoint))
+    lora = lora_of(checkpoint)
+    if lora is not None and not merge_lora:
+        add_lora(model, lora)
+        model.load_state_dict(model_state_dict(checkpoint))
+    else:
+        model.load_state_dict(plain_state_dict(checkpoint))
     return model.eval(), tokenizer_of(checkpoint)
+
+
+def export_plain_checkpoint(source: str | Path, model: GPT, output: str | Path) -> Path:
+    """Writes `model` (a LoRA fine-tune's, merged) as a checkpoint of ours with `source`'s description and no
+    training state: enough to sample, to fine-tune from (init_from) and to export. Never overwrites a file."""
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"{output} exists: export into a new file.")
+    checkpoint = load_checkpoint(source)
+    described = {k: v for k, v in checkpoint[METADATA_KEY].items() if k != "lora"}
+    plain = {
+        "state_dict": {MODEL_PREFIX + k: v.contiguous() for k, v in model.state_dict().items()},
+        METADATA_KEY: described,
+        "global_step": checkpoint.get("global_step", 0),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp")
+    torch.save(plain, staging)
+    os.replace(staging, output)
+    return output

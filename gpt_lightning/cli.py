@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ from gpt_lightning.callbacks import (
 from gpt_lightning.checkpoint import describe_checkpoint
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import ARCHITECTURE_FIELDS, GPTModule, NonFiniteLossError
+from gpt_lightning.lora import LoRAConfig
 from gpt_lightning.trainer import GPTTrainer
 
 TENSORBOARD_LOGGER = "gpt_lightning.callbacks.StepTensorBoardLogger"
@@ -129,6 +131,11 @@ class GPTLightningCLI(LightningCLI):
             if config.model.get(field) is not None and config.model[field] != value:
                 replaced.append(f"model.{field}={config.model[field]} -> {value}")
             config.model[field] = value
+        lora = dataclasses.asdict(facts.lora or LoRAConfig())  # LoRA's layers are part of the architecture
+        given = config.model.get("lora")
+        if given is not None and given.get("rank") != lora["rank"]:
+            replaced.append(f"model.lora.rank={given.rank} -> {lora['rank']}")
+        config.model.lora = Namespace(**lora)
         if config.data.get("block_size") is not None and config.data.block_size != facts.config.block_size:
             replaced.append(f"data.block_size={config.data.block_size} -> {facts.config.block_size}")
         config.data.block_size = None

@@ -16,8 +16,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.utils import clip_grad_norm_
 from torchmetrics import MeanMetric
 
-from gpt_lightning.checkpoint import METADATA_KEY, load_checkpoint, metadata, model_config_of, model_state_dict
+from gpt_lightning.checkpoint import METADATA_KEY, load_checkpoint, metadata, model_config_of, plain_state_dict
 from gpt_lightning.hf import gpt_from_hf_gpt2, hf_gpt2_folder, is_hf_gpt2
+from gpt_lightning.lora import LoRAConfig, add_lora
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, hidden_matrices
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
@@ -82,6 +83,7 @@ class GPTModule(L.LightningModule):
         gelu: Literal["exact", "tanh"] | None = None,
         dropout: float = 0.0,
         init_from: str | None = None,
+        lora: LoRAConfig = LoRAConfig(),  # noqa: B008 (a dataclass of settings: jsonargparse's nested options)
         learning_rate: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -110,6 +112,9 @@ class GPTModule(L.LightningModule):
             init_from: Start from the weights, architecture and tokenizer of this checkpoint (fine-tuning): one of
                 our .ckpt files, a Hugging Face GPT-2 folder, or a hub name (gpt2, gpt2-medium, gpt2-large,
                 gpt2-xl). Steps, optimizer and schedule start fresh: this is not a resume (that is `--ckpt_path`).
+                A LoRA fine-tune's updates are folded into its weights first.
+            lora: Fine-tune with LoRA (rank > 0): the weights stay frozen and only low-rank updates of the
+                chosen projections train, with AdamW. Rank 0: every weight trains (full fine-tuning).
             learning_rate: Peak AdamW learning rate, reached after the warm-up.
             min_lr: AdamW learning rate at the end of the cosine decay. Equal to learning_rate: a constant
                 LR. Muon's decays by the same ratio, min_lr / learning_rate.
@@ -130,7 +135,9 @@ class GPTModule(L.LightningModule):
         """
         super().__init__()
         # A BPE tokenizer's JSON (1.3 MB for GPT-2's) stays out of hparams.yaml; the checkpoint keeps it.
-        self.save_hyperparameters(ignore=["vocab"] if isinstance(vocab, dict) else None)
+        self.save_hyperparameters(ignore=["vocab", "lora"] if isinstance(vocab, dict) else ["lora"])
+        self.lora = lora
+        self.hparams["lora"] = dataclasses.asdict(lora)  # plain data: checkpoints load with weights_only=True
         self.learning_rate, self.min_lr, self.warmup_steps = learning_rate, min_lr, warmup_steps
         self.lr_decay_steps, self.weight_decay, self.betas = lr_decay_steps, weight_decay, (betas[0], betas[1])
         if optimizer not in ("adamw", "muon"):
@@ -155,7 +162,7 @@ class GPTModule(L.LightningModule):
                 vocab_size = source.vocab_size if vocab_size <= source.vocab_size else vocab_size
             else:
                 checkpoint = load_checkpoint(init_from)
-                source, weights = model_config_of(checkpoint), model_state_dict(checkpoint)
+                source, weights = model_config_of(checkpoint), plain_state_dict(checkpoint)
             given = {**explicit, "vocab_size": vocab_size, "block_size": block_size}
             conflicts = [
                 f"{k}={v} (checkpoint: {getattr(source, k)})"
@@ -170,6 +177,14 @@ class GPTModule(L.LightningModule):
             self.config = dataclasses.replace(source, dropout=dropout)
             self.gpt = GPT(self.config)
             self.gpt.load_state_dict(weights)
+        if lora.enabled:
+            if optimizer != "adamw":
+                raise ValueError("LoRA trains its low-rank updates with AdamW: drop model.optimizer muon (or "
+                                 "model.lora.rank, to fine-tune every weight with Muon).")  # fmt: skip
+            add_lora(self.gpt, lora)
+            trainable = sum(p.numel() for p in self.gpt.parameters() if p.requires_grad)
+            rank_zero_info(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trainable:,} trainable parameters "
+                           f"of {self.gpt.num_parameters():,}; the rest are frozen")  # fmt: skip
         self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
         if compile:
             self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix
@@ -363,4 +378,4 @@ class GPTModule(L.LightningModule):
         self.check_finite()  # never write weights that came out of a NaN
         describe = getattr(getattr(self._trainer, "datamodule", None), "describe", None)
         data = describe() if callable(describe) else None  # what the run trains on, when a data module says
-        checkpoint[METADATA_KEY] = metadata(self.config, self.tokenizer, data)
+        checkpoint[METADATA_KEY] = metadata(self.config, self.tokenizer, data, self.lora)

@@ -211,9 +211,10 @@ class GPT(nn.Module):
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay the matrices (matmul weights, embeddings); leave biases and norm gains alone.
-        Chosen by the layer that owns them, not by their shape, which FSDP flattens into shards."""
+        Chosen by the layer that owns them, not by their shape, which FSDP flattens into shards. Frozen
+        parameters (LoRA's base weights) are left out."""
         matrices = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear | nn.Embedding)}
-        params = list(self.parameters())  # unique: the tied head appears once
+        params = [p for p in self.parameters() if p.requires_grad]  # unique (the tied head appears once), unfrozen
         return [
             {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
             {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},

@@ -9,7 +9,7 @@ from typing import Any, cast
 import lightning as L
 import torch
 
-from gpt_lightning.checkpoint import load_model
+from gpt_lightning.checkpoint import describe_checkpoint, export_plain_checkpoint, load_model
 from gpt_lightning.data import read_text
 from gpt_lightning.generate import check_sampling_args, generate_tokens
 from gpt_lightning.hf import export_hf_gpt2
@@ -88,15 +88,24 @@ class GPTTrainer(L.Trainer):
 
     def export(self, ckpt_path: str, output: str, model: Any = None) -> Path:
         """Write a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors, and vocab.json or,
-        for BPE, tokenizer.json):
-        `transformers.GPT2LMHeadModel.from_pretrained(output)` gives the same logits.
+        for BPE, tokenizer.json), so that `transformers.GPT2LMHeadModel.from_pretrained(output)` gives the same
+        logits; or, for an output ending in .ckpt, as a plain checkpoint of ours (weights and description, no
+        training state) for generate, init_from and export. A LoRA fine-tune is merged first: its low-rank
+        updates are folded into the weights.
 
         Args:
             ckpt_path: A checkpoint written by `fit`. Architecture and vocabulary come from it.
-            output: A new folder (or an empty one): an existing folder with files in it is never overwritten.
+            output: A new folder (or an empty one), or a new .ckpt file: nothing is ever overwritten.
             model: Unused: the checkpoint defines the model.
         """
-        gpt, tokenizer = load_model(ckpt_path)
+        gpt, tokenizer = load_model(ckpt_path, merge_lora=True)
+        merged = " (its LoRA updates merged into the weights)" if describe_checkpoint(ckpt_path).lora else ""
+        if output.endswith(".ckpt"):
+            written = export_plain_checkpoint(ckpt_path, gpt, output)
+            print(f"exported {ckpt_path}{merged} to {written}: sample it with `python main.py generate --ckpt_path "
+                  f"{written}`, or fine-tune it with --model.init_from {written}")  # fmt: skip
+            return written
         written = export_hf_gpt2(gpt, tokenizer, output)
-        print(f"exported {ckpt_path} to {written}: load it with GPT2LMHeadModel.from_pretrained({str(written)!r})")
+        print(f"exported {ckpt_path}{merged} to {written}: load it with "
+              f"GPT2LMHeadModel.from_pretrained({str(written)!r})")  # fmt: skip
         return written
