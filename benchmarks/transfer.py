@@ -5,13 +5,17 @@
 For each seed it
   (a) pre-trains with configs/pretrain_cpu.yaml (or takes the checkpoint given with --pretrained),
   (b) evaluates that checkpoint on the target's validation split as it is (zero-shot),
-  (c) fine-tunes it with configs/finetune.yaml (The Tempest, held out from pre-training),
+  (c) fine-tunes it with configs/finetune.yaml (The Tempest, held out from pre-training): every weight
+      (full), and, with `--method full lora`, with LoRA at each rank of `--ranks` (at `--lora-lr`),
   (d) trains the same architecture from scratch on the target with the pre-training recipe's learning
       rate and schedule: for as many steps as the fine-tune (equal steps), and for as many as
       pre-training and fine-tuning together (equal compute),
 and it measures forgetting: the loss on pre-training's validation split, with the target's speeches
-left out, before and after fine-tuning. Every run goes through the project's own LightningCLI. All
-losses are full-validation losses (every window of the split once); bits per character = loss / ln 2.
+left out, before and after each fine-tune. Each fine-tune also reports its trainable parameters, the bytes
+of its optimizer state, its time per training step and the peak resident memory sampled at its step ends;
+each scratch run reports its best validation point (what early stopping would keep) beside its last.
+Every run goes through the project's own LightningCLI. All losses are full-validation losses (every
+window of the split once); bits per character = loss / ln 2.
 
 Options after the known ones go to every run's CLI, e.g. `--model.n_layer 2` (all runs must agree on
 the architecture, as a fine-tune takes its checkpoint's).
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -51,6 +56,27 @@ QUIET = ["--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false"
          "--checkpoint.save_top_k=0"]  # fmt: skip
 
 
+class StepCost(Callback):
+    """Time spent in training steps (validation excluded) and the largest resident set seen at a step's end."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps, self.peak_rss = 0.0, 0, 0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.steps += 1
+        self.peak_rss = max(self.peak_rss, resident_bytes())
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class ValCurve(Callback):
     """(step, val/loss) at each validation of a fit."""
 
@@ -68,6 +94,7 @@ class Seed:
     losses: dict[str, float] = field(default_factory=dict)  # what -> target (or pre-training) val loss
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     samples: dict[str, str] = field(default_factory=dict)
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)  # fine-tune -> what it cost
 
 
 def cli(config: list[str], seed: int, runs: Path, name: str, extra: list[str]) -> GPTLightningCLI:
@@ -83,11 +110,16 @@ def cli(config: list[str], seed: int, runs: Path, name: str, extra: list[str]) -
         sys.argv = argv
 
 
-def fit(c: GPTLightningCLI) -> tuple[float, list[tuple[int, float]]]:
+def fit(c: GPTLightningCLI, cost: StepCost | None = None) -> tuple[float, list[tuple[int, float]]]:
     curve = ValCurve()
-    c.trainer.callbacks.append(curve)
+    c.trainer.callbacks.extend([curve] if cost is None else [curve, cost])
     c.trainer.fit(c.model, datamodule=c.datamodule)
     return curve.points[-1][1], curve.points
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))  # fmt: skip
 
 
 @torch.inference_mode()
@@ -125,21 +157,34 @@ def run_seed(seed: int, args: argparse.Namespace, data: list[str], extra: list[s
         pretrain_steps = int(torch.load(pretrained, map_location="cpu", weights_only=True)["global_step"])
     before, tokenizer = load_model(pretrained)
 
-    # (b) and (c): the fine-tune's own CLI, validated before it trains.
-    c = cli(["--config", str(FINETUNE), "--config", str(ROOT / "configs/trainer/cpu.yaml"), *target,
-             *steps(args.finetune_steps, FINETUNE), f"--model.init_from={pretrained}"], seed, work,
-            f"finetune-{seed}", extra)  # fmt: skip
-    (zero_shot,) = c.trainer.validate(c.model, datamodule=c.datamodule, verbose=False)
-    result.losses["zero-shot"] = zero_shot["val/loss"]
-    result.losses["fine-tuned"], result.curves["fine-tuned"] = fit(c)
-    finetune_steps = c.trainer.global_step
+    # (b) and (c): the fine-tunes' own CLI, validated before the first one trains.
+    after: dict[str, GPT] = {}
+    for method, rank in methods(args):
+        lora = [] if rank is None else [f"--model.lora.rank={rank}", f"--model.learning_rate={args.lora_lr}",
+                                        f"--model.min_lr={args.lora_lr}"]  # fmt: skip
+        c = cli(["--config", str(FINETUNE), "--config", str(ROOT / "configs/trainer/cpu.yaml"), *target,
+                 *steps(args.finetune_steps, FINETUNE), f"--model.init_from={pretrained}", *lora], seed, work,
+                f"finetune-{method}-{seed}", extra)  # fmt: skip
+        if "zero-shot" not in result.losses:
+            (zero_shot,) = c.trainer.validate(c.model, datamodule=c.datamodule, verbose=False)
+            result.losses["zero-shot"] = zero_shot["val/loss"]
+        cost = StepCost()
+        result.losses[method], result.curves[method] = fit(c, cost)
+        result.costs[method] = {
+            "trainable": sum(p.numel() for p in c.model.parameters() if p.requires_grad),
+            "optimizer bytes": optimizer_state_bytes(c.trainer.optimizers[0]),
+            "ms/step": 1000 * cost.seconds / max(cost.steps, 1),
+            "peak RSS": cost.peak_rss,
+        }
+        finetune_steps = c.trainer.global_step
+        after[method] = c.model.gpt.eval()
     val_every = min(finetune_steps, finetune_config["trainer"]["val_check_interval"])
-    after = c.model.gpt.eval()
 
     # Forgetting: pre-training's validation split, the target's speeches left out.
     tokens = tokenizer.encode(forgetting_text)
     result.losses["forgetting: before"] = evaluate(before, tokens)
-    result.losses["forgetting: after"] = evaluate(after, tokens)
+    for method, model in after.items():
+        result.losses[f"forgetting: after {method}"] = evaluate(model, tokens)
 
     # (d) from scratch on the target, with the pre-training recipe's LR and schedule.
     baselines = [("scratch, equal steps", finetune_steps, val_every),
@@ -148,12 +193,20 @@ def run_seed(seed: int, args: argparse.Namespace, data: list[str], extra: list[s
         schedule = [f"--trainer.max_steps={length}", f"--trainer.val_check_interval={min(every, length)}"]
         c = cli(["--config", str(PRETRAIN), *target, *schedule], seed, work, f"scratch-{length}-{seed}", extra)
         result.losses[name], result.curves[name] = fit(c)
+        result.losses[f"{name}, best"] = min(loss for _, loss in result.curves[name])
         result.samples[name] = sample(c.model.gpt.eval(), c.datamodule.tokenizer, args.prompt, args.sample_tokens)
     result.samples["zero-shot"] = sample(before, tokenizer, args.prompt, args.sample_tokens)
-    result.samples["fine-tuned"] = sample(after, tokenizer, args.prompt, args.sample_tokens)
+    for method, model in after.items():
+        result.samples[method] = sample(model, tokenizer, args.prompt, args.sample_tokens)
     print(f"seed {seed} ({time.perf_counter() - start:.0f} s): "
           + ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items()), flush=True)  # fmt: skip
     return result
+
+
+def methods(args: argparse.Namespace) -> list[tuple[str, int | None]]:
+    """(name, LoRA rank) of each fine-tune: full fine-tuning is "fine-tuned", as in the tables."""
+    chosen = [("fine-tuned", None)] if "full" in args.method else []
+    return chosen + ([(f"LoRA r{rank}", rank) for rank in args.ranks] if "lora" in args.method else [])
 
 
 def steps(max_steps: int | None, config: Path) -> list[str]:
@@ -194,6 +247,36 @@ def plot(results: list[Seed], path: Path) -> None:
     print(f"plot: {path}")
 
 
+def plot_forgetting(results: list[Seed], args: argparse.Namespace, path: Path) -> None:
+    """Target loss against forgetting: one point per fine-tuning method (the mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    before = statistics.mean(r.losses["forgetting: before"] for r in results)
+    zero = statistics.mean(r.losses["zero-shot"] for r in results)
+    ax.scatter([before], [zero], color="gray", marker="s", label="pre-trained (not fine-tuned)")
+    for (method, _), color in zip(methods(args), ["tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple"],
+                                  strict=False):  # fmt: skip
+        forgetting = [r.losses[f"forgetting: after {method}"] for r in results]
+        target = [r.losses[method] for r in results]
+        ax.scatter([statistics.mean(forgetting)], [statistics.mean(target)], color=color,
+                   label="full fine-tuning" if method == "fine-tuned" else method)  # fmt: skip
+    ax.set(
+        xlabel="loss on the other held-out plays (forgetting: lower is better)",
+        ylabel="target (The Tempest) val loss",
+        title="Fine-tuning: target gained against generality lost",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data", help="folder holding tinyshakespeare/input.txt")
@@ -204,6 +287,12 @@ def main() -> None:
                         "or one per seed")  # fmt: skip
     parser.add_argument("--pretrain-steps", type=int, help="pre-training steps (default: the recipe's)")
     parser.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default: configs/finetune.yaml's)")
+    parser.add_argument("--method", nargs="+", choices=["full", "lora"], default=["full"],
+                        help="fine-tuning methods to compare")  # fmt: skip
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16], help="LoRA ranks (with --method lora)")
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA's constant learning rate: 10x full "
+                        "fine-tuning's 1e-4, the ratio of litgpt's defaults (3e-4 against 3e-5)")  # fmt: skip
+    parser.add_argument("--plot-forgetting", type=Path, help="write target loss against forgetting to this PNG")
     parser.add_argument("--scratch-val-every", type=int, default=250, help="validation cadence, equal compute")
     parser.add_argument("--prompt", default="PROSPERO:")
     parser.add_argument("--sample-tokens", type=int, default=200)
@@ -236,13 +325,23 @@ def main() -> None:
           f"of the text; its own last 10% is the validation split.\n")  # fmt: skip
     print("| model | target val loss | target bits/char |")
     print("|---|---|---|")
-    for name in ("zero-shot", "fine-tuned", "scratch, equal steps", "scratch, equal compute"):
+    rows = ["zero-shot", *(m for m, _ in methods(args))]
+    rows += [f"{name}{best}" for name in ("scratch, equal steps", "scratch, equal compute") for best in ("", ", best")]
+    for name in rows:
         values = [r.losses[name] for r in results]
         print(f"| {name} | {mean_std(values)} | {mean_std([v / math.log(2) for v in values])} |")
     print("\n| pre-training's validation split, target left out | val loss |")
     print("|---|---|")
-    for name in ("forgetting: before", "forgetting: after"):
-        print(f"| {name.removeprefix('forgetting: ')} fine-tuning | {mean_std([r.losses[name] for r in results])} |")
+    print(f"| before fine-tuning | {mean_std([r.losses['forgetting: before'] for r in results])} |")
+    for method, _ in methods(args):
+        label = "fine-tuning" if method == "fine-tuned" else method
+        print(f"| after {label} | {mean_std([r.losses[f'forgetting: after {method}'] for r in results])} |")
+    print("\n| fine-tune | trainable parameters | optimizer state | ms/step | peak RSS |")
+    print("|---|---|---|---|---|")
+    for method, _ in methods(args):
+        cost = {k: statistics.mean(r.costs[method][k] for r in results) for k in results[0].costs[method]}
+        print(f"| {method} | {cost['trainable']:,.0f} | {cost['optimizer bytes'] / 1e3:,.1f} kB | "
+              f"{cost['ms/step']:.1f} | {cost['peak RSS'] / 1e6:,.0f} MB |")  # fmt: skip
     if all("pre-training val" in r.losses for r in results):
         values = [r.losses["pre-training val"] for r in results]
         print(f"\npre-training recipe ({PRETRAIN.relative_to(ROOT)}), full-validation loss: {mean_std(values)} "
@@ -250,11 +349,12 @@ def main() -> None:
     print(f"\nsamples (seed {results[0].seed}, prompt {args.prompt!r}, temperature 0.8, sampling seed 0):")
     for name, text_ in results[0].samples.items():
         print(f"--- {name}\n{text_}")
-    if args.plot:
+    if args.plot and "full" in args.method:
         plot(results, args.plot)
-    means = {k: statistics.mean(r.losses[k] for r in results) for k in ("fine-tuned", "scratch, equal steps",
-                                                                         "zero-shot")}  # fmt: skip
-    print(f"transfer: fine-tuned {means['fine-tuned']:.4f}, from scratch {means['scratch, equal steps']:.4f}, "
+    if args.plot_forgetting:
+        plot_forgetting(results, args, args.plot_forgetting)
+    means = {k: statistics.mean(r.losses[k] for r in results) for k in (rows[1], "scratch, equal steps", "zero-shot")}
+    print(f"transfer: {rows[1]} {means[rows[1]]:.4f}, from scratch {means['scratch, equal steps']:.4f}, "
           f"zero-shot {means['zero-shot']:.4f} (target val loss, mean of {n} seeds)")  # fmt: skip
 
 

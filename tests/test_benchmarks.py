@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_play
 
 
 def run_benchmark(script: str, *args: str) -> list[str]:
@@ -66,17 +66,24 @@ def test_data_scale_benchmark_prints_a_row_per_size_and_data_path():
 
 
 @pytest.mark.slow
-def test_transfer_benchmark_reports_every_model_and_ends_with_the_summary_line(text_file: Path):
+def test_transfer_benchmark_reports_every_model_and_ends_with_the_summary_line(text_file: Path, tmp_path: Path):
     tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.warmup_steps=2",
             "--data.block_size=32", "--data.batch_size=8", f"--data.cache_dir={text_file.parent}/c"]  # fmt: skip
     lines = run_benchmark("transfer.py", f"--data-path={text_file}", "--speakers", "KING ARTHUR", "LADY BEATRICE",
                           "--seeds", "1", "2", "--pretrain-steps=12", "--finetune-steps=6", "--scratch-val-every=6",
-                          "--sample-tokens=8", "--prompt=KING ARTHUR:", "--threads=1", *tiny)  # fmt: skip
+                          "--sample-tokens=8", "--prompt=KING ARTHUR:", "--threads=1", "--method", "full", "lora",
+                          "--ranks", "2", "4", f"--plot-forgetting={tmp_path / 'forgetting.png'}", *tiny)  # fmt: skip
     loss = r"\d\.\d{3} ± \d\.\d{3}"
-    for name in ("zero-shot", "fine-tuned", "scratch, equal steps", "scratch, equal compute"):
+    for name in ("zero-shot", "fine-tuned", "LoRA r2", "LoRA r4", "scratch, equal steps", "scratch, equal steps, best",
+                 "scratch, equal compute", "scratch, equal compute, best"):  # fmt: skip
         assert any(re.fullmatch(rf"\| {name} \| {loss} \| {loss} \|", line) for line in lines), name
-    assert any(re.fullmatch(rf"\| (before|after) fine-tuning \| {loss} \|", line) for line in lines)
-    assert any(line.startswith("--- fine-tuned") for line in lines)
+    for name in ("before fine-tuning", "after fine-tuning", "after LoRA r2", "after LoRA r4"):
+        assert any(re.fullmatch(rf"\| {name} \| {loss} \|", line) for line in lines), name
+    # 1 layer of width 32: rank 2 on qkv (2 x (32 + 96)) and attn_proj (2 x (32 + 32)): 384 parameters.
+    cost = r"\| LoRA r2 \| 384 \| [\d.,]+ kB \| [\d.]+ \| [\d,]+ MB \|"
+    assert any(re.fullmatch(cost, line) for line in lines), [line for line in lines if "LoRA r2 |" in line]
+    assert any(line.startswith("--- fine-tuned") for line in lines) and any(line == "--- LoRA r4" for line in lines)
+    assert (tmp_path / "forgetting.png").stat().st_size > 0
     number = r"\d\.\d{4}"
     summary = rf"transfer: fine-tuned {number}, from scratch {number}, zero-shot {number} \(target val loss, mean"
     summary += r" of 2 seeds\)"
@@ -106,3 +113,17 @@ def test_muon_step_benchmark_prints_a_row_per_optimizer():
     rows = [line for line in lines if line.startswith("| ") and "ms" not in line]
     assert [row.split(" | ")[0] for row in rows] == ["| AdamW", "| Muon bf16", "| Muon fp32"]
     assert rows[0].endswith("| 1.00x |")
+
+
+@pytest.mark.slow
+def test_gpt2_cpu_benchmark_prints_encoding_speeds_and_the_memory_table(tmp_path: Path):
+    corpus = tmp_path / "data" / "tinyshakespeare" / "input.txt"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text(make_play(300), encoding="utf-8")
+    lines = run_benchmark("gpt2_cpu.py", f"--data-dir={tmp_path / 'data'}", "--copies=2", "--repeats=1",
+                          "--parts", "encode", "memory")  # fmt: skip
+    number = r"[\d,.]+"
+    assert any(re.fullmatch(rf"\| characters \| {number} \| {number} \| {number} \|", line) for line in lines)
+    assert any(re.fullmatch(rf"\| byte-level BPE \| {number} \| {number} \| {number} \|", line) for line in lines)
+    assert any(line.startswith("| gpt2 | 124.4M |") for line in lines)
+    assert any(line.startswith("| gpt2-xl | 1,557.6M |") and line.endswith("| no | no |") for line in lines)

@@ -1,0 +1,193 @@
+"""GPT-2 on this machine, for the record: what the BPE token cache and a GPT-2-small training step cost on a
+CPU, full fine-tuning against LoRA, and the memory each GPT-2 size needs on a GPU.
+
+    python benchmarks/gpt2_cpu.py --data-dir D                      # all three parts
+    python benchmarks/gpt2_cpu.py --data-dir D --tokenizer gpt2     # GPT-2's own BPE (needs its tokenizer.json)
+
+1. Encoding: the token cache of the corpus repeated `--copies` times, built with the character vocabulary
+   and with a byte-level BPE (`--tokenizer`: a tokenizer.json, or `gpt2`; unset, one trained here on the
+   corpus with GPT-2's settings and up to 50,257 tokens, as GPT-2's tokenizer cannot be downloaded here).
+   MB/s of text, the median of `--repeats` builds into fresh folders.
+2. One training step of the GPT-2-small shape with GPT-2's 50,257-token vocabulary (124M parameters),
+   context 1024, batch 1, AdamW, float32: full fine-tuning against LoRA rank 8 (attention's qkv and output
+   projections). Each runs in a fresh process, so its peak resident memory (ru_maxrss) is its own.
+3. The GPU memory of full fine-tuning against LoRA rank 8 for each GPT-2 size: weights, gradients and
+   AdamW state computed from the parameter counts (float32 master weights, as under bf16-mixed), and an
+   estimate of the activations of a batch of 8 x 1024 tokens (Korthikanti et al., 2022).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gpt_lightning.data import corpus_path  # noqa: E402
+from gpt_lightning.lora import LoRAConfig, add_lora  # noqa: E402
+from gpt_lightning.model import GPT, GPTConfig  # noqa: E402
+from gpt_lightning.token_cache import build_token_cache  # noqa: E402
+from gpt_lightning.tokenizer import BPETokenizer, tokenizer_from_spec  # noqa: E402
+
+GPT2_SIZES = {  # n_layer, n_head, n_embd: OpenAI's four GPT-2 models
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+VOCAB = 50_257
+
+
+def gpt2_config(name: str) -> GPTConfig:
+    n_layer, n_head, n_embd = GPT2_SIZES[name]
+    return GPTConfig(vocab_size=VOCAB, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=True,
+                     gelu="tanh")  # fmt: skip
+
+
+def trained_bpe(text: str) -> BPETokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    tokenizer.train_from_iterator([text], trainer)
+    return BPETokenizer(tokenizer.to_str())
+
+
+def encoding(args: argparse.Namespace) -> None:
+    text = corpus_path(args.data_dir).read_text(encoding="utf-8")
+    bpe = tokenizer_from_spec(args.tokenizer) if args.tokenizer else trained_bpe(text)
+    assert bpe is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "corpus.txt"
+        big.write_text("\n\n".join([text] * args.copies), encoding="utf-8")
+        megabytes = big.stat().st_size / 1e6
+        print(f"\n{megabytes:.1f} MB of text ({args.copies} copies of the corpus), {args.repeats} builds each, "
+              f"median:\n")  # fmt: skip
+        print("| tokenizer | vocabulary | tokens | MB/s |")
+        print("|---|---|---|---|")
+        for name, tokenizer in (("characters", None), ("byte-level BPE", bpe)):
+            times, cache = [], None
+            for i in range(args.repeats):
+                folder = Path(tmp) / f"cache-{name[0]}-{i}"
+                start = time.perf_counter()
+                cache = build_token_cache(big, folder, bpe=tokenizer)
+                times.append(time.perf_counter() - start)
+                shutil.rmtree(folder)
+            assert cache is not None
+            size = len(cache.vocab) if tokenizer is None else tokenizer.vocab_size
+            print(f"| {name} | {size:,} | {cache.num_tokens:,} | {megabytes / statistics.median(times):.1f} |")
+
+
+def one_step(method: str, steps: int) -> dict[str, float]:
+    """Run in a fresh process: its peak resident memory is then this method's alone."""
+    torch.manual_seed(0)
+    model = GPT(gpt2_config("gpt2"))
+    if method == "lora":
+        add_lora(model, LoRAConfig(rank=8, dropout=0.0))
+    optimizer = torch.optim.AdamW(model.parameter_groups(0.1), lr=1e-4)
+    x = torch.randint(VOCAB, (1, 1024))
+    times = []
+    for _ in range(steps + 1):  # the first step allocates AdamW's state and warms the allocator: untimed
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, dims=1).flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))  # fmt: skip
+    return {
+        "s/step": statistics.median(times[1:]),
+        "peak RSS": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "optimizer bytes": state,
+    }
+
+
+def steps_table(args: argparse.Namespace) -> None:
+    print(f"\nGPT-2 small shape (124M, vocabulary {VOCAB:,}), context 1024, batch 1, AdamW, float32, "
+          f"{torch.get_num_threads()} threads; median of {args.steps} steps after one untimed:\n")  # fmt: skip
+    print("| fine-tuning | trainable parameters | AdamW state | s/step | tokens/s | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    for method in ("full", "lora"):
+        command = [sys.executable, __file__, "--one-step", method, "--steps", str(args.steps),
+                   "--threads", str(torch.get_num_threads())]  # fmt: skip
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        label = "full" if method == "full" else "LoRA rank 8"
+        print(
+            f"| {label} | {result['trainable']:,} | {result['optimizer bytes'] / 1e6:,.1f} MB | "
+            f"{result['s/step']:.2f} | {1024 / result['s/step']:,.0f} | {result['peak RSS'] / 1e9:.2f} GB |"
+        )
+
+
+def activation_bytes(config: GPTConfig, batch: int, context: int) -> float:
+    """An estimate of a training step's activations under bf16-mixed: 34 bytes per token and width in each
+    block (Korthikanti et al., 2022, without the attention scores, which PyTorch's fused attention does not
+    keep), plus the logits (bf16) and the loss's float32 softmax over the vocabulary."""
+    tokens = batch * context
+    return 34 * tokens * config.n_embd * config.n_layer + 6 * tokens * config.vocab_size
+
+
+def memory_table(batch: int = 8, context: int = 1024) -> None:
+    print("\nGPU memory of full fine-tuning against LoRA rank 8 (qkv and output projections): float32 weights, "
+          "gradients and AdamW state (16 bytes per trained parameter, 4 per frozen one), plus an estimate of the "
+          f"activations of a batch of {batch} x {context} tokens (the same for both: the backward pass still runs "
+          "through every frozen block):\n")  # fmt: skip
+    print("| model | parameters | activations | full fine-tuning | LoRA rank 8 (trainable) | fits 24 GB: full | LoRA |")
+    print("|---|---|---|---|---|---|---|")
+    for name in GPT2_SIZES:
+        with torch.device("meta"):
+            model = GPT(gpt2_config(name))
+            total = model.num_parameters()
+            add_lora(model, LoRAConfig(rank=8))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        activations = activation_bytes(model.config, batch, context)
+        full = 16 * total + activations
+        lora = 4 * total + 16 * trainable + activations
+        fits = {True: "yes", False: "no"}
+        full_fits, lora_fits = fits[full < 24e9], fits[lora < 24e9]
+        print(f"| {name} | {total / 1e6:,.1f}M | {activations / 1e9:.1f} GB | {full / 1e9:.1f} GB | "
+              f"{lora / 1e9:.1f} GB ({trainable / 1e6:.2f}M) | {full_fits} | {lora_fits} |")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data", help="folder holding tinyshakespeare/input.txt")
+    parser.add_argument("--tokenizer", help="a tokenizer.json, or gpt2 (unset: a BPE trained on the corpus)")
+    parser.add_argument("--copies", type=int, default=10, help="times the corpus is repeated for the encoding")
+    parser.add_argument("--repeats", type=int, default=3, help="builds per tokenizer")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per method")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2 cores here)")
+    parser.add_argument(
+        "--parts", nargs="+", choices=["encode", "step", "memory"], default=["encode", "step", "memory"]
+    )
+    parser.add_argument("--one-step", choices=["full", "lora"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one_step:
+        print(json.dumps(one_step(args.one_step, args.steps)))
+        return
+    if "encode" in args.parts:
+        encoding(args)
+    if "step" in args.parts:
+        steps_table(args)
+    if "memory" in args.parts:
+        memory_table()
+
+
+if __name__ == "__main__":
+    main()
