@@ -66,10 +66,16 @@ class GPTLightningCLI(LightningCLI):
         # test and predict have nothing to run on: the data has two splits and the model predicts text
         # through `generate`.
         lightning = LightningCLI.subcommands()
-        return {"fit": lightning["fit"], "validate": lightning["validate"], "generate": {"model"}, "export": {"model"}}
+        return {
+            "fit": lightning["fit"],
+            "validate": lightning["validate"],
+            "generate": {"model"},
+            "export": {"model"},
+            "serve": {"model"},
+        }
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        if subcommand not in ("generate", "export"):
+        if subcommand not in ("generate", "export", "serve"):
             return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         # Sampling and exporting need a checkpoint (and a device), not the model and data sections of training.
         parser = self.init_parser(**kwargs)

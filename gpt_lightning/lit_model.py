@@ -181,10 +181,11 @@ class GPTModule(L.LightningModule):
             if optimizer != "adamw":
                 raise ValueError("LoRA trains its low-rank updates with AdamW: drop model.optimizer muon (or "
                                  "model.lora.rank, to fine-tune every weight with Muon).")  # fmt: skip
+            base = self.gpt.num_parameters()
             add_lora(self.gpt, lora)
             trainable = sum(p.numel() for p in self.gpt.parameters() if p.requires_grad)
-            rank_zero_info(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trainable:,} trainable parameters "
-                           f"of {self.gpt.num_parameters():,}; the rest are frozen")  # fmt: skip
+            rank_zero_info(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trainable:,} trainable parameters; "
+                           f"the base model's {base:,} are frozen")  # fmt: skip
         self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
         if compile:
             self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix

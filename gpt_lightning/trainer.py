@@ -109,3 +109,34 @@ class GPTTrainer(L.Trainer):
         print(f"exported {ckpt_path}{merged} to {written}: load it with "
               f"GPT2LMHeadModel.from_pretrained({str(written)!r})")  # fmt: skip
         return written
+
+    def serve(
+        self,
+        ckpt_path: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        max_queue: int = 16,
+        max_new_tokens_limit: int = 2000,
+        max_prompt_chars: int = 4000,
+        model: Any = None,
+    ) -> None:
+        """Serve a model until Ctrl-C: a page at /, a streaming API at POST /predict and its description at
+        GET /model, on LitServe (pip install -e '.[serve]').
+
+        Args:
+            ckpt_path: A checkpoint written by `fit`, a Hugging Face GPT-2 folder or a hub name (gpt2, ...).
+                Fixed at start: requests never name files.
+            host: The address to listen on. 127.0.0.1 (the default) answers this machine only; 0.0.0.0 answers
+                the network, with no authentication.
+            port: The port to listen on.
+            max_queue: Requests in progress or waiting at once; beyond it a request gets a 503 at once.
+            max_new_tokens_limit: The most tokens one request may ask for.
+            max_prompt_chars: The longest prompt one request may send, in characters.
+            model: Unused: the checkpoint defines the model.
+        """
+        from gpt_lightning.serve import Limits, serve
+
+        if max_queue < 1 or max_new_tokens_limit < 1 or max_prompt_chars < 1:
+            raise ValueError("max_queue, max_new_tokens_limit and max_prompt_chars must be >= 1.")
+        accelerator = "cuda" if self.strategy.root_device.type == "cuda" else "cpu"
+        serve(ckpt_path, host, port, Limits(max_prompt_chars, max_new_tokens_limit, max_queue), accelerator)
