@@ -127,3 +127,15 @@ def test_gpt2_cpu_benchmark_prints_encoding_speeds_and_the_memory_table(tmp_path
     assert any(re.fullmatch(rf"\| byte-level BPE \| {number} \| {number} \| {number} \|", line) for line in lines)
     assert any(line.startswith("| gpt2 | 124.4M |") for line in lines)
     assert any(line.startswith("| gpt2-xl | 1,557.6M |") and line.endswith("| no | no |") for line in lines)
+
+
+@pytest.mark.slow
+def test_serve_load_benchmark_prints_a_row_per_client_count_and_the_ratio(pretrained: Path):
+    pytest.importorskip("litserve", reason="the serve extra installs LitServe")
+    lines = run_benchmark("serve_load.py", f"--ckpt-path={pretrained / 'checkpoints' / 'last.ckpt'}", "--clients", "1",
+                          "3", "--tokens=10", "--threads=1")  # fmt: skip
+    number = r"[\d,.]+"
+    for clients in (1, 3):
+        row = rf"\| {clients} \| {number} \| {number} \| {number} \| {number} \| 0 \| {number} MB \|"
+        assert any(re.fullmatch(row, line) for line in lines), lines
+    assert re.fullmatch(rf"served total / generate alone, N=3: {number}", lines[-1]), lines[-1]
