@@ -40,6 +40,6 @@ def test_the_docs_show_the_commands_that_matter():
 def test_every_documented_command_parses(doc: str, command: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(ROOT)  # the docs' paths are relative to the checkout
     args = shlex.split(command, comments=True)[2:]  # after `python main.py`
-    check = "--help" if args[0] in ("generate", "export") else "--print_config"
+    check = "--help" if args[0] in ("generate", "export", "serve") else "--print_config"
     result = main_in_process(*args, check)
     assert result.returncode == 0, f"{doc}: {command}\n{result.stderr[-2000:]}"

@@ -17,6 +17,8 @@ from gpt_lightning.checkpoint import load_model
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.lora import LoRAConfig, add_lora
+from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.optim import CombinedOptimizer
 from tests.conftest import ROOT, assert_ok, cli, scalars, tiny_fit
 
@@ -138,3 +140,40 @@ def test_fine_tuning_openais_gpt2_lowers_the_tempests_loss(tmp_path: Path, monke
     assert_ok(result)
     val = [loss for _, loss in scalars(runs / "finetune_gpt2" / "version_0")["val/loss"]]
     assert min(val) < val[0]  # the best checkpoint improves on the first validation
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_lora_fits_under_mixed_precision(tmp_path: Path, text_file: Path, precision: str):
+    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    module, run = fit(tmp_path, text_file, precision, lora=LoRAConfig(rank=4))
+    assert module.trainer.global_step == 4
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in scalars(run)["train/loss"])
+    assert all(p.grad is None for name, p in module.named_parameters() if "lora" not in name)
+
+
+def test_gpt2_small_peak_memory_full_against_lora():
+    """The real peak of one training step of the GPT-2-small shape (124M, context 1024, batch 1, AdamW,
+    bf16 autocast): LoRA rank 8 keeps no gradients or AdamW state for the 124M frozen weights."""
+    peaks = {}
+    for method in ("full", "lora"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        config = GPTConfig(vocab_size=50_257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+        model = GPT(config).cuda()
+        if method == "lora":
+            add_lora(model, LoRAConfig(rank=8))
+        optimizer = torch.optim.AdamW(model.parameter_groups(0.1), lr=1e-4)
+        x = torch.randint(50_257, (1, 1024), device="cuda")
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), x.roll(-1, 1).flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        peaks[method] = torch.cuda.max_memory_allocated()
+        del model, optimizer, loss
+    print(f"peak GPU memory, GPT-2 small step: full {peaks['full'] / 1e9:.2f} GB, LoRA r8 {peaks['lora'] / 1e9:.2f} GB")
+    # Full keeps 124M x (4 weights + 4 gradients + 8 AdamW) bytes; LoRA the weights alone.
+    assert peaks["full"] - peaks["lora"] > 124e6 * 10

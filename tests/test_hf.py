@@ -15,7 +15,7 @@ from gpt_lightning.generate import generate_tokens
 from gpt_lightning.hf import gpt_from_hf_gpt2, hf_gpt2_config, hf_gpt2_state_dict
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import BPETokenizer, StreamDecoder
-from tests.conftest import assert_clean_error, assert_ok, cli, cli_env, main_py, make_play
+from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, cli_env, main_py, make_play
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +202,17 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(hf_gpt2, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_hub_name_without_network_or_cache_is_a_one_line_error(tmp_path: Path):
+@pytest.mark.parametrize(
+    "command",
+    [["generate", "--ckpt_path=gpt2"], ["fit", "--config", "configs/finetune_gpt2.yaml", "--trainer.accelerator=cpu"],
+     ["fit", "--config", "configs/pretrain_cpu.yaml", "--data.tokenizer=gpt2"]],
+    ids=["sampling gpt2", "fine-tuning gpt2", "GPT-2's tokenizer"],
+)  # fmt: skip
+def test_a_hub_name_without_network_or_cache_is_a_one_line_error(tmp_path: Path, command: list[str]):
     env = {**cli_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
-    result = subprocess.run(main_py("generate", "--ckpt_path=gpt2"), cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    command = [str(ROOT / arg) if arg.startswith("configs/") else arg for arg in command]
+    result = subprocess.run(main_py(*command), cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
     assert_clean_error(result, r"could not get gpt2 from the Hugging Face hub", "HF_HUB_OFFLINE=1")
 
 
