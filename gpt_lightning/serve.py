@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from gpt_lightning.checkpoint import describe_checkpoint, load_checkpoint, load_model
+from gpt_lightning.data import CORPUS_SHA256
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.model import GPT
 from gpt_lightning.tokenizer import CharTokenizer, StreamDecoder, Tokenizer
@@ -150,7 +151,8 @@ def describe_model(ckpt_path: str) -> dict[str, Any]:
         return described
     if facts.data:
         selection = {k: v for k, v in facts.data.get("selection", {}).items() if v}
-        described["trained_on"] = {"source": facts.data.get("source"), **selection}
+        source = "tiny Shakespeare" if facts.data.get("source_sha256") == CORPUS_SHA256 else facts.data.get("source")
+        described["trained_on"] = {"source": source, **selection}
     callbacks = load_checkpoint(ckpt_path).get("callbacks", {})
     scores = [float(state["best_model_score"]) for key, state in callbacks.items()
               if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None]  # fmt: skip
