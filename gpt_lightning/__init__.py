@@ -6,9 +6,21 @@ The Lightning wrappers live in `lit_model`, `datamodule`, `callbacks` and `cli`.
 
 from gpt_lightning.checkpoint import load_model
 from gpt_lightning.generate import generate, generate_tokens, sample_next
+from gpt_lightning.lora import LoRAConfig
 from gpt_lightning.model import GPT, PRESETS, GPTConfig
-from gpt_lightning.tokenizer import CharTokenizer
+from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "PRESETS", "CharTokenizer", "GPTConfig", "generate", "generate_tokens", "load_model", "sample_next"]
+__all__ = [
+    "GPT",
+    "PRESETS",
+    "BPETokenizer",
+    "CharTokenizer",
+    "GPTConfig",
+    "LoRAConfig",
+    "generate",
+    "generate_tokens",
+    "load_model",
+    "sample_next",
+]
