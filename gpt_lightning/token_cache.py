@@ -5,7 +5,8 @@ A corpus is one text file, a folder of `.txt` files or a glob, read in sorted or
 first pass checks the UTF-8, finds the vocabulary and hashes the bytes; the second writes one token per
 character, as uint8 when the vocabulary has at most 256 symbols (uint16, uint32 beyond), or, with a BPE
 tokenizer, its ids (uint16 for GPT-2's 50,257), encoded in pieces cut where the whole text's encoding
-has a token boundary, so the ids are exactly those of encoding the text in one go. The token file
+has a token boundary (a lone line break between text), so the ids are exactly those of encoding the text
+in one go. The token file
 and a `meta.json` that describes it are written atomically into a cache folder named after the inputs,
 so later runs reuse them, changed inputs rebuild them and a damaged cache is refused, never trained on.
 
@@ -523,14 +524,17 @@ def _encode(
     return cache
 
 
-_LINE_START = re.compile(r"\n(?=\S)")  # a line break followed by text: a token boundary for byte-level BPE
+# A lone line break between text: a token boundary for GPT-2's pre-tokenizer (and any byte-level one), which
+# keeps "\n" apart from the text on either side. Not after a run of whitespace: GPT-2 has a "\n\n" token,
+# and a run that ends a piece is one token, where the same run followed by text is split before its last.
+_LINE_START = re.compile(r"(?<=\S)\n(?=\S)")
 BPE_SEGMENT_CHARS = 1 << 16  # text encoded per call: large enough to amortise the call, small enough to batch
 SEAM_CHARS = 256  # the text on each side of a cut that is checked
 
 
 def bpe_encode_pieces(pieces: Iterable[str], tokenizer: BPETokenizer) -> Iterator[np.ndarray]:
     """The ids of the text that `pieces` stream, exactly as `tokenizer.encode(whole text)` gives them, without
-    holding the text whole. The text is cut after line breaks followed by text, where GPT-2's pre-tokenizer
+    holding the text whole. The text is cut after lone line breaks between text, where GPT-2's pre-tokenizer
     (and every byte-level one) always ends a token; segments of about BPE_SEGMENT_CHARS are encoded in
     batches (by the library's threads). Each cut is checked: a tokenizer that joins text across it (one that
     adds a prefix space to every call, say) is an error, never a silently different encoding."""
@@ -563,7 +567,7 @@ def _encode_segments(text: str, cuts: list[int], tokenizer: BPETokenizer) -> Ite
         apart = tokenizer.encode(left).tolist() + tokenizer.encode(right).tolist()
         if tokenizer.encode(left + right).tolist() != apart:
             raise ValueError(
-                "this tokenizer does not end a token at a line break followed by text (it may add a prefix space "
+                "this tokenizer does not end a token at a lone line break between text (it may add a prefix space "
                 "to every input): the token cache cannot encode text with it in pieces. Use a byte-level BPE "
                 "without add_prefix_space, such as GPT-2's."
             )

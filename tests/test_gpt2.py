@@ -50,14 +50,17 @@ def gpt2_folder(tmp_path_factory: pytest.TempPathFactory, bpe_file: Path) -> Pat
 # -- the token cache ----------------------------------------------------------------------------------
 
 
-def test_bpe_encoded_in_pieces_equals_encoding_the_whole_text(tmp_path: Path, bpe_file: Path, monkeypatch):
+def test_bpe_encoded_in_pieces_equals_encoding_the_whole_text(tmp_path: Path, monkeypatch):
     # Small pieces and segments put dozens of cuts in the text, inside words, speeches and runs of spaces.
     monkeypatch.setattr(token_cache, "CHUNK_BYTES", 777)
     monkeypatch.setattr(token_cache, "BPE_SEGMENT_CHARS", 300)
+    # Trained where blank lines come in threes, the BPE has GPT-2's "\n\n" token: a run of line breaks that
+    # ends a piece would be one token, where the whole text splits it.
+    bpe = BPETokenizer.from_file(train_bpe(tmp_path / "tokenizer.json", text=make_play(200).replace("\n\n", "\n\n\n")))
+    assert len(bpe.encode("\n\n")) == 1  # one token
     text = make_play(150) + "Ça va, 東京?\n  indented line\n\n\n   \nKING ARTHUR:\nEnd.\n"
     path = tmp_path / "play.txt"
     path.write_text(text, encoding="utf-8")
-    bpe = BPETokenizer.from_file(bpe_file)
     cache = build_token_cache(path, tmp_path / "cache", bpe=bpe)
     assert cache.tokens().tolist() == bpe.encode(text).tolist()
     assert cache.dtype == "uint16" and cache.num_chars == len(text) and cache.num_tokens < len(text)

@@ -143,7 +143,7 @@ def test_folders_that_are_not_gpt2_are_clear_errors(hf_gpt2, tmp_path: Path):
 # -- sampling GPT-2 folders, BPE ----------------------------------------------------------------------
 
 
-def train_bpe(path: Path, vocab_size: int = 300) -> Path:
+def train_bpe(path: Path, vocab_size: int = 300, text: str | None = None) -> Path:
     """A tiny byte-level BPE (GPT-2's kind) trained on generated ASCII text: other characters fall back
     to their UTF-8 bytes, one token each."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -152,7 +152,7 @@ def train_bpe(path: Path, vocab_size: int = 300) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([make_play(200)], trainer)
+    tokenizer.train_from_iterator([make_play(200) if text is None else text], trainer)
     tokenizer.save(str(path))
     return path
 
