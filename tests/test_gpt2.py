@@ -222,3 +222,16 @@ def test_another_bpe_than_the_checkpoints_is_refused(gpt2_folder: Path, text_fil
     same = tmp_path / "same.json"
     same.write_text(json.dumps(json.loads((gpt2_folder / "tokenizer.json").read_text()), indent=4))
     ShakespeareDataModule(path=str(text_file), tokenizer=str(same), init_from=str(gpt2_folder))
+
+
+def test_lora_on_gpt2_weights_starts_as_gpt2(gpt2_folder: Path):
+    from gpt_lightning.hf import gpt_from_hf_gpt2
+    from gpt_lightning.lora import LoRAConfig
+
+    bpe = BPETokenizer.from_file(gpt2_folder / "tokenizer.json")
+    module = GPTModule(vocab=bpe.to_dict(), block_size=64, init_from=str(gpt2_folder), lora=LoRAConfig(rank=4))
+    base = gpt_from_hf_gpt2(gpt2_folder, block_size=64)
+    ids = bpe.encode("KING ARTHUR:\nGood lord, my king")[None]
+    with torch.no_grad():
+        assert torch.equal(module.gpt.eval()(ids), base(ids))
+    assert all(p.requires_grad == ("lora" in name) for name, p in module.gpt.named_parameters())

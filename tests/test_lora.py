@@ -136,6 +136,13 @@ def test_a_lora_fine_tune_fits_resumes_bit_exactly_samples_and_exports(pretraine
     again = GPTModule(vocab=tokenizer.vocab, block_size=32, init_from=str(ckpt), lora=LoRAConfig(rank=4)).gpt.eval()
     with torch.no_grad():
         assert torch.allclose(again(ids), lora_model(ids), atol=1e-5, rtol=0)
+    # validate takes the checkpoint's LoRA layers as it takes its architecture.
+    configs = ["--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml")]
+    validated = cli("validate", *configs, f"--data.path={text_file}", "--data.speakers=null",
+                    f"--data.cache_dir={tmp_path}/a/token_cache", f"--ckpt_path={ckpt}", "--model.init_from=null",
+                    "--trainer.logger=false", in_process=True)  # fmt: skip
+    assert_ok(validated)
+    assert "val/loss" in validated.stdout
     # And to a Hugging Face folder, merged.
     assert_ok(cli("export", f"--ckpt_path={ckpt}", f"--output={tmp_path / 'hf'}", in_process=True))
     assert (tmp_path / "hf" / "model.safetensors").is_file()
