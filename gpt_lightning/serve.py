@@ -26,6 +26,7 @@ import logging
 import math
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -48,6 +49,10 @@ PAGE = Path(__file__).with_name("serve_page.html")
 # The sampling options and their defaults: those of `python main.py generate`.
 DEFAULTS: dict[str, Any] = {"max_new_tokens": 500, "temperature": 0.8, "top_k": None, "top_p": None, "seed": 1337}
 FIELDS = ("prompt", *DEFAULTS)
+# Text generated within this interval goes out as one message. Each message crosses from LitServe's worker
+# process to its HTTP process on its own; one per token cost a third of the throughput on 2 cores
+# (benchmarks/serve_load.py). 50 updates a second still read as a live stream.
+MESSAGE_INTERVAL_S = 0.02
 log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
@@ -203,10 +208,15 @@ class GPTStreamAPI(LitAPI):
 
     def predict(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         mark = self.cancel_dir / request["stream_id"]
-        produced = 0
+        produced, pending, sent_at = 0, "", -math.inf
         for text in generate_text(self.gpt, self.tokenizer, request, self.device, mark.exists):
             produced += len(text)
-            yield {"text": text}
+            pending += text
+            if time.monotonic() - sent_at >= MESSAGE_INTERVAL_S:  # the first piece goes at once
+                yield {"text": pending}
+                pending, sent_at = "", time.monotonic()
+        if pending:
+            yield {"text": pending}
         if mark.exists():
             mark.unlink(missing_ok=True)
             log.info("stream %s stopped after %d characters: its client went away", request["stream_id"], produced)
