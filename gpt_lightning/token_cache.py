@@ -19,7 +19,6 @@ import codecs
 import errno
 import glob
 import hashlib
-import itertools
 import json
 import logging
 import mmap
@@ -462,7 +461,7 @@ def _encode(
     if bpe is not None:
         vocab = ""
         dtype = token_dtype(bpe.vocab_size)
-        encode_pieces = partial(bpe_encode_pieces, tokenizer=bpe)
+        encode_pieces = bpe.encode_pieces
     elif vocab is None:
         vocab = present
     else:
@@ -522,56 +521,6 @@ def _encode(
         if old.name != cache.token_file:
             old.unlink(missing_ok=True)  # a rebuild's predecessor: a process that maps it keeps its pages
     return cache
-
-
-# A lone line break between text: a token boundary for GPT-2's pre-tokenizer (and any byte-level one), which
-# keeps "\n" apart from the text on either side. Not after a run of whitespace: GPT-2 has a "\n\n" token,
-# and a run that ends a piece is one token, where the same run followed by text is split before its last.
-_LINE_START = re.compile(r"(?<=\S)\n(?=\S)")
-BPE_SEGMENT_CHARS = 1 << 16  # text encoded per call: large enough to amortise the call, small enough to batch
-SEAM_CHARS = 256  # the text on each side of a cut that is checked
-
-
-def bpe_encode_pieces(pieces: Iterable[str], tokenizer: BPETokenizer) -> Iterator[np.ndarray]:
-    """The ids of the text that `pieces` stream, exactly as `tokenizer.encode(whole text)` gives them, without
-    holding the text whole. The text is cut after lone line breaks between text, where GPT-2's pre-tokenizer
-    (and every byte-level one) always ends a token; segments of about BPE_SEGMENT_CHARS are encoded in
-    batches (by the library's threads). Each cut is checked: a tokenizer that joins text across it (one that
-    adds a prefix space to every call, say) is an error, never a silently different encoding."""
-    pending = ""
-    for piece in pieces:
-        pending += piece
-        if len(pending) < 4 * BPE_SEGMENT_CHARS:
-            continue
-        cuts = _cuts(pending)
-        if cuts:
-            yield from _encode_segments(pending, cuts, tokenizer)
-            pending = pending[cuts[-1] :]
-    if pending:
-        yield tokenizer.encode(pending).numpy()
-
-
-def _cuts(text: str) -> list[int]:
-    cuts, start = [], 0
-    while (line := _LINE_START.search(text, start + BPE_SEGMENT_CHARS)) is not None:
-        cuts.append(start := line.end())
-    return cuts
-
-
-def _encode_segments(text: str, cuts: list[int], tokenizer: BPETokenizer) -> Iterator[np.ndarray]:
-    bounds = [0, *cuts]
-    segments = [text[a:b] for a, b in itertools.pairwise(bounds)]
-    encodings = tokenizer.encode_batch(segments)
-    for cut in cuts:
-        left, right = text[max(cut - SEAM_CHARS, 0) : cut], text[cut : cut + SEAM_CHARS]
-        apart = tokenizer.encode(left).tolist() + tokenizer.encode(right).tolist()
-        if tokenizer.encode(left + right).tolist() != apart:
-            raise ValueError(
-                "this tokenizer does not end a token at a lone line break between text (it may add a prefix space "
-                "to every input): the token cache cannot encode text with it in pieces. Use a byte-level BPE "
-                "without add_prefix_space, such as GPT-2's."
-            )
-    yield from encodings
 
 
 def _no_space(directory: Path, needed: int, free: int) -> str:

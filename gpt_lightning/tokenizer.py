@@ -5,8 +5,10 @@ Face `tokenizer.json` (GPT-2's), through the `tokenizers` library, imported wher
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -116,6 +118,36 @@ class BPETokenizer:
         encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
 
+    def encode_pieces(self, pieces: Iterable[str]) -> Iterator[np.ndarray]:
+        """The ids of the text that `pieces` stream, exactly as `encode(whole text)` gives them, without
+        holding the text whole (the token cache encodes corpora of any size with it). The text is cut after
+        lone line breaks between text, where GPT-2's pre-tokenizer (and every byte-level one) always ends a
+        token; segments of about SEGMENT_CHARS are encoded in batches, by the library's threads. Each cut is
+        checked: a tokenizer that joins text across it (one that adds a prefix space to every call, say) is
+        an error, never a silently different encoding."""
+        pending = ""
+        for piece in pieces:
+            pending += piece
+            if len(pending) < 4 * SEGMENT_CHARS:
+                continue
+            cuts = _cuts(pending)
+            if cuts:
+                yield from self._encode_segments(pending, cuts)
+                pending = pending[cuts[-1] :]
+        if pending:
+            yield self.encode(pending).numpy()
+
+    def _encode_segments(self, text: str, cuts: list[int]) -> list[np.ndarray]:
+        for cut in cuts:
+            left, right = text[max(cut - SEAM_CHARS, 0) : cut], text[cut : cut + SEAM_CHARS]
+            if self.encode(left + right).tolist() != self.encode(left).tolist() + self.encode(right).tolist():
+                raise ValueError(
+                    "this tokenizer does not end a token at a lone line break between text (it may add a prefix "
+                    "space to every input): it cannot encode text in pieces, as the token cache does. Use a "
+                    "byte-level BPE without add_prefix_space, such as GPT-2's."
+                )
+        return self.encode_batch([text[a:b] for a, b in itertools.pairwise([0, *cuts])])
+
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
@@ -154,6 +186,22 @@ class BPETokenizer:
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+# A lone line break between text: a token boundary for GPT-2's pre-tokenizer (and any byte-level one), which
+# keeps "\n" apart from the text on either side. Not after a run of whitespace: GPT-2 has a "\n\n" token,
+# and a run that ends a piece is one token, where the same run followed by text is split before its last.
+_LINE_START = re.compile(r"(?<=\S)\n(?=\S)")
+SEGMENT_CHARS = 1 << 16  # text encoded per call: large enough to amortise the call, small enough to batch
+SEAM_CHARS = 256  # the text on each side of a cut that is checked
+
+
+def _cuts(text: str) -> list[int]:
+    """Where `encode_pieces` cuts `text`: the first lone line break after every SEGMENT_CHARS characters."""
+    cuts, start = [], 0
+    while (line := _LINE_START.search(text, start + SEGMENT_CHARS)) is not None:
+        cuts.append(start := line.end())
+    return cuts
 
 
 def _byte_level_alphabet() -> list[str]:

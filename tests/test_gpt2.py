@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import gpt_lightning.token_cache as token_cache
+import gpt_lightning.tokenizer as tokenizer_module
 from gpt_lightning.checkpoint import load_model
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.model import GPT, GPTConfig
@@ -53,7 +54,7 @@ def gpt2_folder(tmp_path_factory: pytest.TempPathFactory, bpe_file: Path) -> Pat
 def test_bpe_encoded_in_pieces_equals_encoding_the_whole_text(tmp_path: Path, monkeypatch):
     # Small pieces and segments put dozens of cuts in the text, inside words, speeches and runs of spaces.
     monkeypatch.setattr(token_cache, "CHUNK_BYTES", 777)
-    monkeypatch.setattr(token_cache, "BPE_SEGMENT_CHARS", 300)
+    monkeypatch.setattr(tokenizer_module, "SEGMENT_CHARS", 300)
     # Trained where blank lines come in threes, the BPE has GPT-2's "\n\n" token: a run of line breaks that
     # ends a piece would be one token, where the whole text splits it.
     bpe = BPETokenizer.from_file(train_bpe(tmp_path / "tokenizer.json", text=make_play(200).replace("\n\n", "\n\n\n")))
@@ -73,14 +74,14 @@ def test_bpe_encoded_in_pieces_equals_encoding_the_whole_text(tmp_path: Path, mo
 def test_a_tokenizer_that_cannot_be_cut_between_lines_is_refused(tmp_path: Path, monkeypatch):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    monkeypatch.setattr(token_cache, "BPE_SEGMENT_CHARS", 300)
+    monkeypatch.setattr(tokenizer_module, "SEGMENT_CHARS", 300)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # a space before every input
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator([make_play(50)], trainers.BpeTrainer(vocab_size=280))
     path = tmp_path / "play.txt"
     path.write_text(make_play(100), encoding="utf-8")
-    with pytest.raises(ValueError, match="cannot encode text with it in pieces"):
+    with pytest.raises(ValueError, match="cannot encode text in pieces"):
         build_token_cache(path, tmp_path / "cache", bpe=BPETokenizer(tokenizer.to_str()))
 
 
