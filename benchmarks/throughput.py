@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
 from gpt_lightning.data import RandomWindows  # noqa: E402
-from gpt_lightning.lit_model import WarmupCosine  # noqa: E402
 from gpt_lightning.model import GPT  # noqa: E402
+from gpt_lightning.optim import WarmupCosine  # noqa: E402
 
 RECIPES = {
     "cpu": ["configs/pretrain_cpu.yaml"],

@@ -20,7 +20,7 @@ from gpt_lightning.checkpoint import METADATA_KEY, load_checkpoint, metadata, mo
 from gpt_lightning.hf import gpt_from_hf_gpt2, hf_gpt2_folder, is_hf_gpt2
 from gpt_lightning.lora import LoRAConfig, add_lora
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, hidden_matrices
+from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, WarmupCosine, hidden_matrices
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "gelu")
@@ -37,38 +37,6 @@ def is_logging_step(trainer: L.Trainer, step: int) -> bool:
     never logs. Every step metric of ours uses this one function, so all of them land on the same steps."""
     n: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's logger connector
     return n > 0 and (step + 1) % n == 0
-
-
-@dataclasses.dataclass
-class WarmupCosine:
-    """LR multiplier: linear warm-up to 1, then a cosine down to min_ratio at decay_steps, then flat.
-
-    LambdaLR saves a callable object's attributes in its state_dict, so the schedule travels in the
-    checkpoint: a resumed run continues the checkpoint's own horizon whatever max_steps it is given.
-    `restretch` moves the horizon mid-run without a jump: from the step it is called at, a new cosine
-    runs from the multiplier reached there down to min_ratio at the new horizon.
-    """
-
-    warmup_steps: int
-    decay_steps: int
-    min_ratio: float
-    cosine_start: int | None = None  # the step the cosine starts at; None: at the end of the warm-up
-    start_ratio: float = 1.0  # the multiplier at cosine_start
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        start = self.warmup_steps if self.cosine_start is None else self.cosine_start
-        if step >= self.decay_steps:
-            return self.min_ratio
-        progress = (step - start) / max(1, self.decay_steps - start)
-        return self.min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.start_ratio - self.min_ratio)
-
-    def restretch(self, step: int, decay_steps: int) -> None:
-        """From `step` on, decay from the current multiplier to min_ratio at `decay_steps` instead."""
-        if step > self.warmup_steps:
-            self.cosine_start, self.start_ratio = step, self(step)
-        self.decay_steps = decay_steps
 
 
 class GPTModule(L.LightningModule):

@@ -1,9 +1,11 @@
 """Optimizers built from torch.optim: Muon for the transformer's hidden matrices, AdamW for the rest,
 stepped as one optimizer so that Lightning's automatic optimization (clipping, accumulation, mixed
-precision, checkpoints) and one LR schedule drive both. Plain PyTorch: no Lightning here."""
+precision, checkpoints) and one LR schedule drive both; and that schedule, warm-up then cosine. Plain
+PyTorch: no Lightning here."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, MutableMapping
@@ -185,3 +187,35 @@ def hidden_matrices(blocks: nn.Module) -> list[nn.Parameter]:
     """The 2-D weights inside the transformer blocks (attention and MLP projections): what Muon
     orthogonalizes. Embeddings, the head, norms and biases are not hidden matrices."""
     return [p for p in blocks.parameters() if p.dim() == 2]
+
+
+@dataclasses.dataclass
+class WarmupCosine:
+    """LR multiplier: linear warm-up to 1, then a cosine down to min_ratio at decay_steps, then flat.
+
+    LambdaLR saves a callable object's attributes in its state_dict, so the schedule travels in the
+    checkpoint: a resumed run continues the checkpoint's own horizon whatever max_steps it is given.
+    `restretch` moves the horizon mid-run without a jump: from the step it is called at, a new cosine
+    runs from the multiplier reached there down to min_ratio at the new horizon.
+    """
+
+    warmup_steps: int
+    decay_steps: int
+    min_ratio: float
+    cosine_start: int | None = None  # the step the cosine starts at; None: at the end of the warm-up
+    start_ratio: float = 1.0  # the multiplier at cosine_start
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        start = self.warmup_steps if self.cosine_start is None else self.cosine_start
+        if step >= self.decay_steps:
+            return self.min_ratio
+        progress = (step - start) / max(1, self.decay_steps - start)
+        return self.min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.start_ratio - self.min_ratio)
+
+    def restretch(self, step: int, decay_steps: int) -> None:
+        """From `step` on, decay from the current multiplier to min_ratio at `decay_steps` instead."""
+        if step > self.warmup_steps:
+            self.cosine_start, self.start_ratio = step, self(step)
+        self.decay_steps = decay_steps

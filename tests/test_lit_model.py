@@ -14,8 +14,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gpt_lightning.callbacks import TokenThroughput
 from gpt_lightning.checkpoint import load_checkpoint, load_model, tokenizer_of
 from gpt_lightning.datamodule import ShakespeareDataModule
-from gpt_lightning.lit_model import GPTModule, WarmupCosine
+from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.optim import WarmupCosine
 from tests.conftest import scalars
 
 VOCAB = "\n !,.:;?ABCDEFGHIKLMNORSTUWYZabcdefghiklmnorstuvwy"
