@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,39 @@ def test_openais_gpt2_from_the_local_cache_when_it_is_there(monkeypatch: pytest.
     except FileNotFoundError:
         pytest.skip("OpenAI's gpt2 is not in the local huggingface_hub cache, and there is no network here")
     assert gpt.num_parameters() == 124_439_808 and tokenizer.vocab_size == 50_257
+
+
+def test_a_non_zero_local_rank_waits_for_local_rank_0s_download(hf_gpt2, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    """Local rank 1 never downloads: it polls huggingface_hub's cache until local rank 0's files are there."""
+    import threading
+
+    from huggingface_hub import constants
+
+    from gpt_lightning.hf import hf_gpt2_folder
+
+    _, folder = hf_gpt2
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    revision = "0" * 40
+
+    def download_as_local_rank_0() -> None:  # the cache layout huggingface_hub writes: refs and a snapshot
+        time.sleep(1.0)
+        repo = cache / "models--openai-community--gpt2"
+        snapshot = repo / "snapshots" / revision
+        snapshot.mkdir(parents=True)
+        for name in ("config.json", "model.safetensors"):
+            (snapshot / name).write_bytes((folder / name).read_bytes())
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+
+    writer = threading.Thread(target=download_as_local_rank_0)
+    writer.start()
+    start = time.monotonic()
+    found = hf_gpt2_folder("gpt2", files=["config.json", "model.safetensors"], wait_s=30)
+    writer.join()
+    assert found.name == revision and time.monotonic() - start >= 1.0
+    with pytest.raises(FileNotFoundError, match="could not get gpt2-medium from the Hugging Face hub"):
+        hf_gpt2_folder("gpt2-medium", wait_s=1)  # nothing comes: it stops at its deadline, with the same error
