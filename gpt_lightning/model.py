@@ -205,9 +205,11 @@ class GPT(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward and backward): 6N for the weight matmuls plus 12·L·C·T for
         attention scores and their weighted sum (PaLM appendix B; N excludes the position table, which
-        is a lookup)."""
+        is a lookup). Of the 6, 2 are the weight gradient, which a frozen weight (LoRA's base) skips."""
         c = self.config
-        return 6 * self.num_parameters(exclude_position_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+        matmul = [p for name, p in self.named_parameters() if name != "wpe.weight"]
+        frozen = sum(p.numel() for p in matmul if not p.requires_grad)
+        return 6 * sum(p.numel() for p in matmul) - 2 * frozen + 12 * c.n_layer * c.n_embd * c.block_size
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay the matrices (matmul weights, embeddings); leave biases and norm gains alone.

@@ -45,6 +45,15 @@ def test_only_the_low_rank_updates_train_and_the_optimizer_holds_only_them():
     assert sum(p.numel() for p in module.parameters() if p.requires_grad) == 2 * (4 * 64 + 4 * 32)
 
 
+def test_mfu_counts_no_weight_gradients_for_the_frozen_weights():
+    base, tuned = lora_gpt(rank=4, targets=["qkv"])
+    frozen = base.num_parameters(exclude_position_embedding=True)
+    adapters = 2 * 4 * (16 + 48)  # two blocks' A (4 x 16) and B (48 x 4)
+    attention = 12 * CONFIG.n_layer * CONFIG.n_embd * CONFIG.block_size
+    assert base.flops_per_token() == 6 * frozen + attention
+    assert tuned.flops_per_token() == 4 * frozen + 6 * adapters + attention
+
+
 def test_at_step_0_the_output_is_exactly_the_base_models():
     base, tuned = lora_gpt()
     assert sum(isinstance(m, LoRALinear) for m in tuned.modules()) == 2 * 4
