@@ -89,10 +89,17 @@ class TextSampleLogger(Callback):
 class StepTensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoard logger without the `epoch` scalar, which Lightning adds to every step's
     metrics: the training stream is endless, so the epoch is always 0, and its chart would be the first
-    one TensorBoard shows."""
+    one TensorBoard shows. The metrics of one step can be written through to disk as they are logged
+    (`write_through_step`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.write_through_step: int | None = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+        if step is not None and step == self.write_through_step:
+            self.save()
 
 
 class LossChartLayout(Callback):
@@ -145,6 +152,12 @@ class LastCheckpoint(Callback):
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         trainer.save_checkpoint(path, weights_only=False)
         self.last_path, self._saved_at_step = path, trainer.global_step
+        # Lightning logs this step's metrics after on_train_batch_end, so after this save: write them through
+        # to disk as soon as they are logged (a kill before the next flush would lose a step the resumed run
+        # never logs again), and flush every logger first thing in the next batch.
+        for logger in trainer.loggers:
+            if isinstance(logger, StepTensorBoardLogger):  # the optimizer step that just ended, as logged
+                logger.write_through_step = trainer.global_step - 1
         self._flush_pending = True
 
     @staticmethod
@@ -183,8 +196,8 @@ class LastCheckpoint(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         self._step_at_batch_start = trainer.global_step
-        # Lightning logs a step's metrics after its on_train_batch_end: flush them too, first thing in the
-        # next batch, so the log holds every step before the checkpoint.
+        # Lightning logs a step's metrics after its on_train_batch_end: flush them (for loggers that cannot
+        # write through) first thing in the next batch, so the log holds every step before the checkpoint.
         if self._flush_pending:
             self._flush_logs(trainer)
             self._flush_pending = False

@@ -78,3 +78,25 @@ class OpaqueState(Callback):
 
     def state_dict(self) -> dict:
         return {"opaque": OpaqueState}
+
+
+class KillAfterLoggingStep(Callback):
+    """SIGKILLs this process the moment Lightning has handed the logger the metrics of optimizer step
+    `step` (counted from 1: the step that leaves global_step at `step`), which it does after every
+    on_train_batch_end hook, last.ckpt's save included: no time for a background writer to catch up."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        logger = trainer.logger
+        log_metrics = logger.log_metrics
+
+        def log_then_die(metrics, step=None):
+            log_metrics(metrics, step)
+            if "train/loss" in metrics:  # Lightning's own call (callbacks such as TokenThroughput log too)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        logger.log_metrics = log_then_die

@@ -143,6 +143,22 @@ def test_sigkill_loses_at_most_the_checkpoint_interval(text_file: Path, tmp_path
     assert_same_run(tmp_path / "straight" / "run" / "version_0", runs / "run" / "version_0", target)
 
 
+def test_a_kill_right_after_a_save_loses_no_logged_step(text_file: Path, tmp_path: Path):
+    # last.ckpt is written in on_train_batch_end, and Lightning logs that step's metrics after it: a kill
+    # before they reach the disk would leave a hole in the curve that the resumed run never fills.
+    runs = tmp_path / "runs"
+    kill = ["--trainer.callbacks+=tests.probe.KillAfterLoggingStep", "--trainer.callbacks.step=10"]
+    killed = tiny_fit(text_file, runs, "--trainer.max_steps=100", "--trainer.val_check_interval=50",
+                      "--last_checkpoint.every_n_train_steps=5", *kill)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    last = runs / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 10
+    assert [s for s, _ in train_losses(runs / "run" / "version_0")] == list(range(10))
+    assert_ok(tiny_fit(text_file, runs, "--trainer.val_check_interval=50", "--trainer.max_steps=13",
+                       "--ckpt_path=last", in_process=True))  # fmt: skip
+    assert [s for s, _ in train_losses(runs / "run" / "version_0")] == list(range(13))
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_stopping_saves_a_checkpoint_to_resume_from(text_file: Path, tmp_path: Path, stop: signal.Signals):
     runs = tmp_path / "runs"
