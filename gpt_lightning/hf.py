@@ -10,15 +10,18 @@ biases, so a model trained without them exports zeros; its head is tied to the t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from gpt_lightning.data import raise_if_failed, record_failure
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
@@ -179,27 +182,37 @@ HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json"]
 def hf_gpt2_folder(name_or_folder: str | Path, files: list[str] = HUB_FILES, wait_s: float = 3600.0) -> Path:
     """A local GPT-2 folder: the folder itself, or a hub name's files in huggingface_hub's cache (downloaded
     on first use; `HF_HUB_OFFLINE=1` reads the cache only). As for the corpus, local rank 0 of each node
-    downloads while the node's other processes wait for the files to be in the cache."""
+    downloads while the node's other processes wait for the files to be in the cache, and stop with local
+    rank 0's error as soon as it records one."""
     if str(name_or_folder) not in HUB_NAMES:
         return Path(name_or_folder)
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError as err:
         raise ImportError("GPT-2 from the hub needs huggingface_hub: pip install -e '.[hf]'") from err
     repo = f"openai-community/{name_or_folder}"
+    downloads = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
+    # Only this node's processes wait for this one: the marker lies in a node-local folder, one per hub cache.
+    cache = hashlib.sha256(str(Path(constants.HF_HUB_CACHE).resolve()).encode()).hexdigest()[:16]
+    failure = Path(tempfile.gettempdir()) / "gpt-lightning" / f"{name_or_folder}.{cache}.{socket.gethostname()}.failed"
+    if downloads:
+        failure.unlink(missing_ok=True)  # an earlier launch's
     deadline = time.monotonic() + wait_s
     while True:
-        downloads = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
         try:
             return Path(snapshot_download(repo, allow_patterns=files, local_files_only=not downloads))
         except Exception as err:  # offline, not cached, or the hub refused: one line, and how to go on
             if downloads or time.monotonic() > deadline:
-                raise FileNotFoundError(
+                error = FileNotFoundError(
                     f"could not get {name_or_folder} from the Hugging Face hub ({type(err).__name__}). Without "
                     f"network, give a local GPT-2 folder ({', '.join(files)}), or set HF_HUB_OFFLINE=1 with the "
                     "files already in huggingface_hub's cache."
-                ) from None
-            time.sleep(1.0)  # local rank 0 is downloading them
+                )
+                if downloads:
+                    record_failure(failure, error)  # the node's other processes stop with it at once
+                raise error from None
+        raise_if_failed(failure)
+        time.sleep(1.0)  # local rank 0 is downloading them
 
 
 def tokenizer_of_hf_folder(folder: Path, vocab_size: int) -> Tokenizer:

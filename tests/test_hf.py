@@ -260,3 +260,13 @@ def test_a_non_zero_local_rank_waits_for_local_rank_0s_download(hf_gpt2, tmp_pat
     assert found.name == revision and time.monotonic() - start >= 1.0
     with pytest.raises(FileNotFoundError, match="could not get gpt2-medium from the Hugging Face hub"):
         hf_gpt2_folder("gpt2-medium", wait_s=1)  # nothing comes: it stops at its deadline, with the same error
+
+    # Local rank 0 fails (no network): it records its error, and a waiting rank stops with it at once.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(FileNotFoundError, match="could not get gpt2-large"):
+        hf_gpt2_folder("gpt2-large", wait_s=1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="could not get gpt2-large from the Hugging Face hub"):
+        hf_gpt2_folder("gpt2-large", wait_s=600)
+    assert time.monotonic() - start < 30
