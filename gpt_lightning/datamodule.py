@@ -127,7 +127,6 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.init_from = init_from
         self._source: CheckpointFacts | None = None if init_from is None else describe_checkpoint(init_from)
-        self.tokenizer_spec = tokenizer
         self._bpe = self._resolve_bpe(tokenizer)
         self.block_size = self._resolve_block_size(block_size)
         self.train_tokens: torch.Tensor | None = None
@@ -139,7 +138,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         if self._source is None:
             return asked
         source = self._source.tokenizer
-        if spec is not None and (asked != source if asked is not None else not isinstance(source, CharTokenizer)):
+        same = isinstance(source, CharTokenizer) if asked is None else asked == source
+        if spec is not None and not same:
             raise ValueError(
                 f"data.tokenizer {spec} is not the tokenizer of {self.init_from} ({_describe(source)}): a model reads "
                 "only the ids of the tokenizer it was trained with. Drop data.tokenizer to use the checkpoint's."
