@@ -100,3 +100,14 @@ class KillAfterLoggingStep(Callback):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         logger.log_metrics = log_then_die
+
+
+class KillAtStep(Callback):
+    """SIGKILLs this process when optimizer step `step` (counted from 0) starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
