@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt_lightning.checkpoint import load_model  # noqa: E402
-from gpt_lightning.serve import DEFAULTS, generate_text  # noqa: E402
+from gpt_lightning.generate import stream_text  # noqa: E402
+from gpt_lightning.serve import DEFAULTS  # noqa: E402
 
 PROMPT = "ROMEO:"
 
@@ -161,9 +162,10 @@ def main() -> None:
     gpt, tokenizer = load_model(args.ckpt_path)
     start, characters = time.perf_counter(), 0
     requests = max(args.clients)
-    for seed in range(requests):
-        request = {**DEFAULTS, "prompt": PROMPT, "max_new_tokens": args.tokens, "seed": seed}
-        characters += sum(len(text) for text in generate_text(gpt, tokenizer, request, torch.device("cpu")))
+    for seed in range(requests):  # what the server's worker runs for each request, without the server
+        generator = torch.Generator().manual_seed(seed)
+        texts = stream_text(gpt, tokenizer, PROMPT, args.tokens, DEFAULTS["temperature"], generator=generator)
+        characters += sum(len(text) for text in texts)
     alone = characters / (time.perf_counter() - start)
 
     print(f"\n{args.tokens} new tokens per request, prompt {PROMPT!r}, {args.threads} torch threads; server "

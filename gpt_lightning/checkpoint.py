@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gpt_lightning.data import atomic_write_bytes
 from gpt_lightning.hf import config_of_hf_gpt2, gpt_from_hf_gpt2, hf_gpt2_folder, is_hf_gpt2, tokenizer_of_hf_folder
 from gpt_lightning.lora import LoRAConfig, add_lora, merged_state_dict
 from gpt_lightning.model import GPT, GPTConfig
@@ -163,8 +164,7 @@ def export_plain_checkpoint(source: str | Path, model: GPT, output: str | Path) 
         METADATA_KEY: described,
         "global_step": checkpoint.get("global_step", 0),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp")
-    torch.save(plain, staging)
-    os.replace(staging, output)
+    buffer = io.BytesIO()
+    torch.save(plain, buffer)
+    atomic_write_bytes(output, buffer.getvalue())
     return output

@@ -78,6 +78,12 @@ def exclusive(lock_path: Path, what: str, wait_s: float = 3600.0) -> Iterator[No
         os.close(fd)  # releases the lock
 
 
+def is_local_rank_zero() -> bool:
+    """Whether this process prepares data for its node: read from the launcher's environment (torchrun,
+    SLURM), since it is asked before any process group exists."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
+
+
 # When this process started (about): a failure recorded before it belongs to an earlier launch.
 PROCESS_START = time.time()
 FAILURE_GRACE_S = 30.0  # processes of one launch start within this of each other

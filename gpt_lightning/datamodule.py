@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterable
 from functools import cached_property
@@ -23,6 +22,7 @@ from gpt_lightning.data import (
     build_state_dir,
     corpus_path,
     ensure_corpus,
+    is_local_rank_zero,
     record_failure,
 )
 from gpt_lightning.token_cache import (
@@ -36,11 +36,6 @@ from gpt_lightning.token_cache import (
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_spec
 
 DEFAULT_BLOCK_SIZE = 256
-
-
-def _is_local_rank_zero() -> bool:
-    # Read from the launcher's environment: this runs before any process group exists.
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
 
 
 class ShakespeareDataModule(L.LightningDataModule):
@@ -175,7 +170,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         skip = self.skip_undecodable
         key = cache_dir_for(root, self.path or corpus_path(self.data_dir), self.selection, vocab, skip, bpe).name
         failure = build_state_dir(root) / f"{key}.{socket.gethostname()}.failed.json"
-        if not _is_local_rank_zero():
+        if not is_local_rank_zero():
             spec = self.path if self.path is not None else self._corpus(download=False, failure_marker=failure)
             return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection, failure_marker=failure,
                                         skip_undecodable=skip, bpe=bpe)  # fmt: skip

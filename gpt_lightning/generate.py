@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from gpt_lightning.model import GPT
+from gpt_lightning.tokenizer import StreamDecoder, Tokenizer
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -97,3 +98,32 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs: objec
     """The context idx (B, T) followed by max_new_tokens sampled ids: (B, T + max_new_tokens)."""
     new = list(generate_tokens(model, idx, max_new_tokens, **kwargs))  # type: ignore[arg-type]
     return torch.cat([idx, *(t[:, None] for t in new)], dim=1) if new else idx
+
+
+def stream_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_kv_cache: bool = True,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Iterator[str]:
+    """The text that continues `prompt`, piece by piece as it is sampled: never a split character (a BPE
+    token can end inside one; the decoder holds it back until it is whole). Stops early when `cancelled()`
+    says so, which is asked before each token. `generate` and `serve` both print through this."""
+    device = next(model.parameters()).device
+    idx = tokenizer.encode(prompt)[None].to(device)  # (1, T)
+    decoder = StreamDecoder(tokenizer)
+    tokens = generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_kv_cache)
+    while not cancelled():
+        token = next(tokens, None)
+        if token is None:
+            if text := decoder.flush():
+                yield text
+            return
+        if text := decoder.push(token.tolist()):
+            yield text

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gpt_lightning.data import raise_if_failed, record_failure
+from gpt_lightning.data import is_local_rank_zero, raise_if_failed, record_failure
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
@@ -191,7 +191,7 @@ def hf_gpt2_folder(name_or_folder: str | Path, files: list[str] = HUB_FILES, wai
     except ImportError as err:
         raise ImportError("GPT-2 from the hub needs huggingface_hub: pip install -e '.[hf]'") from err
     repo = f"openai-community/{name_or_folder}"
-    downloads = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
+    downloads = is_local_rank_zero()
     # Only this node's processes wait for this one: the marker lies in a node-local folder, one per hub cache.
     cache = hashlib.sha256(str(Path(constants.HF_HUB_CACHE).resolve()).encode()).hexdigest()[:16]
     failure = Path(tempfile.gettempdir()) / "gpt-lightning" / f"{name_or_folder}.{cache}.{socket.gethostname()}.failed"

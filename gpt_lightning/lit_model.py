@@ -127,7 +127,7 @@ class GPTModule(L.LightningModule):
                 hf = gpt_from_hf_gpt2(hf_gpt2_folder(init_from), block_size)
                 source, weights = hf.config, hf.state_dict()
                 # A tokenizer may have fewer ids than the embedding has rows (padded to a round number).
-                vocab_size = source.vocab_size if vocab_size <= source.vocab_size else vocab_size
+                vocab_size = max(vocab_size, source.vocab_size)
             else:
                 checkpoint = load_checkpoint(init_from)
                 source, weights = model_config_of(checkpoint), plain_state_dict(checkpoint)

@@ -1,12 +1,12 @@
 """LoRA (Hu et al., 2021): fine-tune a frozen GPT through low-rank updates of its projections. Plain PyTorch.
 
 A projection W (out, in) becomes W + (alpha / r) B A, with A (r, in) and B (out, r). Only A and B train:
-for rank 8 on GPT-2 small's attention that is 0.8M parameters instead of 124M, and AdamW keeps its two
+for rank 8 on GPT-2 small's attention that is 0.44M parameters instead of 124M, and AdamW keeps its two
 moments for those alone. B starts at zero, so at step 0 the model is exactly the base model.
 
 `LoRALinear` is an `nn.Linear` with two more parameters, so the base weights keep their names
-(`h.0.attn.c_attn.weight`) and a LoRA checkpoint is a plain one plus `lora_a`/`lora_b` entries. `merge`
-folds the updates into the weights and gives back a plain GPT.
+(`h.0.attn.c_attn.weight`) and a LoRA checkpoint is a plain one plus `lora_a`/`lora_b` entries.
+`merged_state_dict` folds the updates into the weights: the state of a plain GPT.
 """
 
 from __future__ import annotations
@@ -83,9 +83,6 @@ class LoRALinear(nn.Linear):
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)  # (..., r) -> (..., out)
         return super().forward(x) + self.scaling * update
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.weight + self.scaling * (self.lora_b @ self.lora_a)  # (out, in)
-
 
 def add_lora(model: GPT, config: LoRAConfig) -> GPT:
     """Freezes `model` and gives the targeted projections of every block a low-rank update (in place)."""
@@ -97,26 +94,6 @@ def add_lora(model: GPT, config: LoRAConfig) -> GPT:
                 parent = block.get_submodule(parent_path)
                 setattr(parent, name, LoRALinear(getattr(parent, name), config.rank, config.alpha, config.dropout))
     return model
-
-
-def has_lora(state_dict: dict[str, torch.Tensor]) -> bool:
-    return any(key.endswith(".lora_a") for key in state_dict)
-
-
-def merge(model: GPT) -> GPT:
-    """The same model with every update folded into its weight (in place): a plain GPT, whose logits equal
-    the LoRA model's up to float rounding, and whose parameters all train again."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                  device=child.weight.device, dtype=child.weight.dtype)  # fmt: skip
-                with torch.no_grad():
-                    plain.weight.copy_(child.merged_weight())
-                    if child.bias is not None:
-                        plain.bias.copy_(child.bias)
-                setattr(module, name, plain)
-    return model.requires_grad_(True)
 
 
 def merged_state_dict(state_dict: dict[str, torch.Tensor], config: LoRAConfig) -> dict[str, torch.Tensor]:

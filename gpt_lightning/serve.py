@@ -36,9 +36,9 @@ import torch
 
 from gpt_lightning.checkpoint import describe_checkpoint, load_checkpoint, load_model
 from gpt_lightning.data import CORPUS_SHA256
-from gpt_lightning.generate import generate_tokens
+from gpt_lightning.generate import stream_text
 from gpt_lightning.model import GPT
-from gpt_lightning.tokenizer import CharTokenizer, StreamDecoder, Tokenizer
+from gpt_lightning.tokenizer import CharTokenizer, Tokenizer
 
 try:
     from litserve import LitAPI
@@ -165,28 +165,6 @@ def describe_model(ckpt_path: str) -> dict[str, Any]:
     return described
 
 
-def generate_text(gpt: GPT, tokenizer: Tokenizer, request: dict[str, Any], device: torch.device,
-                  cancelled: Callable[[], bool] = lambda: False) -> Iterator[str]:  # fmt: skip
-    """The new text for `request`, piece by piece: the same tokens as `python main.py generate` with the same
-    options (the sampler's generator is seeded the same way), never splitting a character. Stops early
-    when `cancelled()` says so, which is checked before each token."""
-    idx = tokenizer.encode(request["prompt"])[None].to(device)  # (1, T)
-    generator = torch.Generator().manual_seed(request["seed"])
-    decoder = StreamDecoder(tokenizer)
-    tokens = generate_tokens(gpt, idx, request["max_new_tokens"], request["temperature"], request["top_k"],
-                             request["top_p"], generator)  # fmt: skip
-    while True:
-        if cancelled():
-            return
-        token = next(tokens, None)
-        if token is None:
-            break
-        if text := decoder.push(token.tolist()):
-            yield text
-    if text := decoder.flush():
-        yield text
-
-
 class GPTStreamAPI(LitAPI):
     """Runs in LitServe's worker process: loads the model once, then streams each request's text."""
 
@@ -209,7 +187,12 @@ class GPTStreamAPI(LitAPI):
     def predict(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         mark = self.cancel_dir / request["stream_id"]
         produced, pending, sent_at = 0, "", -math.inf
-        for text in generate_text(self.gpt, self.tokenizer, request, self.device, mark.exists):
+        # The sampler's generator is seeded as `python main.py generate` seeds it: the same options, the same text.
+        generator = torch.Generator().manual_seed(request["seed"])
+        texts = stream_text(self.gpt, self.tokenizer, request["prompt"], request["max_new_tokens"],
+                            request["temperature"], request["top_k"], request["top_p"], generator,
+                            cancelled=mark.exists)  # fmt: skip
+        for text in texts:
             produced += len(text)
             pending += text
             if time.monotonic() - sent_at >= MESSAGE_INTERVAL_S:  # the first piece goes at once

@@ -11,10 +11,9 @@ import torch
 
 from gpt_lightning.checkpoint import describe_checkpoint, export_plain_checkpoint, load_model
 from gpt_lightning.data import read_text
-from gpt_lightning.generate import check_sampling_args, generate_tokens
+from gpt_lightning.generate import check_sampling_args, stream_text
 from gpt_lightning.hf import export_hf_gpt2
 from gpt_lightning.model import GPT
-from gpt_lightning.tokenizer import StreamDecoder
 
 
 class GPTTrainer(L.Trainer):
@@ -61,7 +60,6 @@ class GPTTrainer(L.Trainer):
         # --trainer.precision applies as in fit: "-true" precisions cast the weights (and so the KV cache),
         # "-mixed" ones run under autocast (forward_context below).
         gpt = cast(GPT, self.precision_plugin.convert_module(plain)).to(self.strategy.root_device)
-        idx = tokenizer.encode(prompt)[None].to(self.strategy.root_device)  # (1, T)
         generator = torch.Generator().manual_seed(seed)
         out = sys.stdout  # the text alone: Lightning's messages go to stderr
         samples = []
@@ -70,17 +68,12 @@ class GPTTrainer(L.Trainer):
                 out.write("\n" + "-" * 40 + "\n")
             out.write(prompt)
             text = [prompt]
-            # A BPE token may end inside a multi-byte character: the decoder holds it back until it is whole.
-            decoder = StreamDecoder(tokenizer)
             with self.precision_plugin.forward_context():
-                for token in generate_tokens(
-                    gpt, idx, max_new_tokens, temperature, top_k, top_p, generator, use_kv_cache
-                ):
-                    text.append(decoder.push(token.tolist()))
-                    out.write(text[-1])
+                for piece in stream_text(gpt, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
+                                         generator, use_kv_cache):  # fmt: skip
+                    text.append(piece)
+                    out.write(piece)
                     out.flush()
-            text.append(decoder.flush())
-            out.write(text[-1])
             samples.append("".join(text))
         out.write("\n")
         out.flush()

@@ -1,7 +1,9 @@
+import itertools
+
 import pytest
 import torch
 
-from gpt_lightning.generate import generate, generate_tokens, sample_next
+from gpt_lightning.generate import generate, generate_tokens, sample_next, stream_text
 from gpt_lightning.model import GPT, GPTConfig
 
 
@@ -73,3 +75,17 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_bad_sampling_arguments_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample_next(torch.zeros(1, 3), **kwargs)
+
+
+def test_stream_text_is_the_decoded_tokens_and_stops_when_cancelled(model):
+    from gpt_lightning.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer([chr(97 + i) for i in range(model.config.vocab_size)])
+    prompt = tokenizer.decode([1, 2, 3])
+    tokens = generate_tokens(model, tokenizer.encode(prompt)[None], 30, 0.8, generator=torch.Generator().manual_seed(5))
+    expected = tokenizer.decode(torch.cat(list(tokens)))
+    pieces = list(stream_text(model, tokenizer, prompt, 30, 0.8, generator=torch.Generator().manual_seed(5)))
+    assert "".join(pieces) == expected and len(pieces) == 30  # one character per token
+    questions = itertools.count(1)
+    stopped = stream_text(model, tokenizer, prompt, 30, 0.8, cancelled=lambda: next(questions) > 7)
+    assert len(list(stopped)) == 7  # asked before each token: 7 tokens, then the 8th question stops it
