@@ -190,7 +190,7 @@ def test_generate_honours_the_trainer_precision(tmp_path, text_file, monkeypatch
         seen["dtype"], seen["autocast"] = model.lm_head.weight.dtype, torch.is_autocast_enabled("cpu")
         return iter([])
 
-    monkeypatch.setattr("gpt_lightning.trainer.generate_tokens", spy)
+    monkeypatch.setattr("gpt_lightning.generate.generate_tokens", spy)  # what stream_text samples with
     GPTTrainer(accelerator="cpu", devices=1, precision=precision, logger=False).generate(str(ckpt), prompt="KING")
     assert seen == {"dtype": dtype, "autocast": autocast}
 
