@@ -4,6 +4,7 @@ extensions, accumulation with dropout, the logging cadence, mixed precision and 
 from __future__ import annotations
 
 import hashlib
+import importlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -190,7 +191,8 @@ def test_generate_honours_the_trainer_precision(tmp_path, text_file, monkeypatch
         seen["dtype"], seen["autocast"] = model.lm_head.weight.dtype, torch.is_autocast_enabled("cpu")
         return iter([])
 
-    monkeypatch.setattr("gpt_lightning.generate.generate_tokens", spy)  # what stream_text samples with
+    # The sampler stream_text runs (the package's `generate` name is the function, so the module by import).
+    monkeypatch.setattr(importlib.import_module("gpt_lightning.generate"), "generate_tokens", spy)
     GPTTrainer(accelerator="cpu", devices=1, precision=precision, logger=False).generate(str(ckpt), prompt="KING")
     assert seen == {"dtype": dtype, "autocast": autocast}
 
