@@ -19,7 +19,7 @@ import torch
 
 from gpt_lightning.data import atomic_write_bytes
 from gpt_lightning.hf import config_of_hf_gpt2, gpt_from_hf_gpt2, hf_gpt2_folder, is_hf_gpt2, tokenizer_of_hf_folder
-from gpt_lightning.lora import LoRAConfig, add_lora, merged_state_dict
+from gpt_lightning.lora import LoRAConfig, add_lora, merged_state_dict, plain_state_of
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -152,18 +152,23 @@ def load_model(path: str | Path, merge_lora: bool = False) -> tuple[GPT, Tokeniz
 
 
 def export_plain_checkpoint(source: str | Path, model: GPT, output: str | Path) -> Path:
-    """Writes `model` (a LoRA fine-tune's, merged) as a checkpoint of ours with `source`'s description and no
-    training state: enough to sample, to fine-tune from (init_from) and to export. Never overwrites a file."""
+    """Writes the weights `model` computes with (a LoRA fine-tune's merged) as a plain checkpoint of ours with
+    `source`'s description and no training state: enough to sample, validate, serve, fine-tune from
+    (init_from) and export. Never overwrites a file."""
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"{output} exists: export into a new file.")
     checkpoint = load_checkpoint(source)
     described = {k: v for k, v in checkpoint[METADATA_KEY].items() if k != "lora"}
     plain = {
-        "state_dict": {MODEL_PREFIX + k: v.contiguous() for k, v in model.state_dict().items()},
+        "state_dict": {MODEL_PREFIX + k: v.contiguous() for k, v in plain_state_of(model).items()},
         METADATA_KEY: described,
         "global_step": checkpoint.get("global_step", 0),
     }
+    # Lightning reads it before it loads any checkpoint (validate --ckpt_path): the version that wrote the source.
+    for key in ("pytorch-lightning_version",):
+        if key in checkpoint:
+            plain[key] = checkpoint[key]
     buffer = io.BytesIO()
     torch.save(plain, buffer)
     atomic_write_bytes(output, buffer.getvalue())

@@ -5,7 +5,9 @@ GPT-2 folder (or a hub name such as `gpt2`) as our GPT and its tokenizer. Plain 
 
 The two models are one architecture with other names. Hugging Face's GPT-2 keeps its projections in
 `Conv1D` layers, whose weights are stored (in, out) where `nn.Linear` stores (out, in); it always has
-biases, so a model trained without them exports zeros; its head is tied to the token embedding, as ours.
+biases, so a model trained without them exports zeros; its head is tied to the token embedding unless
+`tie_word_embeddings` is false, as ours. Every field of a folder's config.json is read, ignored or refused
+by one table, `GPT2_CONFIG_FIELDS`: a folder whose GPT-2 computes something else than ours never loads.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gpt_lightning.data import is_local_rank_zero, raise_if_failed, record_failure
+from gpt_lightning.lora import plain_state_of
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
@@ -46,15 +51,16 @@ def hf_gpt2_config(config: GPTConfig) -> dict:
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": None,  # a character vocabulary has no special tokens
         "eos_token_id": None,
     }
 
 
 def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face GPT-2's names and layouts (the tied head is not stored)."""
-    ours, n_embd = model.state_dict(), model.config.n_embd
+    """The weights the model computes with (a LoRA model's updates merged) under Hugging Face GPT-2's names and
+    layouts. A tied head is not stored."""
+    ours, n_embd = plain_state_of(model), model.config.n_embd
 
     def bias(name: str, size: int) -> torch.Tensor:
         return ours.get(f"{name}.bias", torch.zeros(size))
@@ -70,14 +76,17 @@ def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
             theirs[f"transformer.h.{i}.{name}.bias"] = bias(f"h.{i}.{name}", weight.shape[0])
     theirs["transformer.ln_f.weight"] = ours["ln_f.weight"]
     theirs["transformer.ln_f.bias"] = bias("ln_f", n_embd)
+    if not model.config.tie_embeddings:
+        theirs["lm_head.weight"] = ours["lm_head.weight"]
     # safetensors stores each tensor once and contiguous: no views, no shared storage.
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in theirs.items()}
 
 
 def export_hf_gpt2(model: GPT, tokenizer: Tokenizer, output: str | Path) -> Path:
-    """Writes `output` as a Hugging Face GPT-2 folder, whole or not at all: an existing folder with files in
-    it is never overwritten. A BPE tokenizer goes to `tokenizer.json`; characters go to `vocab.json`
-    ({character: id}), so that text maps to ids without our code: `ids = [vocab[c] for c in text]`."""
+    """Writes `output` as a Hugging Face GPT-2 folder of the weights `model` computes with (a LoRA model's
+    updates merged), whole or not at all: an existing folder with files in it is never overwritten. A BPE
+    tokenizer goes to `tokenizer.json`; characters go to `vocab.json` ({character: id}), so that text maps to
+    ids without our code: `ids = [vocab[c] for c in text]`."""
     try:
         from safetensors.torch import save_file
     except ImportError as err:
@@ -110,9 +119,112 @@ def export_hf_gpt2(model: GPT, tokenizer: Tokenizer, output: str | Path) -> Path
 HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
+@dataclass(frozen=True)
+class Only:
+    """A field refused unless it has this value, the only one our GPT computes (absent: transformers' default,
+    which is this value)."""
+
+    value: Any
+
+
+HONOURED = "honoured"  # read into our config, and checked there
+IRRELEVANT = "irrelevant"  # changes nothing our model computes in eval mode
+# Every field of transformers' GPT2Config (its to_dict(), and the keys older versions wrote), by what it does
+# to the forward pass. A key not in this table is refused: a later transformers may compute something with it.
+GPT2_CONFIG_FIELDS: dict[str, Any] = {
+    # The model: read into GPTConfig.
+    "model_type": HONOURED,  # gpt2
+    "vocab_size": HONOURED,
+    "n_positions": HONOURED,  # block_size, which a fine-tune may crop
+    "n_embd": HONOURED,
+    "n_layer": HONOURED,
+    "n_head": HONOURED,
+    "n_inner": HONOURED,  # the MLP's width: None or 4 x n_embd, ours; another width is refused
+    "activation_function": HONOURED,  # HF_GELU's; another activation is refused
+    "tie_word_embeddings": HONOURED,  # GPTConfig.tie_embeddings
+    # What our GPT computes, and nothing else.
+    "layer_norm_epsilon": Only(1e-5),
+    "scale_attn_weights": Only(True),  # scores divided by sqrt(head size)
+    "scale_attn_by_inverse_layer_idx": Only(False),  # and by the layer's index + 1 (Mistral's GPT-2s)
+    "add_cross_attention": Only(False),  # a decoder of an encoder-decoder: layers and weights ours lack
+    "pruned_heads": Only({}),  # older transformers' pruned attention heads: other shapes
+    # Changes nothing in eval: dropout is model.dropout's, and only in training.
+    "resid_pdrop": IRRELEVANT,
+    "embd_pdrop": IRRELEVANT,
+    "attn_pdrop": IRRELEVANT,
+    # Numerics only: the attention scores scaled before the matmul and kept in float32 under autocast, the same
+    # function (a test compares the logits); ours are float32 unless trainer.precision says otherwise.
+    "reorder_and_upcast_attn": IRRELEVANT,
+    "chunk_size_feed_forward": IRRELEVANT,  # the MLP in chunks: the same values
+    "dtype": IRRELEVANT,  # the weights' dtype: ours are loaded into float32
+    "torch_dtype": IRRELEVANT,
+    "torchscript": IRRELEVANT,  # older transformers cloned the tied head for TorchScript: the same values
+    # Initialisation, generation, other heads (classification, GPT2DoubleHeads' summary), outputs, bookkeeping.
+    "initializer_range": IRRELEVANT,
+    "summary_type": IRRELEVANT,
+    "summary_use_proj": IRRELEVANT,
+    "summary_activation": IRRELEVANT,
+    "summary_proj_to_labels": IRRELEVANT,
+    "summary_first_dropout": IRRELEVANT,
+    "id2label": IRRELEVANT,
+    "label2id": IRRELEVANT,
+    "num_labels": IRRELEVANT,
+    "_num_labels": IRRELEVANT,
+    "problem_type": IRRELEVANT,
+    "finetuning_task": IRRELEVANT,
+    "bos_token_id": IRRELEVANT,
+    "eos_token_id": IRRELEVANT,
+    "pad_token_id": IRRELEVANT,
+    "sep_token_id": IRRELEVANT,
+    "decoder_start_token_id": IRRELEVANT,
+    "tokenizer_class": IRRELEVANT,
+    "prefix": IRRELEVANT,
+    "task_specific_params": IRRELEVANT,
+    "n_ctx": IRRELEVANT,  # older configs' copy of n_positions, which transformers reads instead
+    "n_special": IRRELEVANT,  # in the hub's gpt2-medium and larger: read by no GPT-2 of transformers
+    "predict_special_tokens": IRRELEVANT,
+    "use_cache": IRRELEVANT,
+    "output_hidden_states": IRRELEVANT,
+    "output_attentions": IRRELEVANT,
+    "return_dict": IRRELEVANT,
+    "is_encoder_decoder": IRRELEVANT,  # read by generate, not by GPT-2's layers
+    "is_decoder": IRRELEVANT,
+    "tie_encoder_decoder": IRRELEVANT,
+    "cross_attention_hidden_size": IRRELEVANT,
+    "gradient_checkpointing": IRRELEVANT,
+    "use_bfloat16": IRRELEVANT,
+    "tf_legacy_loss": IRRELEVANT,
+    "architectures": IRRELEVANT,  # the class that saved it: the weights are what they are
+    "transformers_version": IRRELEVANT,
+    "_name_or_path": IRRELEVANT,
+    "_commit_hash": IRRELEVANT,
+    "_attn_implementation_autoset": IRRELEVANT,
+    # transformers 4's generation settings in the model config (later in generation_config.json).
+    **dict.fromkeys(
+        ("max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+         "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+         "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+         "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+         "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens"),
+        IRRELEVANT,
+    ),
+}  # fmt: skip
+
+
+def cropped(config: GPTConfig, block_size: int | None, source: str | Path, option: str = "block_size") -> GPTConfig:
+    """A GPT-2's config with its position table cropped to `block_size` (unset: all of it), never extended."""
+    if block_size is None:
+        return config
+    if block_size > config.block_size:
+        raise ValueError(f"{option} {block_size} exceeds the {config.block_size} positions of {source}: "
+                         f"use {config.block_size} or less.")  # fmt: skip
+    return replace(config, block_size=block_size)
+
+
 def config_of_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPTConfig:
-    """Our config of the GPT-2 in a Hugging Face folder, from its config.json. `block_size` crops the
-    position table, never extends it."""
+    """Our config of the GPT-2 in a Hugging Face folder, from its config.json, or a one-line error that names
+    the fields our GPT would compute otherwise (GPT2_CONFIG_FIELDS). `block_size` crops the position table,
+    never extends it."""
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
@@ -122,25 +234,52 @@ def config_of_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPTC
     hf = json.loads(config_path.read_text(encoding="utf-8"))
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{folder} holds a {hf.get('model_type')!r} model, not GPT-2 (config.json's model_type).")
-    gelu = HF_GELU.get(hf.get("activation_function", "gelu_new"))
-    n_embd, positions = hf["n_embd"], hf["n_positions"]
-    if gelu is None or (hf.get("n_inner") or 4 * n_embd) != 4 * n_embd or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+    n_embd = hf["n_embd"]
+
+    def computes_ours(field: str, value: Any) -> bool:
+        rule = GPT2_CONFIG_FIELDS[field]
+        if isinstance(rule, Only):
+            return value == rule.value
+        if field == "activation_function":
+            return value in HF_GELU
+        return field != "n_inner" or value in (None, 4 * n_embd)
+
+    def shown(fields: list[str]) -> str:  # as config.json writes them
+        return ", ".join(f"{field}={json.dumps(hf[field])}" for field in fields)
+
+    unknown = [field for field in hf if field not in GPT2_CONFIG_FIELDS]
+    refused = [field for field in hf if field in GPT2_CONFIG_FIELDS and not computes_ours(field, hf[field])]
+    if refused:
         raise ValueError(
-            f"{folder}'s GPT-2 differs from ours: activation {hf.get('activation_function')!r}, MLP width "
-            f"{hf.get('n_inner')}, LayerNorm epsilon {hf.get('layer_norm_epsilon')} (ours: GELU, 4 x n_embd, 1e-5)."
+            f"{config_path} has {shown(refused)}: our GPT computes GELU, an MLP of 4 x n_embd, LayerNorm epsilon "
+            "1e-5 and attention scores scaled by 1/sqrt(head size) only, so its logits would differ. Use another "
+            "GPT-2 folder."
         )
-    if block_size is not None and block_size > positions:
-        raise ValueError(f"block_size {block_size} exceeds the {positions} positions {folder} was trained with: "
-                         f"use {positions} or less.")  # fmt: skip
-    return GPTConfig(vocab_size=hf["vocab_size"], block_size=block_size or positions, n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=n_embd, bias=True, gelu=gelu)  # fmt: skip
+    if unknown:
+        raise ValueError(
+            f"{config_path} has {shown(unknown)}, unknown to this loader (from a later transformers?): it may change "
+            "what the model computes. Delete them from config.json if they do not, or use another GPT-2 folder."
+        )
+    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=n_embd, bias=True,
+                       gelu=HF_GELU[hf.get("activation_function", "gelu_new")],
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", True)))  # fmt: skip
+    return cropped(config, block_size, folder)
 
 
 def gpt_from_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPT:
     """Our GPT with the weights of a Hugging Face GPT-2 folder (`config.json`, `model.safetensors`), as
     nanoGPT's `from_pretrained` does: the Conv1D weights transposed back, Hugging Face's other buffers
-    (attention masks) left out, the head tied. `block_size` crops the position table, never extends it."""
+    (attention masks) left out. `block_size` crops the position table, never extends it."""
     config = config_of_hf_gpt2(folder, block_size)
+    model = GPT(config)
+    load_hf_gpt2_weights(model, folder)
+    return model.eval()
+
+
+def load_hf_gpt2_weights(model: GPT, folder: str | Path) -> None:
+    """Loads a Hugging Face GPT-2 folder's weights into `model`, built from its config (its position table
+    cropped, perhaps)."""
     try:
         from safetensors.torch import load_file
     except ImportError as err:
@@ -149,11 +288,9 @@ def gpt_from_hf_gpt2(folder: str | Path, block_size: int | None = None) -> GPT:
     weights_path = Path(folder) / "model.safetensors"
     theirs = {k.removeprefix("transformer."): v for k, v in load_file(str(weights_path)).items()}
     try:
-        model = GPT(config)
-        model.load_state_dict(_from_hf_names(theirs, config))
+        model.load_state_dict(_from_hf_names(theirs, model.config))
     except (KeyError, RuntimeError) as err:
         raise ValueError(f"{weights_path} does not hold the GPT-2 weights config.json describes ({err}).") from None
-    return model.eval()
 
 
 def is_hf_gpt2(path: str | Path) -> bool:
@@ -171,7 +308,8 @@ def _from_hf_names(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
             ours[f"h.{i}.{name}.weight"] = theirs[f"h.{i}.{name}.weight"].t()  # (in, out) -> (out, in)
             ours[f"h.{i}.{name}.bias"] = theirs[f"h.{i}.{name}.bias"]
     ours["ln_f.weight"], ours["ln_f.bias"] = theirs["ln_f.weight"], theirs["ln_f.bias"]
-    ours["lm_head.weight"] = ours["wte.weight"]  # tied
+    # A tied head is the embedding, whatever a folder stores beside it (transformers ties it the same way).
+    ours["lm_head.weight"] = ours["wte.weight"] if config.tie_embeddings else theirs["lm_head.weight"]
     return ours
 
 
@@ -192,9 +330,11 @@ def hf_gpt2_folder(name_or_folder: str | Path, files: list[str] = HUB_FILES, wai
         raise ImportError("GPT-2 from the hub needs huggingface_hub: pip install -e '.[hf]'") from err
     repo = f"openai-community/{name_or_folder}"
     downloads = is_local_rank_zero()
-    # Only this node's processes wait for this one: the marker lies in a node-local folder, one per hub cache.
+    # Only this node's processes wait for this one: the marker lies in a node-local folder, one per hub cache,
+    # and this user's own, so that another user's files there cannot stand in the way.
     cache = hashlib.sha256(str(Path(constants.HF_HUB_CACHE).resolve()).encode()).hexdigest()[:16]
-    failure = Path(tempfile.gettempdir()) / "gpt-lightning" / f"{name_or_folder}.{cache}.{socket.gethostname()}.failed"
+    markers = Path(tempfile.gettempdir()) / f"gpt-lightning-{os.getuid()}"
+    failure = markers / f"{name_or_folder}.{cache}.{socket.gethostname()}.failed"
     if downloads:
         failure.unlink(missing_ok=True)  # an earlier launch's
     deadline = time.monotonic() + wait_s

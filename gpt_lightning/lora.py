@@ -6,7 +6,8 @@ moments for those alone. B starts at zero, so at step 0 the model is exactly the
 
 `LoRALinear` is an `nn.Linear` with two more parameters, so the base weights keep their names
 (`h.0.attn.c_attn.weight`) and a LoRA checkpoint is a plain one plus `lora_a`/`lora_b` entries.
-`merged_state_dict` folds the updates into the weights: the state of a plain GPT.
+`merged_state_dict` folds the updates into the weights: the state of a plain GPT; `plain_state_of` does it for a
+model, LoRA or not, which is what every export writes.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class LoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.scaling = alpha / rank
+        self.scaling = scaling(alpha, rank)
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=self.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
@@ -96,14 +97,27 @@ def add_lora(model: GPT, config: LoRAConfig) -> GPT:
     return model
 
 
-def merged_state_dict(state_dict: dict[str, torch.Tensor], config: LoRAConfig) -> dict[str, torch.Tensor]:
-    """A LoRA model's weights with the updates folded in, under the plain model's names."""
+def scaling(alpha: float, rank: int) -> float:
+    return alpha / rank
+
+
+def merged_state_dict(state_dict: dict[str, torch.Tensor], config: LoRAConfig | float) -> dict[str, torch.Tensor]:
+    """A LoRA model's weights with the updates folded in, under the plain model's names. `config`: the LoRA
+    settings, or the scale of the updates (alpha / rank)."""
     merged = {k: v for k, v in state_dict.items() if not k.endswith((".lora_a", ".lora_b"))}
-    scaling = config.alpha / config.rank
+    scale = config if isinstance(config, float) else scaling(config.alpha, config.rank)
     for key in state_dict:
         if key.endswith(".lora_a"):
             prefix = key.removesuffix(".lora_a")
             update = state_dict[f"{prefix}.lora_b"].float() @ state_dict[key].float()
             weight = merged[f"{prefix}.weight"]
-            merged[f"{prefix}.weight"] = (weight.float() + scaling * update).to(weight.dtype)
+            merged[f"{prefix}.weight"] = (weight.float() + scale * update).to(weight.dtype)
     return merged
+
+
+def plain_state_of(model: GPT) -> dict[str, torch.Tensor]:
+    """The weights `model` computes with, as a plain GPT's state: a LoRA model's updates folded in."""
+    scales = {module.scaling for module in model.modules() if isinstance(module, LoRALinear)}
+    if len(scales) > 1:
+        raise ValueError(f"the model's LoRA layers have different scales ({sorted(scales)}): add_lora gives one.")
+    return model.state_dict() if not scales else merged_state_dict(model.state_dict(), float(scales.pop()))

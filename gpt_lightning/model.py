@@ -24,6 +24,7 @@ class GPTConfig:
     dropout: float = 0.0  # the baby GPT overfits 1M characters without it; large corpora want 0
     bias: bool = False  # biases in Linear and LayerNorm: GPT-2 had them, without is a bit better and faster
     gelu: str = "exact"  # "tanh": the approximation OpenAI's GPT-2 was trained with; its weights need it
+    tie_embeddings: bool = True  # the head is the token embedding (GPT-2); False: a matrix of its own
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -151,8 +152,9 @@ class GPT(nn.Module):
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: reading a token in and predicting it out share one matrix (Press & Wolf, 2017).
-        self.lm_head.weight = self.wte.weight
+        if config.tie_embeddings:
+            # Weight tying: reading a token in and predicting it out share one matrix (Press & Wolf, 2017).
+            self.lm_head.weight = self.wte.weight
 
         self.apply(self._init_weights)
         # GPT-2: each block adds two projections to the residual stream, so scale them down to keep
@@ -198,16 +200,19 @@ class GPT(nn.Module):
         ]
 
     def num_parameters(self, exclude_position_embedding: bool = False) -> int:
-        """Parameters the model trains, each counted once (the tied head is the token embedding)."""
+        """Parameters the model trains, each counted once (a tied head is the token embedding)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if exclude_position_embedding else n
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward and backward): 6N for the weight matmuls plus 12·L·C·T for
-        attention scores and their weighted sum (PaLM appendix B; N excludes the position table, which
-        is a lookup). Of the 6, 2 are the weight gradient, which a frozen weight (LoRA's base) skips."""
+        attention scores and their weighted sum (PaLM appendix B; N excludes the position table, and an
+        untied token embedding, which are lookups). Of the 6, 2 are the weight gradient, which a frozen weight
+        (LoRA's base) skips."""
         c = self.config
-        matmul = [p for name, p in self.named_parameters() if name != "wpe.weight"]
+        # A tied embedding is the head's matmul; it is listed once, as wte.weight.
+        lookups = ("wpe.weight",) if c.tie_embeddings else ("wpe.weight", "wte.weight")
+        matmul = [p for name, p in self.named_parameters() if name not in lookups]
         frozen = sum(p.numel() for p in matmul if not p.requires_grad)
         return 6 * sum(p.numel() for p in matmul) - 2 * frozen + 12 * c.n_layer * c.n_embd * c.block_size
 

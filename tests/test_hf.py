@@ -3,7 +3,9 @@ logits, and whose vocabulary maps text to ids without our code."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -13,9 +15,9 @@ import torch
 
 from gpt_lightning.checkpoint import load_model
 from gpt_lightning.generate import generate_tokens
-from gpt_lightning.hf import gpt_from_hf_gpt2, hf_gpt2_config, hf_gpt2_state_dict
+from gpt_lightning.hf import export_hf_gpt2, gpt_from_hf_gpt2, hf_gpt2_config, hf_gpt2_state_dict
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.tokenizer import BPETokenizer, StreamDecoder
+from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, StreamDecoder
 from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, cli_env, main_py, make_play
 
 
@@ -270,3 +272,145 @@ def test_a_non_zero_local_rank_waits_for_local_rank_0s_download(hf_gpt2, tmp_pat
     with pytest.raises(ValueError, match="could not get gpt2-large from the Hugging Face hub"):
         hf_gpt2_folder("gpt2-large", wait_s=600)
     assert time.monotonic() - start < 30
+
+
+# -- every field of a GPT-2 config: honoured, irrelevant, or refused ----------------------------------
+
+
+def test_every_field_of_gpt2config_is_classified(transformers):
+    """A field that a later transformers adds is in none of the three: this test fails until it is classified."""
+    from gpt_lightning.hf import GPT2_CONFIG_FIELDS, Only
+
+    defaults = transformers.GPT2Config().to_dict()
+    assert sorted(set(defaults) - set(GPT2_CONFIG_FIELDS)) == []
+    # A field refused unless it has one value takes the value transformers gives it by default.
+    only = {field: rule.value for field, rule in GPT2_CONFIG_FIELDS.items() if isinstance(rule, Only)}
+    assert {field: defaults[field] for field in only if field in defaults} == {
+        f: only[f] for f in only if f in defaults
+    }
+
+
+def tiny_gpt2(transformers, folder: Path, **fields) -> object:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4, **fields)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))  # biases, gains and an untied head unlike their init
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tie_word_embeddings": False},
+        {"activation_function": "gelu"},
+        {"activation_function": "gelu_pytorch_tanh"},
+        {"n_inner": 128, "layer_norm_epsilon": 1e-5, "scale_attn_weights": True},
+        {"reorder_and_upcast_attn": True, "attn_implementation": "eager"},  # its own fp32 path: the same in fp32
+        {"resid_pdrop": 0.3, "embd_pdrop": 0.3, "attn_pdrop": 0.3, "initializer_range": 0.5, "use_cache": False},
+    ],
+    ids=lambda fields: ",".join(fields),
+)
+def test_a_gpt2_folder_loads_with_its_logits_whatever_the_honoured_fields(tmp_path: Path, transformers, fields):
+    theirs = tiny_gpt2(transformers, tmp_path / "gpt2", **fields)
+    ours = gpt_from_hf_gpt2(tmp_path / "gpt2")
+    ids = torch.randint(50, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"scale_attn_weights": False}, "scale_attn_weights=false"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true"),
+        ({"add_cross_attention": True}, "add_cross_attention=true"),
+        ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon=1e-06"),
+        ({"n_inner": 64}, "n_inner=64"),
+        ({"activation_function": "relu"}, 'activation_function="relu"'),
+        ({"pruned_heads": {"0": [1]}}, 'pruned_heads={"0": [1]}'),
+        ({"a_field_of_a_later_transformers": 1}, "a_field_of_a_later_transformers=1"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_a_gpt2_folder_whose_config_changes_the_forward_pass_is_refused_naming_the_field(
+    hf_gpt2, fields: dict, named: str
+):
+    _, folder = hf_gpt2
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(ValueError, match=re.escape(named)) as refused:
+        gpt_from_hf_gpt2(folder)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        load_model(folder)  # the way generate, serve and init_from read it
+
+
+def test_an_untied_head_exports_and_loads_back_with_its_logits(tmp_path: Path, transformers):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8, tie_embeddings=False)
+    ours = GPT(config).eval()
+    assert ours.lm_head.weight is not ours.wte.weight
+    tied = GPT(dataclasses.replace(config, tie_embeddings=True))
+    assert ours.num_parameters() == tied.num_parameters() + 11 * 8  # the head counted, once
+    export_hf_gpt2(ours, CharTokenizer("abcdefghijk"), tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    back = gpt_from_hf_gpt2(tmp_path / "hf")
+    ids = torch.randint(11, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, ours(ids), atol=1e-5, rtol=0)
+        assert torch.equal(back(ids), ours(ids)) and not back.config.tie_embeddings
+
+
+def test_exporting_an_unmerged_lora_model_writes_its_updates(tmp_path: Path, transformers):
+    """What load_model returns by default for a LoRA fine-tune: both exports write the weights it computes with."""
+    import lightning
+
+    from gpt_lightning.checkpoint import METADATA_KEY, export_plain_checkpoint, metadata
+    from gpt_lightning.lora import LoRAConfig, add_lora
+
+    torch.manual_seed(0)
+    tokenizer, lora = CharTokenizer("abcdefghijk"), LoRAConfig(rank=2, targets=["qkv", "mlp"])
+    config = GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8)
+    model = add_lora(GPT(config), lora).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_b"):
+                param.normal_()  # updates that change the logits
+    source = tmp_path / "lora.ckpt"
+    state = {f"gpt.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 3, "pytorch-lightning_version": lightning.__version__,
+                METADATA_KEY: metadata(config, tokenizer, lora=lora)}, source)  # fmt: skip
+    ids = torch.randint(11, (2, 16))
+    export_hf_gpt2(model, tokenizer, tmp_path / "hf")
+    export_plain_checkpoint(source, model, tmp_path / "plain.ckpt")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    plain, _ = load_model(tmp_path / "plain.ckpt")
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, model(ids), atol=1e-5, rtol=0)
+        assert torch.allclose(plain(ids), model(ids), atol=1e-5, rtol=0)
+
+
+def test_the_hub_failure_marker_is_this_users_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """On a shared machine, the shared temporary folder may hold another user's files where ours would go:
+    here a file where a shared folder of markers was. The offline error stays the one-line error."""
+    import os
+    import tempfile
+
+    from huggingface_hub import constants
+
+    from gpt_lightning.hf import hf_gpt2_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / "gpt-lightning").write_text("another user's")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(FileNotFoundError, match="could not get gpt2 from the Hugging Face hub"):
+        hf_gpt2_folder("gpt2", wait_s=1)
+    [marker] = tmp_path.glob("**/*.failed")
+    assert marker.parent.name == f"gpt-lightning-{os.getuid()}"  # a folder of this user's own
