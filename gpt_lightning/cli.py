@@ -23,9 +23,9 @@ from gpt_lightning.callbacks import (
     TextSampleLogger,
     TokenThroughput,
 )
-from gpt_lightning.checkpoint import describe_checkpoint
+from gpt_lightning.checkpoint import DECIDED_BY_CHECKPOINT, describe_checkpoint
 from gpt_lightning.datamodule import ShakespeareDataModule
-from gpt_lightning.lit_model import ARCHITECTURE_FIELDS, GPTModule, NonFiniteLossError
+from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
 from gpt_lightning.lora import LoRAConfig
 from gpt_lightning.trainer import GPTTrainer
 
@@ -125,14 +125,20 @@ class GPTLightningCLI(LightningCLI):
 
     @staticmethod
     def _take_model_from(config: Namespace, ckpt: Path) -> None:
-        """A resumed or validated checkpoint defines the architecture, vocabulary and block size: the
-        recipe's settings for them are replaced (they usually come from a config file, not from the user),
-        and the weights come from the checkpoint's full state."""
+        """A resumed or validated checkpoint is the run's only source: it defines the architecture, vocabulary
+        and block size (the recipe's settings for them are replaced: they usually come from a config file,
+        not from the user), the weights come from its full state, and the recipe's init_from is not read."""
         facts = describe_checkpoint(ckpt)
         config.ckpt_path = str(ckpt)
+        if config.model.get("init_from") is not None:
+            rank_zero_info(f"--ckpt_path {ckpt} is the run's only source: model.init_from {config.model.init_from} "
+                           "is ignored")  # fmt: skip
+            config.model.init_from = None
         config.data.init_from = str(ckpt)  # its vocabulary and block size
         replaced = []
-        for field in ARCHITECTURE_FIELDS:
+        for field in DECIDED_BY_CHECKPOINT:
+            if field == "block_size":
+                continue  # the data module's, from data.init_from
             value = getattr(facts.config, field)
             if config.model.get(field) is not None and config.model[field] != value:
                 replaced.append(f"model.{field}={config.model[field]} -> {value}")
@@ -152,12 +158,6 @@ class GPTLightningCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None:
             return
-        if config.model.init_from is not None:
-            raise ValueError(
-                "model.init_from and --ckpt_path were both given. --ckpt_path resumes a run with its full "
-                "state; init_from starts a new run from weights only. Drop one (to resume a fine-tune, "
-                "pass --model.init_from null)."
-            )
         logger = config.trainer.get("logger")
         run_root = None
         if isinstance(logger, Namespace) and logger.get("class_path") in TENSORBOARD_LOGGERS:
@@ -174,11 +174,17 @@ class GPTLightningCLI(LightningCLI):
             ckpt = candidates[-1]
         else:
             ckpt = _existing_checkpoint(ckpt_path)
-        saved = describe_checkpoint(ckpt).optimizer
-        if saved != config.model.optimizer:
+        facts = describe_checkpoint(ckpt)
+        if facts.optimizer != config.model.optimizer:
             raise ValueError(
-                f"{ckpt} was trained with model.optimizer={saved}, and its optimizer state fits no other: resume "
-                f"with --model.optimizer {saved} (or start a new run from its weights with --model.init_from)."
+                f"{ckpt} was trained with model.optimizer={facts.optimizer}, and its optimizer state fits no other: "
+                f"resume with --model.optimizer {facts.optimizer} (or start a new run from its weights with "
+                "--model.init_from)."
+            )
+        if not facts.resumable:
+            raise ValueError(
+                f"{ckpt} holds no training state (an export: weights and description only), so there is no run to "
+                f"resume: start one from it with --model.init_from {ckpt}, or validate it with --ckpt_path."
             )
         self._take_model_from(config, ckpt)
         # Continue logging in the checkpoint's own run folder, hiding events the crash left past it. Paths
@@ -189,7 +195,7 @@ class GPTLightningCLI(LightningCLI):
             and ckpt.resolve().parent.name == "checkpoints"
             and run_dir.parent == run_root.resolve()
         ):
-            step = describe_checkpoint(ckpt).global_step
+            step = facts.global_step
             logger.init_args.version = run_dir.name
             logger.init_args.purge_step = step
             # A job preempted twice before its next last.ckpt resumes from the same step twice: keep

@@ -144,18 +144,7 @@ class ShakespeareDataModule(L.LightningDataModule):
     def _resolve_block_size(self, block_size: int | None) -> int:
         if self._source is None:
             return DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        source = self._source.config.block_size
-        if self._source.hf_folder is not None and block_size is not None:
-            if block_size > source:
-                raise ValueError(f"data.block_size {block_size} exceeds the {source} positions of {self.init_from}: "
-                                 f"use {source} or less.")  # fmt: skip
-            return block_size  # GPT-2's position table is cropped to it
-        if block_size is not None and block_size != source:
-            raise ValueError(
-                f"data.block_size {block_size} conflicts with {self.init_from}, which was trained with "
-                f"block_size {source}: drop data.block_size to use the checkpoint's."
-            )
-        return source
+        return self._source.config_for({"data.block_size": block_size}).block_size
 
     @cached_property
     def token_cache(self) -> TokenCache:

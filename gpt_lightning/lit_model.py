@@ -16,14 +16,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.utils import clip_grad_norm_
 from torchmetrics import MeanMetric
 
-from gpt_lightning.checkpoint import METADATA_KEY, load_checkpoint, metadata, model_config_of, plain_state_dict
-from gpt_lightning.hf import gpt_from_hf_gpt2, hf_gpt2_folder, is_hf_gpt2
+from gpt_lightning.checkpoint import METADATA_KEY, describe_checkpoint, metadata
 from gpt_lightning.lora import LoRAConfig, add_lora
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, WarmupCosine, hidden_matrices
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
-
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "gelu")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,6 +46,8 @@ class GPTModule(L.LightningModule):
         n_embd: int | None = None,
         bias: bool | None = None,
         gelu: Literal["exact", "tanh"] | None = None,
+        tie_embeddings: bool | None = None,
+        vocab_size: int | None = None,
         dropout: float = 0.0,
         init_from: str | None = None,
         lora: LoRAConfig = LoRAConfig(),  # noqa: B008 (a dataclass of settings: jsonargparse's nested options)
@@ -76,11 +75,17 @@ class GPTModule(L.LightningModule):
             bias: Biases in Linear and LayerNorm layers (GPT-2 has them). Unset: the checkpoint's, else False.
             gelu: The MLP's GELU: exact, or tanh (the approximation GPT-2's weights were trained with). Unset: the
                 checkpoint's, else exact.
+            tie_embeddings: The output head is the token embedding (GPT-2), or false, a matrix of its own (more
+                parameters: vocabulary x n_embd). Unset: the checkpoint's, else true.
+            vocab_size: Rows of the token embedding: at least the tokenizer's tokens; more pads it to a round
+                number, which some GPUs run faster (nanoGPT pads GPT-2's 50,257 to 50,304). Unset: the
+                checkpoint's, else the tokenizer's.
             dropout: Dropout probability in [0, 1). Not part of the architecture: a fine-tune may change it.
             init_from: Start from the weights, architecture and tokenizer of this checkpoint (fine-tuning): one of
                 our .ckpt files, a Hugging Face GPT-2 folder, or a hub name (gpt2, gpt2-medium, gpt2-large,
                 gpt2-xl). Steps, optimizer and schedule start fresh: this is not a resume (that is `--ckpt_path`).
-                A LoRA fine-tune's updates are folded into its weights first.
+                A LoRA fine-tune's updates are folded into its weights first. Ignored with `--ckpt_path`, whose
+                checkpoint is then the only source.
             lora: Fine-tune with LoRA (rank > 0): the weights stay frozen and only low-rank updates of the
                 chosen projections train, with AdamW. Rank 0: every weight trains (full fine-tuning).
             learning_rate: Peak AdamW learning rate, reached after the warm-up.
@@ -91,7 +96,7 @@ class GPTModule(L.LightningModule):
             weight_decay: Weight decay, applied to weight matrices and embeddings only (by Muon too).
             betas: AdamW betas. nanoGPT uses 0.99 for beta2 on small, noisy batches.
             optimizer: adamw: AdamW for every parameter (nanoGPT). muon: torch.optim.Muon for the 2-D
-                weights inside the blocks, AdamW for the embeddings, the tied head, norms and biases;
+                weights inside the blocks, AdamW for the embeddings, the head, norms and biases;
                 one schedule drives both.
             muon_learning_rate: Muon's peak learning rate (torch's "original" scaling: times
                 sqrt(max(1, rows / cols)) per matrix). Used with optimizer=muon only.
@@ -116,35 +121,21 @@ class GPTModule(L.LightningModule):
             raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {muon_precision!r}.")
         self.muon_precision = muon_precision
         self.tokenizer: Tokenizer = CharTokenizer(vocab) if isinstance(vocab, str) else tokenizer_from_dict(vocab)
-        vocab_size = self.tokenizer.vocab_size
-        explicit: dict[str, Any] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias, "gelu": gelu}
+        explicit: dict[str, Any] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias, "gelu": gelu,
+                                    "tie_embeddings": tie_embeddings, "vocab_size": vocab_size}  # fmt: skip
         if init_from is None:
-            defaults = GPTConfig(vocab_size=vocab_size, block_size=block_size, dropout=dropout)
+            defaults = GPTConfig(vocab_size=self.tokenizer.vocab_size, block_size=block_size, dropout=dropout)
             self.config = dataclasses.replace(defaults, **{k: v for k, v in explicit.items() if v is not None})
             self.gpt = GPT(self.config)
-        else:
-            if is_hf_gpt2(init_from):  # GPT-2's weights, its position table cropped to block_size
-                hf = gpt_from_hf_gpt2(hf_gpt2_folder(init_from), block_size)
-                source, weights = hf.config, hf.state_dict()
-                # A tokenizer may have fewer ids than the embedding has rows (padded to a round number).
-                vocab_size = max(vocab_size, source.vocab_size)
-            else:
-                checkpoint = load_checkpoint(init_from)
-                source, weights = model_config_of(checkpoint), plain_state_dict(checkpoint)
-            given = {**explicit, "vocab_size": vocab_size, "block_size": block_size}
-            conflicts = [
-                f"{k}={v} (checkpoint: {getattr(source, k)})"
-                for k, v in given.items()
-                if v is not None and v != getattr(source, k)
-            ]
-            if conflicts:
-                raise ValueError(
-                    f"checkpoint {init_from} has another architecture: {', '.join(conflicts)}. The checkpoint "
-                    "defines the architecture when fine-tuning, resuming or validating: drop these settings."
-                )
-            self.config = dataclasses.replace(source, dropout=dropout)
-            self.gpt = GPT(self.config)
-            self.gpt.load_state_dict(weights)
+        else:  # the checkpoint decides the architecture, vocabulary size and context (a GPT-2 may crop it)
+            source = describe_checkpoint(init_from)
+            given = {**{f"model.{k}": v for k, v in explicit.items()}, "data.block_size": block_size}
+            self.config = source.config_for(given, dropout)
+            self.gpt = source.load_weights_into(GPT(self.config))
+        if self.config.vocab_size < self.tokenizer.vocab_size:
+            tokens = self.tokenizer.vocab_size
+            raise ValueError(f"model.vocab_size {self.config.vocab_size} is less than the tokenizer's {tokens} "
+                             f"tokens: drop it, or give {tokens} or more.")  # fmt: skip
         if lora.enabled:
             if optimizer != "adamw":
                 raise ValueError("LoRA trains its low-rank updates with AdamW: drop model.optimizer muon (or "

@@ -104,9 +104,12 @@ def finetune(pretrained: Path, tmp_path: Path, *args: str):
         ),
         (["--data.path={text}", "--model.init_from={junk}"], ["junk.ckpt is not a readable PyTorch checkpoint"]),
         (["--data.path={text}", "--model.init_from=missing.ckpt"], ["checkpoint missing.ckpt does not exist"]),
-        (["--data.path={text}", "--model.n_layer=3"], [r"another architecture: n_layer=3 \(checkpoint: 2\)"]),
-        (["--data.path={text}", "--data.block_size=16"], ["block_size 16 conflicts with .* block_size 32"]),
-        (["--data.path={text}", "--ckpt_path=last"], ["model.init_from and --ckpt_path were both given"]),
+        (["--data.path={text}", "--model.n_layer=3"], [r"another architecture: model.n_layer=3 \(checkpoint: 2\)"]),
+        (
+            ["--data.path={text}", "--data.block_size=16"],
+            [r"another architecture: data.block_size=16 \(checkpoint: 32"],
+        ),
+        (["--data.path={text}", "--model.vocab_size=100"], [r"model.vocab_size=100 \(checkpoint: \d+\)"]),
         (  # your own text with the default target's selection: The Tempest's cast, in the last tenth
             ["--data.path={text}", "--data.speakers=[PROSPERO, MIRANDA]", "--data.text_span=[0.9, 1.0]"],
             [
