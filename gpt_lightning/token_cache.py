@@ -4,9 +4,9 @@ A corpus is one text file, a folder of `.txt` files or a glob, read in sorted or
 (SEPARATOR) between files. `build_token_cache` streams it twice in chunks, never holding it whole: the
 first pass checks the UTF-8, finds the vocabulary and hashes the bytes; the second writes one token per
 character, as uint8 when the vocabulary has at most 256 symbols (uint16, uint32 beyond), or, with a BPE
-tokenizer, its ids (uint16 for GPT-2's 50,257), encoded in pieces cut where the whole text's encoding
-has a token boundary (a lone line break between text), so the ids are exactly those of encoding the text
-in one go. The token file
+tokenizer, its ids (uint16 for GPT-2's 50,257), encoded in pieces cut where the tokenizer ends a
+pre-token and each cut is proved on the text around it (`BPETokenizer.encode_pieces`), so the ids are
+exactly those of encoding the text in one go, in bounded memory whatever its shape. The token file
 and a `meta.json` that describes it are written atomically into a cache folder named after the inputs,
 so later runs reuse them, changed inputs rebuild them and a damaged cache is refused, never trained on.
 
