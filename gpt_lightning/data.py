@@ -6,6 +6,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+log = logging.getLogger(__name__)
 
 
 def corpus_path(data_dir: str | Path) -> Path:
@@ -42,8 +44,52 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        discard(Path(tmp))
         raise
+
+
+def discard(path: Path) -> None:
+    """Removes a file that a failed or finished write leaves behind, if it can: cleaning up never raises over
+    the error being reported (or fails what succeeded). One it cannot remove is logged, never hidden."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        log.warning("could not remove %s (%s)", path, err)
+
+
+class UnusableLocationError(ValueError):
+    """A file or folder that the data needs and cannot use: a file where a folder must be (or the other way
+    round), one this process may not write, a full disk. The message names it and how to go on."""
+
+
+def check_folder(path: Path, what: str) -> None:
+    """Raises an UnusableLocationError when `path` cannot be a folder: it, or the first of its parents that
+    exists, is something else (a file, say). A folder that does not exist yet is fine: it is created."""
+    for existing in (path, *path.parents):
+        if existing.is_dir():
+            return
+        if os.path.lexists(existing):
+            kind = "a file" if existing.is_file() else "not a folder"
+            problem = f"is {kind}, not a folder" if existing == path else f"cannot be a folder: {existing} is {kind}"
+            raise UnusableLocationError(f"{what} {path} {problem}. Point it at a folder (a missing one is created).")
+
+
+@contextmanager
+def os_errors_named(hint: str) -> Iterator[None]:
+    """Turns the OSErrors of preparing the data (a folder that cannot be written, a folder where a file must
+    be, a full disk) into UnusableLocationErrors: one line that names the path, followed by `hint` (which
+    settings lead there). FileNotFoundError and TimeoutError already say what to do, and pass unchanged."""
+    try:
+        yield
+    except (FileNotFoundError, TimeoutError):
+        raise
+    except OSError as err:
+        message = err.strerror or str(err)
+        if err.filename:
+            message = f"{message}: {err.filename}"
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk's message says how to go on
+            message = f"{message}. {hint}"
+        raise UnusableLocationError(message) from err
 
 
 def build_state_dir(folder: str | Path) -> Path:
@@ -75,7 +121,10 @@ def exclusive(lock_path: Path, what: str, wait_s: float = 3600.0) -> Iterator[No
                 time.sleep(0.2)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        try:
+            os.close(fd)  # releases the lock, even when it reports an error (Linux frees the descriptor)
+        except OSError as err:
+            log.warning("closing the lock file %s failed (%s)", lock_path, err)
 
 
 def is_local_rank_zero() -> bool:
@@ -90,19 +139,39 @@ FAILURE_GRACE_S = 30.0  # processes of one launch start within this of each othe
 
 
 def record_failure(marker: Path, err: BaseException) -> None:
-    """Leaves `err` where the processes waiting for this one look (see `raise_if_failed`)."""
+    """Leaves `err` where the processes waiting for this one look (see `raise_if_failed`), if it can: the
+    caller raises `err` next, and a marker that cannot be written (its folder is a file, or may not be
+    written) must never raise over it. The waiting processes then stop when their wait times out."""
     failure = {"host": socket.gethostname(), "time": time.time(), "message": str(err)}
-    atomic_write_bytes(marker, json.dumps(failure).encode())
+    try:
+        atomic_write_bytes(marker, json.dumps(failure).encode())
+    except OSError as write_error:
+        log.warning("could not record this error in %s (%s): other processes of this launch on this machine, if "
+                    "any, stop only when their wait times out", marker, write_error)  # fmt: skip
+
+
+def clear_failure(marker: Path) -> None:
+    """Removes an earlier launch's failure, if it can. One that stays is harmless: `raise_if_failed` ignores
+    failures recorded before this launch."""
+    try:
+        marker.unlink(missing_ok=True)
+    except OSError:
+        pass  # a folder that cannot be used is reported by what uses it next
 
 
 def raise_if_failed(marker: Path) -> None:
-    """Raises the error that the process preparing the data on this machine recorded for this launch."""
+    """Raises the error that the process preparing the data on this machine recorded for this launch. A
+    marker that cannot be read, or is not one, is no error: the caller goes on waiting."""
     try:
         failure = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    if failure.get("host") == socket.gethostname() and failure.get("time", 0) >= PROCESS_START - FAILURE_GRACE_S:
-        raise ValueError(failure["message"])
+    if not isinstance(failure, dict) or not isinstance(message := failure.get("message"), str):
+        return
+    recorded = failure.get("time")
+    this_launch = isinstance(recorded, int | float) and recorded >= PROCESS_START - FAILURE_GRACE_S
+    if failure.get("host") == socket.gethostname() and this_launch:
+        raise ValueError(message)
 
 
 def verify_corpus(path: Path, sha256: str = CORPUS_SHA256) -> None:

@@ -20,9 +20,12 @@ from gpt_lightning.data import (
     RandomWindows,
     SequentialWindows,
     build_state_dir,
+    check_folder,
+    clear_failure,
     corpus_path,
     ensure_corpus,
     is_local_rank_zero,
+    os_errors_named,
     record_failure,
 )
 from gpt_lightning.token_cache import (
@@ -159,17 +162,27 @@ class ShakespeareDataModule(L.LightningDataModule):
         skip = self.skip_undecodable
         key = cache_dir_for(root, self.path or corpus_path(self.data_dir), self.selection, vocab, skip, bpe).name
         failure = build_state_dir(root) / f"{key}.{socket.gethostname()}.failed.json"
-        if not is_local_rank_zero():
-            spec = self.path if self.path is not None else self._corpus(download=False, failure_marker=failure)
-            return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection, failure_marker=failure,
-                                        skip_undecodable=skip, bpe=bpe)  # fmt: skip
-        failure.unlink(missing_ok=True)  # an earlier launch's
+        cache_dir = self.cache_dir if self.cache_dir is not None else "unset (<data_dir>/token_cache)"
+        hint = (f"data.data_dir is {self.data_dir} and data.cache_dir {cache_dir}: each must be a folder that this "
+                "process can write (a missing one is created), and the text files readable.")  # fmt: skip
+        # Every process checks the folders, so that none waits for a builder that cannot build.
+        with os_errors_named(hint):
+            if self.path is None or self.cache_dir is None:
+                check_folder(Path(self.data_dir), "data.data_dir")
+            if self.cache_dir is not None:
+                check_folder(root, "data.cache_dir")
+            if not is_local_rank_zero():
+                spec = self.path if self.path is not None else self._corpus(download=False, failure_marker=failure)
+                return wait_for_token_cache(spec, root, vocab=vocab, selection=self.selection, failure_marker=failure,
+                                            skip_undecodable=skip, bpe=bpe)  # fmt: skip
+        clear_failure(failure)  # an earlier launch's
         try:
-            spec = self.path if self.path is not None else self._corpus(download=True)
-            cache = build_token_cache(spec, root, vocab=vocab, selection=self.selection, what=what,
-                                      skip_undecodable=skip, bpe=bpe)  # fmt: skip
+            with os_errors_named(hint):
+                spec = self.path if self.path is not None else self._corpus(download=True)
+                cache = build_token_cache(spec, root, vocab=vocab, selection=self.selection, what=what,
+                                          skip_undecodable=skip, bpe=bpe)  # fmt: skip
         except Exception as err:
-            record_failure(failure, err)
+            record_failure(failure, err)  # never raises: the error the user sees is this one
             raise
         if cache.skipped:
             shown = ", ".join(cache.skipped[:10]) + (", ..." if len(cache.skipped) > 10 else "")

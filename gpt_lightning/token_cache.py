@@ -4,9 +4,9 @@ A corpus is one text file, a folder of `.txt` files or a glob, read in sorted or
 (SEPARATOR) between files. `build_token_cache` streams it twice in chunks, never holding it whole: the
 first pass checks the UTF-8, finds the vocabulary and hashes the bytes; the second writes one token per
 character, as uint8 when the vocabulary has at most 256 symbols (uint16, uint32 beyond), or, with a BPE
-tokenizer, its ids (uint16 for GPT-2's 50,257), encoded in pieces cut where the whole text's encoding
-has a token boundary (a lone line break between text), so the ids are exactly those of encoding the text
-in one go. The token file
+tokenizer, its ids (uint16 for GPT-2's 50,257), encoded in pieces cut where the tokenizer ends a
+pre-token and each cut is proved on the text around it (`BPETokenizer.encode_pieces`), so the ids are
+exactly those of encoding the text in one go, in bounded memory whatever its shape. The token file
 and a `meta.json` that describes it are written atomically into a cache folder named after the inputs,
 so later runs reuse them, changed inputs rebuild them and a damaged cache is refused, never trained on.
 
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt_lightning.data import atomic_write_bytes, build_state_dir, exclusive, raise_if_failed, speaker_of
+from gpt_lightning.data import atomic_write_bytes, build_state_dir, discard, exclusive, raise_if_failed, speaker_of
 from gpt_lightning.tokenizer import BPETokenizer
 
 SEPARATOR = "\n\n"  # between the files of a folder or glob: a blank line, as between speeches
@@ -504,22 +504,26 @@ def _encode(
             tokenizer_sha256=None if bpe is None else bpe.fingerprint, num_chars=count,
         )  # fmt: skip
         if cache.path.is_file() and _blake2b_of(cache.path) == cache.tokens_blake2b:
-            Path(tmp).unlink()  # the same tokens are there, verified: leave the file others may map alone
+            discard(Path(tmp))  # the same tokens are there, verified: leave the file others may map alone
         else:
             os.replace(tmp, cache.path)
         meta = {k: v for k, v in asdict(cache).items() if k != "directory"}
         atomic_write_bytes(directory / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1).encode())
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
+        discard(Path(tmp))
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(err.errno, _no_space(directory, needed, shutil.disk_usage(directory).free)) from err
+            try:
+                free = shutil.disk_usage(directory).free
+            except OSError:
+                pass  # the figure from before the write: reporting never raises over the error reported
+            raise OSError(err.errno, _no_space(directory, needed, free)) from err
         raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        discard(Path(tmp))
         raise
     for old in directory.glob("tokens-*.bin"):
         if old.name != cache.token_file:
-            old.unlink(missing_ok=True)  # a rebuild's predecessor: a process that maps it keeps its pages
+            discard(old)  # a rebuild's predecessor: a process that maps it keeps its pages
     return cache
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -120,33 +119,79 @@ class BPETokenizer:
 
     def encode_pieces(self, pieces: Iterable[str]) -> Iterator[np.ndarray]:
         """The ids of the text that `pieces` stream, exactly as `encode(whole text)` gives them, without
-        holding the text whole (the token cache encodes corpora of any size with it). The text is cut after
-        lone line breaks between text, where GPT-2's pre-tokenizer (and every byte-level one) always ends a
-        token; segments of about SEGMENT_CHARS are encoded in batches, by the library's threads. Each cut is
-        checked: a tokenizer that joins text across it (one that adds a prefix space to every call, say) is
-        an error, never a silently different encoding."""
-        pending = ""
+        holding the text whole (the token cache encodes corpora of any size with it). The text is cut about
+        every SEGMENT_CHARS characters where the tokenizer itself ends a pre-token (see `_cut_after`), so any
+        text is cut: without line breaks, with CRLF ones, indented, in any script, for GPT-2's pre-tokenizer
+        regex or GPT-4's. Each cut is proved on the text around it: the ids of the two sides, encoded apart,
+        must be those of encoding them together, so a tokenizer that adds a prefix to every input is cut only
+        where that prefix changes nothing (before a space, for add_prefix_space). Segments are encoded in
+        batches, by the library's threads. Text with no such place for MAX_UNCUT_CHARS characters is an
+        error, never one call that would take gigabytes (about 180 bytes per character)."""
+        pending, done = "", 0  # done: characters before `pending`, for the error
         for piece in pieces:
             pending += piece
             if len(pending) < 4 * SEGMENT_CHARS:
                 continue
-            cuts = _cuts(pending)
+            cuts, rejected = self._cuts(pending, final=False)
             if cuts:
-                yield from self._encode_segments(pending, cuts)
-                pending = pending[cuts[-1] :]
-        if pending:
-            yield self.encode(pending).numpy()
+                yield from self.encode_batch([pending[a:b] for a, b in itertools.pairwise([0, *cuts])])
+                pending, done = pending[cuts[-1] :], done + cuts[-1]
+            if len(pending) > MAX_UNCUT_CHARS:
+                raise self._uncuttable(done, rejected)
+        cuts, _ = self._cuts(pending, final=True)
+        yield from self.encode_batch([pending[a:b] for a, b in itertools.pairwise([0, *cuts, len(pending)]) if a < b])
 
-    def _encode_segments(self, text: str, cuts: list[int]) -> list[np.ndarray]:
-        for cut in cuts:
-            left, right = text[max(cut - SEAM_CHARS, 0) : cut], text[cut : cut + SEAM_CHARS]
-            if self.encode(left + right).tolist() != self.encode(left).tolist() + self.encode(right).tolist():
-                raise ValueError(
-                    "this tokenizer does not end a token at a lone line break between text (it may add a prefix "
-                    "space to every input): it cannot encode text in pieces, as the token cache does. Use a "
-                    "byte-level BPE without add_prefix_space, such as GPT-2's."
-                )
-        return self.encode_batch([text[a:b] for a, b in itertools.pairwise([0, *cuts])])
+    def _cuts(self, text: str, final: bool) -> tuple[list[int], int]:
+        """Where `encode_pieces` cuts `text`: a proven cut about every SEGMENT_CHARS characters (a `final`
+        text may be cut up to its end; otherwise SEAM_CHARS before it, which later text may still change),
+        and how many pre-token boundaries failed the proof since the last cut."""
+        cuts: list[int] = []
+        start, rejected = 0, 0
+        while True:
+            cut, rejected = self._cut_after(text, start + SEGMENT_CHARS, final)
+            if cut is None:
+                return cuts, rejected
+            cuts.append(start := cut)
+
+    def _cut_after(self, text: str, position: int, final: bool) -> tuple[int | None, int]:
+        """The first place at or after `position` where `text` can be cut without changing its ids, and how
+        many candidates failed. The tokenizer's own encoding of a window of text says where its pre-tokens
+        begin (whatever its normalizer and pre-tokenizer), in characters of the text; a candidate lies at
+        least SEAM_CHARS inside the window on each side, and is taken when the two sides of the window,
+        encoded apart, give the window's ids."""
+        rejected = 0
+        while position < len(text) - (0 if final else SEAM_CHARS):
+            lo, hi = max(position - SEAM_CHARS, 0), min(position + CUT_WINDOW_CHARS + SEAM_CHARS, len(text))
+            last = hi if final and hi == len(text) else hi - SEAM_CHARS  # the right side keeps SEAM_CHARS
+            window = self._tokenizer.encode(text[lo:hi], add_special_tokens=False)
+            ids, words, offsets, tried = window.ids, window.word_ids, window.offsets, 0
+            for i in range(1, len(ids)):
+                cut = lo + offsets[i][0]
+                if words[i] == words[i - 1] or cut < position or cut == lo + offsets[i - 1][0]:
+                    continue  # inside a pre-token, before the wanted place, or inside a character's bytes
+                if cut >= min(position + CUT_WINDOW_CHARS, last) or tried == CUT_TRIES_PER_WINDOW:
+                    break
+                left, right = self._tokenizer.encode_batch([text[lo:cut], text[cut:hi]], add_special_tokens=False)
+                if left.ids + right.ids == ids:
+                    return cut, rejected
+                tried += 1
+                rejected += 1
+            position += CUT_WINDOW_CHARS
+        return None, rejected
+
+    def _uncuttable(self, position: int, rejected: int) -> ValueError:
+        if rejected:
+            why = (
+                f"it ends pre-tokens there, but at each of the {rejected:,} places tried its ids change when the "
+                "text is cut there (it may add a prefix to every input), so the text cannot be encoded in pieces"
+            )
+        else:
+            why = "it finds no place between two of its tokens there (one pre-token that long)"
+        return ValueError(
+            f"the text holds more than {MAX_UNCUT_CHARS:,} characters, from character {position:,} on, that this "
+            f"tokenizer cannot cut: {why}. Encoding them in one call would take gigabytes of memory. Break the "
+            "text up (spaces or line breaks), or use a byte-level BPE such as GPT-2's."
+        )
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
@@ -188,20 +233,11 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
 
 
-# A lone line break between text: a token boundary for GPT-2's pre-tokenizer (and any byte-level one), which
-# keeps "\n" apart from the text on either side. Not after a run of whitespace: GPT-2 has a "\n\n" token,
-# and a run that ends a piece is one token, where the same run followed by text is split before its last.
-_LINE_START = re.compile(r"(?<=\S)\n(?=\S)")
 SEGMENT_CHARS = 1 << 16  # text encoded per call: large enough to amortise the call, small enough to batch
-SEAM_CHARS = 256  # the text on each side of a cut that is checked
-
-
-def _cuts(text: str) -> list[int]:
-    """Where `encode_pieces` cuts `text`: the first lone line break after every SEGMENT_CHARS characters."""
-    cuts, start = [], 0
-    while (line := _LINE_START.search(text, start + SEGMENT_CHARS)) is not None:
-        cuts.append(start := line.end())
-    return cuts
+SEAM_CHARS = 256  # the text on each side of a cut that proves it
+CUT_WINDOW_CHARS = 256  # the candidate cuts looked at per encoding of a window
+CUT_TRIES_PER_WINDOW = 8  # candidates proved per window, at most: a tokenizer that cannot be cut costs little
+MAX_UNCUT_CHARS = 1 << 21  # text without a cut that is an error: one call takes about 180 bytes per character
 
 
 def _byte_level_alphabet() -> list[str]:

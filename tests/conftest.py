@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest import mock
@@ -77,6 +79,32 @@ def optimizer_args(choice: str) -> list[str]:
     """'adamw', 'muon' (its precision chosen for this machine) or 'muon fp32'."""
     name, *precision = choice.split()
     return [f"--model.optimizer={name}", *(f"--model.muon_precision={p}" for p in precision)]
+
+
+def refuse_writes(monkeypatch: pytest.MonkeyPatch, refused: Callable[[Path], bool]) -> None:
+    """As if this process could not write where `refused(path)` holds (tests run as root, whom chmod does not
+    stop): creating, opening for writing, replacing or removing such a path raises PermissionError, through
+    the os functions that mkdir, mkstemp, unlink and replace use. Reading still works."""
+
+    def guard(name: str, writes: Callable[..., bool] = lambda *args, **kwargs: True) -> None:
+        real = getattr(os, name)
+
+        def refusing(path, *args, **kwargs):
+            if not isinstance(path, int) and writes(*args, **kwargs) and refused(Path(os.fsdecode(path)).absolute()):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refusing)
+
+    guard("open", lambda flags, *args, **kwargs: bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+    for name in ("mkdir", "unlink", "rmdir", "replace", "rename"):
+        guard(name)
+
+
+def unwritable(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """`folder` and everything under it cannot be written (see `refuse_writes`)."""
+    folder = folder.absolute()
+    refuse_writes(monkeypatch, lambda path: path.is_relative_to(folder))
 
 
 def main_py(*args: str) -> list[str]:

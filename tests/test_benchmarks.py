@@ -130,6 +130,20 @@ def test_gpt2_cpu_benchmark_prints_encoding_speeds_and_the_memory_table(tmp_path
 
 
 @pytest.mark.slow
+def test_encode_memory_benchmark_prints_a_row_per_shape_of_text_and_its_ratio_to_lf(tmp_path: Path):
+    corpus = tmp_path / "data" / "tinyshakespeare" / "input.txt"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text(make_play(300), encoding="utf-8")
+    lines = run_benchmark("encode_memory.py", f"--data-dir={tmp_path / 'data'}", "--size-mb=0.2", "--vocab-size=300")
+    header = "| text | MB | tokens | s | at start (MB) | peak RSS (MB) | peak RSS per MB of text | ratio to LF |"
+    rows = lines[lines.index(header) + 2 :]
+    number = r"[\d,.]+"
+    assert [row.split(" | ")[0] for row in rows] == ["| LF", "| CRLF", "| one line", "| indented"], lines
+    assert all(re.fullmatch(rf"\| [\w ]+ \| 0\.\d \|( {number} \|){{6}}", row) for row in rows), rows
+    assert rows[0].endswith("| 1.00 |")
+
+
+@pytest.mark.slow
 def test_serve_load_benchmark_prints_a_row_per_client_count_and_the_ratio(pretrained: Path):
     pytest.importorskip("litserve", reason="the serve extra installs LitServe")
     lines = run_benchmark("serve_load.py", f"--ckpt-path={pretrained / 'checkpoints' / 'last.ckpt'}", "--clients", "1",

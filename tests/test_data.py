@@ -1,4 +1,9 @@
+import errno
 import hashlib
+import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -7,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from gpt_lightning import data
 from gpt_lightning.data import RandomWindows, SequentialWindows, ensure_corpus, read_text, speeches_of
+from tests.conftest import unwritable
 
 TOKENS = torch.arange(1000)
 
@@ -125,3 +131,49 @@ def test_a_failed_download_says_where_to_put_the_file(tmp_path):
 def test_other_ranks_wait_for_the_download_instead_of_racing(tmp_path):
     with pytest.raises(TimeoutError, match="waited"):
         ensure_corpus(tmp_path / "data", download=False, wait_s=0.2)
+
+
+# -- failing well: recording, cleaning up or reporting a failure never raises over the error it reports ------
+
+
+@pytest.mark.parametrize("where", ["missing folders", "a file instead of a folder", "an unwritable folder"])
+def test_recording_or_clearing_a_failure_never_raises_over_the_error_it_reports(tmp_path, monkeypatch, where):
+    marker = tmp_path / "state" / ".builds" / "x.failed.json"
+    if where == "a file instead of a folder":
+        (tmp_path / "state").write_text("a file")
+    elif where == "an unwritable folder":
+        (tmp_path / "state").mkdir()
+        unwritable(monkeypatch, tmp_path / "state")
+    data.clear_failure(marker)  # an earlier launch's, if any
+    data.record_failure(marker, ValueError("the real error"))
+    if where == "missing folders":  # created: the node's other processes stop with the error at once
+        with pytest.raises(ValueError, match="the real error"):
+            data.raise_if_failed(marker)
+        data.clear_failure(marker)
+    data.raise_if_failed(marker)  # nothing (readable) recorded: the waiting process goes on waiting
+
+
+@pytest.mark.parametrize("recorded", ["a list", "a string", "no message"])
+def test_a_malformed_failure_marker_is_ignored(tmp_path, recorded):
+    marker = tmp_path / "x.failed.json"
+    this_launch = {"host": socket.gethostname(), "time": time.time()}
+    marker.write_text(json.dumps({"a list": [1, 2], "a string": "text", "no message": this_launch}[recorded]))
+    data.raise_if_failed(marker)
+
+
+def test_a_failed_atomic_write_reports_its_own_error_when_cleaning_up_fails_too(tmp_path, monkeypatch):
+    def broken_disk(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(data.os, "fsync", broken_disk)
+    real_unlink = os.unlink
+
+    def refused(path, *args, **kwargs) -> None:  # the temporary file cannot be removed either
+        if str(path).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(OSError, match="Input/output error"):
+        data.atomic_write_bytes(tmp_path / "meta.json", b"{}")
+    assert not (tmp_path / "meta.json").exists()

@@ -4,11 +4,13 @@ The cases run `main()` in this process (`in_process=True`: the code path of `pyt
 interpreter's imports); the missing corpus runs as a real subprocess, so the exit code and stderr a user
 sees are checked once end to end (so are generate's, in test_generate_cli.py)."""
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, assert_clean_error, cli, optimizer_args, tiny_fit
+from tests.conftest import ROOT, assert_clean_error, cli, optimizer_args, refuse_writes, tiny_fit, unwritable
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +145,46 @@ def test_a_non_finite_loss_stops_training_without_saving_it(text_file: Path, tmp
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+@pytest.mark.parametrize(
+    ("case", "patterns"),
+    [
+        ("data_dir is a file", [r"data.data_dir .*notafile is a file, not a folder\. Point it at a folder"]),
+        ("data_dir lies in a file", [r"data.data_dir .*notafile/data cannot be a folder: .*notafile is a file"]),
+        ("cache_dir is a file", [r"data.cache_dir .*notafile is a file, not a folder"]),
+        ("the corpus is a folder", [r"Is a directory: .*tinyshakespeare/input.txt", "data.data_dir"]),
+        ("cache_dir is unwritable", [r"Permission denied: .*unwritable", "data.cache_dir"]),
+        ("the failure marker is unwritable", [r"data.path .*empty.txt is empty"]),  # the error it would record
+        ("the disk is full", ["no space left to write the token cache in .*c/short-", "Nothing was written"]),
+    ],
+)
+def test_a_data_location_that_cannot_be_used_is_one_line_that_names_it(files, tmp_path: Path, monkeypatch, case,
+                                                                        patterns):  # fmt: skip
+    (tmp_path / "notafile").write_text("a file, not a folder")
+    args = {
+        "data_dir is a file": ["--data.data_dir=notafile"],
+        "data_dir lies in a file": ["--data.data_dir=notafile/data"],
+        "cache_dir is a file": [f"--data.path={files['short']}", "--data.cache_dir=notafile"],
+        "the corpus is a folder": [f"--data.data_dir={tmp_path / 'corpus'}"],
+        "cache_dir is unwritable": [f"--data.path={files['short']}", f"--data.cache_dir={tmp_path / 'unwritable'}"],
+        "the failure marker is unwritable": [f"--data.path={files['empty']}", f"--data.cache_dir={tmp_path / 'c'}"],
+        "the disk is full": [f"--data.path={files['short']}", f"--data.cache_dir={tmp_path / 'c'}"],
+    }[case]
+    if case == "the corpus is a folder":
+        (tmp_path / "corpus" / "tinyshakespeare" / "input.txt").mkdir(parents=True)
+    elif case == "cache_dir is unwritable":
+        (tmp_path / "unwritable").mkdir()
+        unwritable(monkeypatch, tmp_path / "unwritable")
+    elif case == "the failure marker is unwritable":  # removing an earlier launch's and recording this one fail
+        refuse_writes(monkeypatch, lambda path: ".failed.json" in path.name)
+    elif case == "the disk is full":
+
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", full)
+    result = cli("fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"), *args,
+                 f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.max_steps=2",
+                 in_process=True)  # fmt: skip
+    assert_clean_error(result, *patterns)

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,7 +72,89 @@ def test_bpe_encoded_in_pieces_equals_encoding_the_whole_text(tmp_path: Path, mo
     assert build_token_cache(path, tmp_path / "cache").directory != cache.directory
 
 
-def test_a_tokenizer_that_cannot_be_cut_between_lines_is_refused(tmp_path: Path, monkeypatch):
+# GPT-4's pre-tokenizer regex (cl100k): digits in threes, punctuation joined to the letters that follow it.
+GPT4_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
+def train_gpt4_style_bpe(path: Path, text: str) -> Path:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT4_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([text], trainer)
+    tokenizer.save(str(path))
+    return path
+
+
+class EncoderSpy:
+    """Stands in for a BPETokenizer's `tokenizers.Tokenizer` and records the longest text handed to it: what
+    bounds the memory of an encoding (the library takes about 180 bytes per character of one call)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.longest = inner, 0
+
+    def encode(self, text: str, **kwargs: Any) -> Any:
+        self.longest = max(self.longest, len(text))
+        return self.inner.encode(text, **kwargs)
+
+    def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
+        self.longest = max(self.longest, *map(len, texts))
+        return self.inner.encode_batch(texts, **kwargs)
+
+
+def spied(bpe: BPETokenizer) -> EncoderSpy:
+    spy = EncoderSpy(bpe._tokenizer)
+    bpe._tokenizer = spy  # type: ignore[assignment]
+    return spy
+
+
+def streamed_ids(bpe: BPETokenizer, text: str, piece_chars: int = 777) -> list[int]:
+    pieces = [text[i : i + piece_chars] for i in range(0, len(text), piece_chars)]
+    return np.concatenate(list(bpe.encode_pieces(pieces))).tolist()
+
+
+PLAY = make_play(120, seed=5)
+TEXT_SHAPES = {
+    "LF": PLAY,
+    "CRLF": PLAY.replace("\n", "\r\n"),
+    "one line": PLAY.replace("\n", " "),
+    "indented": "    " + PLAY.replace("\n", "\n    ").replace("    KING", "\tKING"),
+    "runs of spaces and line breaks": PLAY.replace(",\n", "," + " " * 700 + "\n", 3)
+    .replace("?\n", "?" + "\n" * 700, 3)
+    .replace(";\n", ";" + "\r\n" * 300 + "  ", 3),
+    "multi-byte, one line": " ".join(["Ça va? — «naïve» façade, 東京は大きい。🎭🎭 1234567 ok!"] * 250),
+}
+
+
+@pytest.fixture(scope="module", params=["GPT-2 regex", "GPT-4 regex"])
+def any_bpe_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Trained where blank lines come in threes: both have GPT-2's "\n\n" token (see the test above).
+    text, path = make_play(200).replace("\n\n", "\n\n\n"), tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    return train_bpe(path, text=text) if request.param == "GPT-2 regex" else train_gpt4_style_bpe(path, text)
+
+
+@pytest.mark.parametrize("shape", TEXT_SHAPES)
+def test_text_of_any_shape_is_encoded_in_bounded_pieces_to_the_whole_texts_ids(any_bpe_file, monkeypatch, shape):
+    monkeypatch.setattr(tokenizer_module, "SEGMENT_CHARS", 300)
+    bpe = BPETokenizer.from_file(any_bpe_file)
+    text = TEXT_SHAPES[shape]
+    expected = bpe.encode(text).tolist()
+    spy = spied(bpe)
+    assert streamed_ids(bpe, text) == expected
+    # Never the whole text (10,000 characters and more) in one call: pieces of about 300 characters, and
+    # what a cut after a run of 700 blanks holds.
+    assert spy.longest <= 4 * 300 < len(text) / 8, spy.longest
+
+
+def test_a_prefix_space_tokenizer_is_cut_only_before_a_space(tmp_path: Path, monkeypatch):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     monkeypatch.setattr(tokenizer_module, "SEGMENT_CHARS", 300)
@@ -79,10 +162,30 @@ def test_a_tokenizer_that_cannot_be_cut_between_lines_is_refused(tmp_path: Path,
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # a space before every input
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator([make_play(50)], trainers.BpeTrainer(vocab_size=280))
-    path = tmp_path / "play.txt"
-    path.write_text(make_play(100), encoding="utf-8")
-    with pytest.raises(ValueError, match="cannot encode text in pieces"):
-        build_token_cache(path, tmp_path / "cache", bpe=BPETokenizer(tokenizer.to_str()))
+    bpe = BPETokenizer(tokenizer.to_str())
+    text = make_play(100)
+    expected = bpe.encode(text).tolist()
+    spy = spied(bpe)
+    assert streamed_ids(bpe, text) == expected and spy.longest <= 4 * 300
+
+
+@pytest.mark.parametrize("case", ["one word", "a prefix on every input"])
+def test_text_that_cannot_be_cut_stops_with_an_error_before_it_is_encoded_whole(tmp_path: Path, monkeypatch, case):
+    from tokenizers import Tokenizer, normalizers
+
+    monkeypatch.setattr(tokenizer_module, "SEGMENT_CHARS", 300)
+    monkeypatch.setattr(tokenizer_module, "MAX_UNCUT_CHARS", 5000, raising=False)
+    bpe = BPETokenizer.from_file(train_bpe(tmp_path / "tokenizer.json"))
+    if case == "one word":
+        text, message = make_play(10) + "a" * 20_000 + make_play(10), r"no place between two of its tokens"
+    else:  # as SentencePiece's "▁" before the first word (Llama 2's tokenizer.json)
+        prefixed = Tokenizer.from_str(bpe.tokenizer_json)
+        prefixed.normalizer = normalizers.Prepend("▁")
+        bpe, text, message = BPETokenizer(prefixed.to_str()), make_play(200), r"cannot be encoded in pieces"
+    spy = spied(bpe)
+    with pytest.raises(ValueError, match=rf"more than 5,000 characters.*{message}"):
+        streamed_ids(bpe, text)
+    assert spy.longest < 5000 + 4 * 777  # what it held, never encoded whole
 
 
 # -- bits per character ---------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +191,39 @@ def test_a_disk_that_fills_leaves_no_half_cache_and_keeps_the_old_one(tmp_path, 
     monkeypatch.setattr(token_cache.shutil, "disk_usage", lambda _: Usage)
     with pytest.raises(OSError, match=r"it needs 0\.0 MB, 0\.0 MB are free"):
         build_token_cache(path, tmp_path / "cache")
+
+
+def test_a_full_disk_is_reported_even_when_the_temporary_file_cannot_be_removed(tmp_path, monkeypatch):
+    path = tmp_path / "text.txt"
+    path.write_text(make_play(30))
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_unlink = os.unlink
+
+    def refused(file, *args, **kwargs) -> None:
+        if str(file).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        real_unlink(file, *args, **kwargs)
+
+    monkeypatch.setattr(token_cache.os, "fsync", full)
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(OSError, match="no space left to write the token cache"):
+        build_token_cache(path, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_every_process_stops_at_once_when_data_dir_is_a_file(tmp_path, monkeypatch, local_rank):
+    (tmp_path / "notafile").write_text("a file, not a folder")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)  # 1: a process that would wait for local rank 0's corpus
+
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError("waited for a corpus that local rank 0 cannot download")
+
+    monkeypatch.setattr(time, "sleep", no_waiting)
+    with pytest.raises(ValueError, match=r"data.data_dir .*notafile is a file, not a folder"):
+        ShakespeareDataModule(data_dir=str(tmp_path / "notafile")).token_cache  # noqa: B018
 
 
 def test_other_processes_wait_for_the_builder_and_map_the_same_file(tmp_path):
