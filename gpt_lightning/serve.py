@@ -144,9 +144,9 @@ def parse_request(body: bytes, tokenizer: Tokenizer, limits: Limits) -> dict[str
     return {"prompt": prompt, **dataclasses.asdict(options)}
 
 
-def describe_model(ckpt_path: str) -> dict[str, Any]:
+def describe_model(ckpt_path: str, limits: Limits | None = None) -> dict[str, Any]:
     """What GET /model answers: the model's size and vocabulary, what it was trained on and its best
-    validation loss, as far as the checkpoint records them."""
+    validation loss, as far as the checkpoint records them, and a request's defaults within `limits`."""
     facts = describe_checkpoint(ckpt_path)
     with torch.device("meta"):
         parameters = GPT(facts.config).num_parameters()
@@ -162,7 +162,7 @@ def describe_model(ckpt_path: str) -> dict[str, Any]:
         "steps": facts.global_step,
         "val_loss": None,
         "lora": None if facts.lora is None else dataclasses.asdict(facts.lora),
-        "defaults": Limits().defaults(),  # serve() puts in those of its limits
+        "defaults": (limits or Limits()).defaults(),
     }
     if facts.hf_folder is not None:
         described["trained_on"] = f"a Hugging Face GPT-2 ({facts.hf_folder})"
@@ -305,7 +305,7 @@ class RequestGate:
         limit = self.limits.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            raise self._too_large(f"{int(declared):,} bytes")
+            raise self._too_large(f"the body is {int(declared):,} bytes, more than the {limit:,}")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -314,15 +314,14 @@ class RequestGate:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise self._too_large(f"more than {limit:,} bytes")
+                raise self._too_large(f"the body is longer than the {limit:,} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def _too_large(self, size: str) -> RequestError:
-        return RequestError(413, None, f"the body is {size}, more than the {self.limits.max_body_bytes:,} that a "
-                                       f"prompt of --max_prompt_chars {self.limits.max_prompt_chars:,} characters "
-                                       "needs: shorten the prompt.")  # fmt: skip
+    def _too_large(self, what: str) -> RequestError:
+        return RequestError(413, None, f"{what} that a prompt of --max_prompt_chars {self.limits.max_prompt_chars:,} "
+                                       "characters needs: shorten the prompt.")  # fmt: skip
 
     def _cancel(self, stream_id: str) -> None:
         (self.cancel_dir / stream_id).touch()
@@ -387,7 +386,7 @@ def serve(ckpt_path: str, host: str, port: int, limits: Limits, accelerator: str
         from fastapi.responses import HTMLResponse, JSONResponse
     except ImportError as err:
         raise ImportError("serving needs LitServe: pip install -e '.[serve]'") from err
-    description = {**describe_model(ckpt_path), "defaults": limits.defaults()}  # fails here if the checkpoint is bad
+    description = describe_model(ckpt_path, limits)  # fails here, before any process starts, if the checkpoint is bad
     tokenizer = describe_checkpoint(ckpt_path).tokenizer
     cancel_dir = tempfile.mkdtemp(prefix="gpt-lightning-serve-")
     with StopSignals(on_stop=lambda: (Path(cancel_dir) / STOPPING).touch()) as stop:

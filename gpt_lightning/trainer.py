@@ -111,8 +111,8 @@ class GPTTrainer(L.Trainer):
         max_prompt_chars: int = 4000,
         model: Any = None,
     ) -> None:
-        """Serve a model until Ctrl-C: a page at /, a streaming API at POST /predict and its description at
-        GET /model, on LitServe (pip install -e '.[serve]').
+        """Serve a model until Ctrl-C, SIGTERM or SIGHUP: a page at /, a streaming API at POST /predict and its
+        description at GET /model, on LitServe (pip install -e '.[serve]').
 
         Args:
             ckpt_path: A checkpoint written by `fit`, a Hugging Face GPT-2 folder or a hub name (gpt2, ...).
