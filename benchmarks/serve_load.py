@@ -33,8 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt_lightning.checkpoint import load_model  # noqa: E402
-from gpt_lightning.generate import stream_text  # noqa: E402
-from gpt_lightning.serve import DEFAULTS  # noqa: E402
+from gpt_lightning.generate import SamplingOptions, stream_text  # noqa: E402
 
 PROMPT = "ROMEO:"
 
@@ -163,8 +162,7 @@ def main() -> None:
     start, characters = time.perf_counter(), 0
     requests = max(args.clients)
     for seed in range(requests):  # what the server's worker runs for each request, without the server
-        generator = torch.Generator().manual_seed(seed)
-        texts = stream_text(gpt, tokenizer, PROMPT, args.tokens, DEFAULTS["temperature"], generator=generator)
+        texts = stream_text(gpt, tokenizer, PROMPT, SamplingOptions(max_new_tokens=args.tokens, seed=seed))
         characters += sum(len(text) for text in texts)
     alone = characters / (time.perf_counter() - start)
 

@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from gpt_lightning.generate import generate_tokens
+from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptions, check_prompt, stream_text
 from gpt_lightning.lit_model import GPTModule, is_logging_step
 
 
@@ -31,26 +31,25 @@ class TextSampleLogger(Callback):
         prompt: str = "\n",
         max_new_tokens: int = 200,
         every_n_validations: int = 1,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        seed: int = 1337,
+        temperature: float = DEFAULT_SAMPLING.temperature,
+        top_k: int | None = DEFAULT_SAMPLING.top_k,
+        top_p: float | None = DEFAULT_SAMPLING.top_p,
+        seed: int = DEFAULT_SAMPLING.seed,
     ) -> None:
         """Writes a sample of generated text to TensorBoard's Text tab after validation (rank 0 only).
 
         Args:
             prompt: Text the sample continues; every character must be in the vocabulary.
-            max_new_tokens: Characters to generate per sample.
+            max_new_tokens: Characters to generate per sample (shorter than generate's: one sample per validation).
             every_n_validations: Sample after every n-th validation; 0 turns sampling off.
             temperature: Sampling temperature; 0 is greedy.
             top_k: Sample from the k most likely characters only; unset keeps all.
+            top_p: Nucleus sampling: the smallest set of characters whose probability reaches p; unset keeps all.
             seed: Seed of the sampler, fixed so samples differ only because the model changed.
         """
         self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
+        self.options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed)  # fails at start, not later
         self.every_n_validations = every_n_validations
-        self.temperature = temperature
-        self.top_k = top_k
-        self.seed = seed
         self._validations = 0
 
     def setup(self, trainer: L.Trainer, pl_module: GPTModule, stage: str) -> None:  # type: ignore[override]
@@ -59,7 +58,7 @@ class TextSampleLogger(Callback):
             rank_zero_warn("sampling during training is off under FSDP: sample the checkpoint with `generate`.")
             self.every_n_validations = 0
         if self.every_n_validations > 0:
-            pl_module.tokenizer.check(self.prompt, what="sample.prompt")  # fail now, not at the first sample
+            check_prompt(pl_module.tokenizer, self.prompt, what="sample.prompt")  # fail now, not at the first sample
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: GPTModule) -> None:  # type: ignore[override]
@@ -71,15 +70,8 @@ class TextSampleLogger(Callback):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
             return
-        idx = pl_module.tokenizer.encode(self.prompt)[None].to(pl_module.device)  # (1, T)
-        generator = torch.Generator().manual_seed(self.seed)
         with trainer.precision_plugin.forward_context():
-            new = list(
-                generate_tokens(
-                    pl_module.gpt, idx, self.max_new_tokens, self.temperature, self.top_k, generator=generator
-                )
-            )
-        text = self.prompt + pl_module.tokenizer.decode(torch.cat(new).tolist())
+            text = self.prompt + "".join(stream_text(pl_module.gpt, pl_module.tokenizer, self.prompt, self.options))
         # Indented by four spaces, TensorBoard's Markdown shows the text verbatim, line breaks included.
         markdown = "\n".join("    " + line for line in text.split("\n"))
         for logger in loggers:

@@ -15,7 +15,12 @@ done here, in a small ASGI middleware in front of /predict (`RequestGate`):
 - A client that disconnects (or presses Stop) ends its generation. LitServe keeps generating for a client
   that has gone (its issue #165); the gate leaves a mark in a folder that the worker checks between tokens,
   so the worker stops within a token and takes the next request.
-It also bounds the requests in progress or waiting: beyond `max_queue`, a fast 503.
+It also bounds the requests in progress or waiting (beyond `max_queue`, a fast 503) and the size of a body
+(beyond what the longest prompt needs, a 413). A request it lets through streams text to its end, or ends its
+stream with an error line: {"error": "...", "field": null}.
+
+SIGINT (Ctrl-C), SIGTERM and SIGHUP to the main process stop every process of the server: streams in progress
+end with an error line, and the port is free when the main process exits.
 """
 
 from __future__ import annotations
@@ -24,19 +29,23 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
+import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
 
 from gpt_lightning.checkpoint import describe_checkpoint, load_checkpoint, load_model
 from gpt_lightning.data import CORPUS_SHA256
-from gpt_lightning.generate import stream_text
+from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptionError, SamplingOptions, check_prompt, stream_text
 from gpt_lightning.model import GPT
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer
 
@@ -46,9 +55,16 @@ except ImportError:  # the `serve` extra is not installed: serve() says how to i
     LitAPI = object  # type: ignore[assignment, misc]
 
 PAGE = Path(__file__).with_name("serve_page.html")
-# The sampling options and their defaults: those of `python main.py generate`.
-DEFAULTS: dict[str, Any] = {"max_new_tokens": 500, "temperature": 0.8, "top_k": None, "top_p": None, "seed": 1337}
-FIELDS = ("prompt", *DEFAULTS)
+OPTIONS = tuple(field.name for field in dataclasses.fields(SamplingOptions))
+FIELDS = ("prompt", *OPTIONS)
+# A body may hold, besides the prompt, every option at its longest, with whitespace.
+BODY_ROOM_BYTES = 4096
+# The mark in the cancel folder that tells the worker and the gate that the server is stopping (stream ids are hex).
+STOPPING = "stopping"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# How long LitServe's shutdown waits for each of its processes. Streams end within a token of the STOPPING mark,
+# so this only bounds a worker that hangs; LitServe's own 30 s would outlast `docker stop`'s 10 s.
+STOP_TIMEOUT_S = 5
 # Text generated within this interval goes out as one message. Each message crosses from LitServe's worker
 # process to its HTTP process on its own; one per token cost a third of the throughput on 2 cores
 # (benchmarks/serve_load.py). 50 updates a second still read as a live stream.
@@ -69,6 +85,17 @@ class Limits:
     max_new_tokens: int = 2000
     max_queue: int = 16
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest body a request within these limits can need: 12 bytes of JSON for each character of the
+        prompt (one beyond the BMP, escaped as a surrogate pair, such as \\ud83d\\ude00), and room for the rest."""
+        return 12 * self.max_prompt_chars + BODY_ROOM_BYTES
+
+    def defaults(self) -> dict[str, Any]:
+        """A request's options when it names none: generate's, with max_new_tokens cut to the server's limit."""
+        return {**dataclasses.asdict(DEFAULT_SAMPLING),
+                "max_new_tokens": min(DEFAULT_SAMPLING.max_new_tokens, self.max_new_tokens)}  # fmt: skip
+
 
 class RequestError(ValueError):
     """A request the server refuses, with the HTTP status and the field at fault."""
@@ -82,58 +109,44 @@ class RequestError(ValueError):
 
 
 def parse_request(body: bytes, tokenizer: Tokenizer, limits: Limits) -> dict[str, Any]:
-    """The sampling request in `body`, checked field by field, with generate's defaults filled in."""
+    """The sampling request in `body`: its prompt and its options, checked as `generate` checks them (the same
+    `SamplingOptions` and `check_prompt`), within the server's limits, with the defaults filled in."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RequestError(400, None, f"the body is not JSON ({err}): send an object such as "
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise RequestError(400, None, f"the body is not JSON ({reason}): send an object such as "
                                       '{"prompt": "ROMEO:", "max_new_tokens": 100}.') from None  # fmt: skip
     if not isinstance(data, dict):
         raise RequestError(400, None, f"the body must be a JSON object with a prompt, not a {type(data).__name__}.")
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise RequestError(
-            422, unknown[0], f"unknown field(s) {', '.join(unknown)}: the fields are {', '.join(FIELDS)}."
-        )
-    request = {**DEFAULTS, **data}
-    prompt = request.get("prompt")
+        shown = ", ".join(repr(name if len(name) <= 40 else name[:37] + "...") for name in unknown[:5])
+        raise RequestError(422, unknown[0], f"unknown field(s) {shown}: the fields are {', '.join(FIELDS)}.")
+    prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise RequestError(422, "prompt", "prompt must be a non-empty string: the text to continue.")
     if len(prompt) > limits.max_prompt_chars:
         raise RequestError(422, "prompt", f"prompt has {len(prompt):,} characters, more than the limit of "
                                           f"{limits.max_prompt_chars:,}: shorten it.")  # fmt: skip
-    if isinstance(tokenizer, CharTokenizer) and (missing := tokenizer.unknown_chars(prompt)):
-        shown = ", ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
-        raise RequestError(422, "prompt", f"prompt has {len(missing)} character(s) outside the model's "
-                                          f"{tokenizer.vocab_size}-character vocabulary: {shown}.")  # fmt: skip
-    _check_int(request, "max_new_tokens", 1, limits.max_new_tokens)
-    _check_int(request, "seed", 0, 2**63 - 1)
-    temperature = request["temperature"]
-    if not _is_number(temperature) or temperature < 0:
-        raise RequestError(422, "temperature", f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}.")
-    if request["top_k"] is not None:
-        _check_int(request, "top_k", 1, None, "or null to keep every token")
-    top_p = request["top_p"]
-    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
-        raise RequestError(422, "top_p", f"top_p must be in (0, 1], or null to keep every token, got {top_p!r}.")
-    return request
+    try:
+        check_prompt(tokenizer, prompt, what="prompt")
+    except ValueError as err:
+        raise RequestError(422, "prompt", str(err)) from None
+    try:
+        options = SamplingOptions(**{**limits.defaults(), **{k: v for k, v in data.items() if k != "prompt"}})
+    except SamplingOptionError as err:
+        raise RequestError(422, err.option, str(err)) from None
+    if not 1 <= options.max_new_tokens <= limits.max_new_tokens:
+        raise RequestError(422, "max_new_tokens", f"max_new_tokens must be an integer from 1 to "
+                                                  f"{limits.max_new_tokens:,} (--max_new_tokens_limit), got "
+                                                  f"{options.max_new_tokens}.")  # fmt: skip
+    return {"prompt": prompt, **dataclasses.asdict(options)}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_int(request: dict[str, Any], field: str, low: int, high: int | None, unset: str = "") -> None:
-    value = request[field]
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"from {low} to {high:,}"
-        raise RequestError(422, field, f"{field} must be an integer {bounds}{', ' + unset if unset else ''}, "
-                                       f"got {value!r}.")  # fmt: skip
-
-
-def describe_model(ckpt_path: str) -> dict[str, Any]:
+def describe_model(ckpt_path: str, limits: Limits | None = None) -> dict[str, Any]:
     """What GET /model answers: the model's size and vocabulary, what it was trained on and its best
-    validation loss, as far as the checkpoint records them."""
+    validation loss, as far as the checkpoint records them, and a request's defaults within `limits`."""
     facts = describe_checkpoint(ckpt_path)
     with torch.device("meta"):
         parameters = GPT(facts.config).num_parameters()
@@ -149,7 +162,7 @@ def describe_model(ckpt_path: str) -> dict[str, Any]:
         "steps": facts.global_step,
         "val_loss": None,
         "lora": None if facts.lora is None else dataclasses.asdict(facts.lora),
-        "defaults": DEFAULTS,
+        "defaults": (limits or Limits()).defaults(),
     }
     if facts.hf_folder is not None:
         described["trained_on"] = f"a Hugging Face GPT-2 ({facts.hf_folder})"
@@ -176,6 +189,9 @@ class GPTStreamAPI(LitAPI):
         if not log.handlers:  # a fresh process: say when a stream stops early, on stderr as the server does
             log.addHandler(logging.StreamHandler())
             log.setLevel(logging.INFO)
+        # Ctrl-C in a terminal reaches every process of the group; this one would end mid-request with a
+        # traceback. The main process stops it (see `serve`).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.gpt, self.tokenizer = load_model(self.ckpt_path)
         self.device = torch.device(device)
         self.gpt.to(self.device)
@@ -185,33 +201,48 @@ class GPTStreamAPI(LitAPI):
         return request  # checked by RequestGate before it was queued
 
     def predict(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        mark = self.cancel_dir / request["stream_id"]
+        mark, stopping = self.cancel_dir / request["stream_id"], self.cancel_dir / STOPPING
+        options = SamplingOptions(**{option: request[option] for option in OPTIONS})
         produced, pending, sent_at = 0, "", -math.inf
-        # The sampler's generator is seeded as `python main.py generate` seeds it: the same options, the same text.
-        generator = torch.Generator().manual_seed(request["seed"])
-        texts = stream_text(self.gpt, self.tokenizer, request["prompt"], request["max_new_tokens"],
-                            request["temperature"], request["top_k"], request["top_p"], generator,
-                            cancelled=mark.exists)  # fmt: skip
-        for text in texts:
-            produced += len(text)
-            pending += text
-            if time.monotonic() - sent_at >= MESSAGE_INTERVAL_S:  # the first piece goes at once
+        # Seeded from the options, as `python main.py generate` seeds its sampler: the same options, the same text.
+        texts = stream_text(self.gpt, self.tokenizer, request["prompt"], options,
+                            cancelled=lambda: mark.exists() or stopping.exists())  # fmt: skip
+        try:
+            for text in texts:
+                produced += len(text)
+                pending += text
+                if time.monotonic() - sent_at >= MESSAGE_INTERVAL_S:  # the first piece goes at once
+                    yield {"text": pending}
+                    pending, sent_at = "", time.monotonic()
+        except Exception as err:  # the stream's "200 OK" is gone: its last line says what happened instead
+            log.exception("stream %s failed after %d characters", request["stream_id"], produced)
+            if pending:
                 yield {"text": pending}
-                pending, sent_at = "", time.monotonic()
+            reason = (str(err).splitlines() or [""])[0][:200]
+            yield {"error": f"generation failed after {produced} characters ({type(err).__name__}: {reason}); the "
+                            "server's log has the details.", "field": None}  # fmt: skip
+            return
         if pending:
             yield {"text": pending}
+        if stopping.exists():
+            yield {"error": f"the server is stopping: the stream ended after {produced} characters. Send the "
+                            "request again once the server is back.", "field": None}  # fmt: skip
+            return
         if mark.exists():
             mark.unlink(missing_ok=True)
             log.info("stream %s stopped after %d characters: its client went away", request["stream_id"], produced)
         yield {"text": "", "done": True, "characters": produced}
 
-    def encode_response(self, output: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def encode_response(self, output):  # type: ignore[no-untyped-def]
+        # Left unannotated: LitServe makes the annotation /predict's response model, and FastAPI could not
+        # resolve this module's string annotations when building /openapi.json (a 500, and a broken /docs).
         yield from output
 
 
 class RequestGate:
-    """ASGI middleware in front of POST /predict: bounds the requests in progress or waiting, checks each
-    one before LitServe queues it, and marks the stream of a client that went away as cancelled."""
+    """ASGI middleware in front of POST /predict: bounds the requests in progress or waiting and the size of a
+    body, checks each request before LitServe queues it, and marks the stream of a client that went away as
+    cancelled."""
 
     def __init__(self, app: Callable, tokenizer_state: dict[str, str], limits: Limits, cancel_dir: str) -> None:
         from gpt_lightning.tokenizer import tokenizer_from_dict
@@ -224,57 +255,73 @@ class RequestGate:
         if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limits.max_queue:
-            return await _respond(
-                send,
-                503,
-                {
-                    "error": f"the server is busy: {self.in_flight} requests are in "
-                    "progress or waiting (--max_queue). Try again shortly.",
-                    "field": None,
-                },
-            )
-        body = b""
+            busy = (f"the server is busy: {self.in_flight} requests are in progress or waiting (--max_queue). "
+                    "Try again shortly.")  # fmt: skip
+            return await _respond(send, 503, {"error": busy, "field": None})
+        if (self.cancel_dir / STOPPING).exists():
+            return await _respond(send, 503, {"error": "the server is stopping: try again once it is back.",
+                                              "field": None})  # fmt: skip
+        # The slot is taken before the body is read, and given back on every path: clients whose bodies come
+        # slowly would otherwise all find the count at 0.
+        self.in_flight += 1
+        stream_id, finished = uuid.uuid4().hex, False
+        forwarding = False
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:  # the client went away while sending
+                return
+            request = parse_request(body, self.tokenizer, self.limits)
+            forwarded = json.dumps({**request, "stream_id": stream_id}).encode()
+            # Forwarded as the JSON it is, whatever content type the client named (curl -d says it sends a form).
+            headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())]
+            pending: list[Message] = [{"type": "http.request", "body": forwarded, "more_body": False}]
+
+            async def receive_forwarded() -> Message:
+                if pending:
+                    return pending.pop()
+                message = await receive()
+                if message["type"] == "http.disconnect" and not finished:
+                    self._cancel(stream_id)
+                return message
+
+            async def send_watched(message: Message) -> None:
+                nonlocal finished
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    finished = True
+                await send(message)
+
+            forwarding = True
+            await self.app({**scope, "headers": headers}, receive_forwarded, send_watched)
+        except RequestError as err:
+            await _respond(send, err.status, err.to_dict())
+        finally:
+            self.in_flight -= 1
+            if forwarding and not finished:  # the client went away, or the stream broke: stop its generation
+                self._cancel(stream_id)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The body, read in chunks and joined once (linear time), and no further than the limit: a 413 past it."""
+        limit = self.limits.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            raise self._too_large(f"the body is {int(declared):,} bytes, more than the {limit:,}")
+        chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(f"the body is longer than the {limit:,} bytes")
+            chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        try:
-            request = parse_request(body, self.tokenizer, self.limits)
-        except RequestError as err:
-            return await _respond(send, err.status, err.to_dict())
-        stream_id = uuid.uuid4().hex
-        forwarded = json.dumps({**request, "stream_id": stream_id}).encode()
-        # Forwarded as the JSON it is, whatever content type the client named (curl -d says it sends a form).
-        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())]
-        scope = {**scope, "headers": headers}
-        pending: list[Message] = [{"type": "http.request", "body": forwarded, "more_body": False}]
-        finished = False
+                return b"".join(chunks)
 
-        async def receive_forwarded() -> Message:
-            if pending:
-                return pending.pop()
-            message = await receive()
-            if message["type"] == "http.disconnect" and not finished:
-                self._cancel(stream_id)
-            return message
-
-        async def send_watched(message: Message) -> None:
-            nonlocal finished
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                finished = True
-            await send(message)
-
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive_forwarded, send_watched)
-        finally:
-            self.in_flight -= 1
-            if not finished:  # the client went away, or the stream broke: stop its generation
-                self._cancel(stream_id)
+    def _too_large(self, what: str) -> RequestError:
+        return RequestError(413, None, f"{what} that a prompt of --max_prompt_chars {self.limits.max_prompt_chars:,} "
+                                       "characters needs: shorten the prompt.")  # fmt: skip
 
     def _cancel(self, stream_id: str) -> None:
         (self.cancel_dir / stream_id).touch()
@@ -287,35 +334,89 @@ async def _respond(send: Send, status: int, content: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class StopSignals:
+    """While active, SIGINT, SIGTERM and SIGHUP to this process raise KeyboardInterrupt once, after `on_stop`:
+    LitServe shuts its processes down on a KeyboardInterrupt, and Python's default for SIGTERM and SIGHUP would
+    end this process alone, leaving its worker and HTTP processes serving the port, reparented to init. Later
+    signals wait for that shutdown. A process forked from this one meanwhile takes each signal's default."""
+
+    def __init__(self, on_stop: Callable[[], None]) -> None:
+        self.on_stop, self.owner = on_stop, os.getpid()
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self.owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.received is not None:
+            return
+        self.received = signal.Signals(signum)
+        self.on_stop()
+        raise KeyboardInterrupt
+
+
+def _end_child_processes(timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Ends the processes LitServe started that its own shutdown left: all of them, when a signal came during
+    start-up, before LitServe listens for one."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout_s)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
 def serve(ckpt_path: str, host: str, port: int, limits: Limits, accelerator: str = "cpu") -> None:
-    """Serves `ckpt_path` until interrupted: the API, the page and the model's description."""
+    """Serves `ckpt_path` until SIGINT (Ctrl-C), SIGTERM or SIGHUP: the API, the page and the model's
+    description. Returns once every process of the server has ended."""
     try:
         import litserve as ls
         from fastapi.responses import HTMLResponse, JSONResponse
     except ImportError as err:
         raise ImportError("serving needs LitServe: pip install -e '.[serve]'") from err
-    description = describe_model(ckpt_path)  # fails here, before any process starts, if the checkpoint is bad
+    description = describe_model(ckpt_path, limits)  # fails here, before any process starts, if the checkpoint is bad
     tokenizer = describe_checkpoint(ckpt_path).tokenizer
     cancel_dir = tempfile.mkdtemp(prefix="gpt-lightning-serve-")
-    try:
-        server = ls.LitServer(
-            GPTStreamAPI(ckpt_path, cancel_dir),
-            accelerator=accelerator,
-            devices=1,
-            workers_per_device=1,
-            # LitServe's timeout limits only the time a request waits in its queue, and would end a stream
-            # that waited behind long ones with a 504 after its "200 OK": the queue is bounded instead.
-            timeout=False,
-            middlewares=[
-                (RequestGate, {"tokenizer_state": tokenizer.to_dict(), "limits": limits, "cancel_dir": cancel_dir})
-            ],  # fmt: skip
-        )
-        page = PAGE.read_text(encoding="utf-8")
-        server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
-        server.app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
-        server.app.add_api_route("/model", lambda: JSONResponse(description), methods=["GET"])
-        print(f"serving {ckpt_path} on http://{host}:{port}/ (POST /predict streams JSON lines; GET /model "
-              "describes the model). Ctrl-C stops it.", flush=True)  # fmt: skip
-        server.run(host=host, port=port, num_api_servers=1, generate_client_file=False)
-    finally:
-        shutil.rmtree(cancel_dir, ignore_errors=True)
+    with StopSignals(on_stop=lambda: (Path(cancel_dir) / STOPPING).touch()) as stop:
+        try:
+            server = ls.LitServer(
+                GPTStreamAPI(ckpt_path, cancel_dir),
+                accelerator=accelerator,
+                devices=1,
+                workers_per_device=1,
+                # LitServe's timeout limits only the time a request waits in its queue, and would end a stream
+                # that waited behind long ones with a 504 after its "200 OK": the queue is bounded instead.
+                timeout=False,
+                middlewares=[
+                    (RequestGate, {"tokenizer_state": tokenizer.to_dict(), "limits": limits, "cancel_dir": cancel_dir})
+                ],  # fmt: skip
+            )
+            server.uvicorn_graceful_timeout = STOP_TIMEOUT_S
+            page = PAGE.read_text(encoding="utf-8")
+            server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
+            server.app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
+            server.app.add_api_route("/model", lambda: JSONResponse(description), methods=["GET"])
+            print(f"serving {ckpt_path} on http://{host}:{port}/ (POST /predict streams JSON lines; GET /model "
+                  "describes the model; /docs lists the API). Ctrl-C stops it.", flush=True)  # fmt: skip
+            # Warnings and errors only: uvicorn's and LitServe's start-up, access and shutdown lines tell the
+            # user nothing that the line above and the one at the end do not.
+            server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level="warning")
+        except KeyboardInterrupt:
+            pass  # a signal during start-up, before LitServe listens for one: the processes end below
+        finally:
+            _end_child_processes()
+            shutil.rmtree(cancel_dir, ignore_errors=True)
+    by = f" by {stop.received.name}" if stop.received else ""
+    print(f"stopped{by}: every process of the server has ended, and port {port} is free.", flush=True)

@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
-import torch
 
 from gpt_lightning.checkpoint import describe_checkpoint, export_plain_checkpoint, load_model
 from gpt_lightning.data import read_text
-from gpt_lightning.generate import check_sampling_args, stream_text
+from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptions, check_prompt, stream_text
 from gpt_lightning.hf import export_hf_gpt2
 from gpt_lightning.model import GPT
 
@@ -22,12 +21,12 @@ class GPTTrainer(L.Trainer):
         ckpt_path: str,
         prompt: str = "\n",
         prompt_file: str | None = None,
-        max_new_tokens: int = 500,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        max_new_tokens: int = DEFAULT_SAMPLING.max_new_tokens,
+        temperature: float = DEFAULT_SAMPLING.temperature,
+        top_k: int | None = DEFAULT_SAMPLING.top_k,
+        top_p: float | None = DEFAULT_SAMPLING.top_p,
         num_samples: int = 1,
-        seed: int = 1337,
+        seed: int = DEFAULT_SAMPLING.seed,
         use_kv_cache: bool = True,
         model: Any = None,
     ) -> list[str]:
@@ -44,23 +43,23 @@ class GPTTrainer(L.Trainer):
             top_k: Sample from the k most likely characters only (clamped to the vocabulary). Unset: all.
             top_p: Nucleus sampling: the smallest set of characters whose probability reaches p, in (0, 1].
             num_samples: Samples to draw, one after another.
-            seed: Seed of the sampler: the same seed gives the same text.
+            seed: Seed of the sampler, from 0 to 2**64 - 1: the same seed gives the same text.
             use_kv_cache: Reuse attention keys and values between steps; the output is the same either way.
             model: Unused: the checkpoint defines the model.
         """
-        check_sampling_args(temperature, top_k, top_p)
-        if max_new_tokens < 0 or num_samples < 1:
-            raise ValueError(f"need max_new_tokens >= 0 and num_samples >= 1, got {max_new_tokens}, {num_samples}.")
+        options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         if self.world_size > 1 or len(self.device_ids) > 1:
             raise ValueError("generate runs on one device: pass --trainer.devices 1.")
         if prompt_file is not None:
             prompt = read_text(Path(prompt_file), "prompt_file")
         plain, tokenizer = load_model(ckpt_path)
-        tokenizer.check(prompt, what="the prompt")
+        check_prompt(tokenizer, prompt, what="the prompt")
         # --trainer.precision applies as in fit: "-true" precisions cast the weights (and so the KV cache),
         # "-mixed" ones run under autocast (forward_context below).
         gpt = cast(GPT, self.precision_plugin.convert_module(plain)).to(self.strategy.root_device)
-        generator = torch.Generator().manual_seed(seed)
+        generator = options.generator()  # one for all samples: each continues where the last left it
         out = sys.stdout  # the text alone: Lightning's messages go to stderr
         samples = []
         for i in range(num_samples):
@@ -69,8 +68,7 @@ class GPTTrainer(L.Trainer):
             out.write(prompt)
             text = [prompt]
             with self.precision_plugin.forward_context():
-                for piece in stream_text(gpt, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                                         generator, use_kv_cache):  # fmt: skip
+                for piece in stream_text(gpt, tokenizer, prompt, options, generator, use_kv_cache):
                     text.append(piece)
                     out.write(piece)
                     out.flush()
@@ -113,8 +111,8 @@ class GPTTrainer(L.Trainer):
         max_prompt_chars: int = 4000,
         model: Any = None,
     ) -> None:
-        """Serve a model until Ctrl-C: a page at /, a streaming API at POST /predict and its description at
-        GET /model, on LitServe (pip install -e '.[serve]').
+        """Serve a model until Ctrl-C, SIGTERM or SIGHUP: a page at /, a streaming API at POST /predict and its
+        description at GET /model, on LitServe (pip install -e '.[serve]').
 
         Args:
             ckpt_path: A checkpoint written by `fit`, a Hugging Face GPT-2 folder or a hub name (gpt2, ...).

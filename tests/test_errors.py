@@ -52,6 +52,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (["--ckpt_path=nowhere.ckpt"], ["--ckpt_path nowhere.ckpt does not exist"]),
         (["--ckpt_path=last"], ["no last.ckpt under"]),
         (["--sample.prompt=~"], [r"sample.prompt has 1 character\(s\) outside"]),
+        (["--sample.top_p=0"], [r"top_p must be in \(0, 1\]"]),
     ],
 )
 def test_bad_training_input(text_file: Path, tmp_path: Path, args, patterns):

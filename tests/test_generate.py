@@ -3,7 +3,15 @@ import itertools
 import pytest
 import torch
 
-from gpt_lightning.generate import generate, generate_tokens, sample_next, stream_text
+from gpt_lightning.generate import (
+    SamplingOptionError,
+    SamplingOptions,
+    check_prompt,
+    generate,
+    generate_tokens,
+    sample_next,
+    stream_text,
+)
 from gpt_lightning.model import GPT, GPTConfig
 
 
@@ -64,17 +72,73 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("options", "option", "message"),
     [
-        ({"temperature": -1.0}, "temperature"),
-        ({"top_k": 0}, "top_k"),
-        ({"top_p": 0.0}, "top_p"),
-        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": -1.0}, "temperature", r"temperature must be >= 0 and finite"),
+        ({"temperature": float("nan")}, "temperature", r"must be >= 0 and finite .*got nan"),
+        ({"temperature": float("inf")}, "temperature", r"must be >= 0 and finite .*got inf"),
+        ({"temperature": 10**400}, "temperature", r"must be >= 0 and finite"),  # an int no float can hold
+        ({"temperature": "hot"}, "temperature", r"temperature must be a number"),
+        ({"temperature": True}, "temperature", r"temperature must be a number"),
+        ({"top_k": 0}, "top_k", r"top_k must be >= 1"),
+        ({"top_k": 2.5}, "top_k", r"top_k must be an integer"),
+        ({"top_p": 0.0}, "top_p", r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, "top_p", r"top_p must be in \(0, 1\]"),
+        ({"top_p": float("nan")}, "top_p", r"top_p must be in \(0, 1\]"),
+        ({"top_p": [0.5]}, "top_p", r"top_p must be a number"),
+        ({"max_new_tokens": -1}, "max_new_tokens", r"max_new_tokens must be >= 0"),
+        ({"max_new_tokens": 3.0}, "max_new_tokens", r"max_new_tokens must be an integer"),
+        ({"seed": -1}, "seed", r"seed must be from 0 to 2\*\*64 - 1"),
+        ({"seed": 2**64}, "seed", r"seed must be from 0 to 2\*\*64 - 1"),
+        ({"seed": "1"}, "seed", r"seed must be an integer"),
     ],
 )
-def test_bad_sampling_arguments_are_rejected(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        sample_next(torch.zeros(1, 3), **kwargs)
+def test_bad_sampling_options_are_one_line_errors_naming_the_option(options, option, message):
+    with pytest.raises(SamplingOptionError, match=message) as raised:
+        SamplingOptions(**options)
+    assert raised.value.option == option and "\n" not in str(raised.value)
+    if "seed" not in options:  # the library's entry point (it takes a generator, not a seed) checks the same way
+        with pytest.raises(SamplingOptionError, match=message):
+            next(generate_tokens(torch.nn.Identity(), torch.tensor([[1]]), **{"max_new_tokens": 1, **options}))
+
+
+def test_the_options_are_checked_once_per_generation_not_per_token(model, monkeypatch):
+    checks = []
+    check = SamplingOptions.__post_init__
+    monkeypatch.setattr(SamplingOptions, "__post_init__", lambda self: (checks.append(self), check(self))[1])
+    assert len(list(generate_tokens(model, torch.tensor([[1]]), 20, 0.8, top_k=5, top_p=0.9))) == 20
+    assert len(checks) == 1
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_greedy_in_the_limit_and_never_fails(model, temperature):
+    assert torch.equal(run(model, True, temperature=temperature, n=20), run(model, True, temperature=0.0, n=20))
+
+
+def test_a_tiny_top_p_keeps_the_most_likely_token():
+    # 1e-300 is 0 in float32, where the cumulative probabilities are compared with it: every token was dropped.
+    logits = torch.tensor([[0.0, 3.0, 1.0]]).repeat(50, 1)
+    for top_p in (1e-300, 5e-324, 1e-8):
+        assert set(sample_next(logits, 0.8, top_p=top_p, generator=torch.Generator().manual_seed(0)).tolist()) == {1}
+
+
+def test_a_huge_temperature_is_uniform_in_the_limit():
+    logits = torch.tensor([[0.0, 5.0, 10.0]]).repeat(3000, 1)
+    for temperature in (1e30, 1e300):
+        drawn = sample_next(logits, temperature, generator=torch.Generator().manual_seed(0))
+        shares = torch.bincount(drawn, minlength=3) / len(drawn)
+        assert torch.allclose(shares, torch.full((3,), 1 / 3), atol=0.05), (temperature, shares)
+
+
+@pytest.mark.parametrize("prompt", ["\ud800", "KING \udfff", "\udcff"])  # the last: a byte that is not UTF-8 in argv
+def test_a_prompt_with_a_lone_surrogate_is_refused_whatever_the_tokenizer(tmp_path, prompt):
+    from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer
+    from tests.test_hf import train_bpe
+
+    for tokenizer in (CharTokenizer.from_text("KING "), BPETokenizer.from_file(train_bpe(tmp_path / "bpe.json"))):
+        with pytest.raises(ValueError, match=r"the prompt has a lone surrogate .* at character \d+"):
+            check_prompt(tokenizer, prompt, what="the prompt")
+        check_prompt(tokenizer, "KING", what="the prompt")  # whole characters pass
 
 
 def test_stream_text_is_the_decoded_tokens_and_stops_when_cancelled(model):
@@ -84,8 +148,9 @@ def test_stream_text_is_the_decoded_tokens_and_stops_when_cancelled(model):
     prompt = tokenizer.decode([1, 2, 3])
     tokens = generate_tokens(model, tokenizer.encode(prompt)[None], 30, 0.8, generator=torch.Generator().manual_seed(5))
     expected = tokenizer.decode(torch.cat(list(tokens)))
-    pieces = list(stream_text(model, tokenizer, prompt, 30, 0.8, generator=torch.Generator().manual_seed(5)))
+    options = SamplingOptions(max_new_tokens=30, seed=5)
+    pieces = list(stream_text(model, tokenizer, prompt, options))  # seeded from the options, as generate seeds it
     assert "".join(pieces) == expected and len(pieces) == 30  # one character per token
     questions = itertools.count(1)
-    stopped = stream_text(model, tokenizer, prompt, 30, 0.8, cancelled=lambda: next(questions) > 7)
+    stopped = stream_text(model, tokenizer, prompt, options, cancelled=lambda: next(questions) > 7)
     assert len(list(stopped)) == 7  # asked before each token: 7 tokens, then the 8th question stops it

@@ -54,10 +54,21 @@ def test_config_file_and_sampling_options(pretrained: Path, tmp_path: Path):
         (["--temperature=-1"], ["temperature must be >= 0"]),
         (["--top_p=1.5"], [r"top_p must be in \(0, 1\]"]),
         (["--top_k=0"], ["top_k must be >= 1"]),
+        (["--temperature=nan"], ['Parser key "temperature"']),  # the parser refuses non-finite floats itself
+        (["--seed=-1"], [r"seed must be from 0 to 2\*\*64 - 1"]),
     ],
 )
 def test_bad_sampling_input_is_a_clear_error(pretrained: Path, args, patterns):
     assert_clean_error(generate(pretrained / "checkpoints" / "last.ckpt", *args), *patterns)
+
+
+def test_a_tiny_temperature_prints_the_greedy_text(pretrained: Path):
+    # 1e-40 once divided the logits into inf and NaN: a traceback. The limit of a tiny temperature is greedy.
+    ckpt = pretrained / "checkpoints" / "last.ckpt"
+    tiny = generate(ckpt, "--prompt=KING", "--max_new_tokens=40", "--temperature=1e-40")
+    assert_ok(tiny)
+    greedy = generate(ckpt, "--prompt=KING", "--max_new_tokens=40", "--temperature=0")
+    assert tiny.stdout == greedy.stdout and len(tiny.stdout) == len("KING") + 40 + 1
 
 
 def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path: Path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -56,14 +57,13 @@ class Server:
         return [json.loads(line) for line in response.read().decode().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def server(pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    folder = tmp_path_factory.mktemp("serve")
+def start_server(folder: Path, ckpt: Path, *args: str) -> tuple[subprocess.Popen, Server]:
+    """`python main.py serve` in a session of its own (its process group holds every process of the server),
+    answering /health."""
     port, log = free_port(), folder / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            main_py("serve", f"--ckpt_path={pretrained / 'checkpoints' / 'last.ckpt'}", f"--port={port}",
-                    f"--max_queue={MAX_QUEUE}"),
+            main_py("serve", f"--ckpt_path={ckpt}", f"--port={port}", *args),
             cwd=folder, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     served = Server(port, log)
@@ -71,11 +71,17 @@ def server(pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     while True:
         try:
             if served.get("/health")[0] == 200:
-                break
+                return process, served
         except OSError:
             pass
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def server(pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("serve")
+    process, served = start_server(folder, pretrained / "checkpoints" / "last.ckpt", f"--max_queue={MAX_QUEUE}")
     yield served
     os.killpg(process.pid, signal.SIGTERM)  # the server and LitServe's worker processes
     process.wait(timeout=30)
@@ -112,10 +118,18 @@ def test_the_stream_gives_the_text_that_generate_prints(server: Server, pretrain
         ({"prompt": "KING", "top_p": 1.5}, 422, "top_p", r"\(0, 1\]"),
         ({"prompt": "KING", "top_k": 0}, 422, "top_k", ">= 1"),
         ({"prompt": "KING", "seed": True}, 422, "seed", "must be an integer"),
+        (b"[" * 50_000, 400, None, "the body is not JSON"),  # (100,000 is over the body limit: a 413)
+        (b'{"prompt": "KING", "top_k": ' + b"[" * 50_000 + b"}", 400, None, "the body is not JSON"),
+        (b'{"prompt": "KING", "temperature": 1' + b"0" * 400 + b"}", 422, "temperature", ">= 0 and finite"),
+        ({"prompt": "KING", "temperature": float("nan")}, 422, "temperature", ">= 0 and finite"),
+        ({"prompt": "KING \ud800"}, 422, "prompt", "lone surrogate"),
+        (b'{"prompt": "' + b"K" * 60_000 + b'"}', 413, None, "more than .* --max_prompt_chars"),
     ],
     ids=["malformed JSON", "not an object", "unknown field", "empty prompt", "prompt too long",
          "outside the vocabulary", "max_new_tokens over the cap", "max_new_tokens not a number",
-         "negative temperature", "top_p 0", "top_p 1.5", "top_k 0", "seed not an integer"],
+         "negative temperature", "top_p 0", "top_p 1.5", "top_k 0", "seed not an integer", "nested deeply",
+         "a value nested deeply", "a temperature no float holds", "temperature NaN", "a lone surrogate",
+         "a body over the limit"],
 )  # fmt: skip
 def test_bad_input_is_a_4xx_naming_the_field_and_the_server_keeps_serving(server: Server, body, status, field,
                                                                            message):  # fmt: skip
@@ -125,6 +139,38 @@ def test_bad_input_is_a_4xx_naming_the_field_and_the_server_keeps_serving(server
     error = json.loads(response.read())
     assert response.status == status and error["field"] == field and re.search(message, error["error"]), error
     assert server.stream({"prompt": "KING", "max_new_tokens": 3})[-1]["done"]  # still serving
+
+
+def test_a_tiny_temperature_streams_the_greedy_text(server: Server):
+    # It once passed the gate and failed in the worker: a "200 OK" with nothing in it.
+    tiny = server.stream({"prompt": "KING", "max_new_tokens": 30, "temperature": 1e-40})
+    greedy = server.stream({"prompt": "KING", "max_new_tokens": 30, "temperature": 0})
+    assert tiny[-1] == {"text": "", "done": True, "characters": 30} and tiny == greedy
+
+
+def test_fuzzed_requests_get_a_4xx_naming_the_field_or_a_whole_stream(server: Server):
+    from tests.test_serve_unit import fuzzed_body
+
+    rng = random.Random("a real server")
+    for _ in range(40):
+        body = fuzzed_body(rng)
+        response = server.post(body)
+        answer = response.read()
+        if response.status != 200:
+            error = json.loads(answer)
+            assert response.status in (400, 413, 422) and error["error"] and "field" in error, (body[:200], answer)
+            continue
+        messages = [json.loads(line) for line in answer.decode().splitlines()]
+        assert messages and messages[-1].get("done") is True, (body[:200], answer[-300:])
+
+
+def test_the_openapi_schema_and_the_docs_page_answer(server: Server):
+    status, body = server.get("/openapi.json")
+    assert status == 200, body[-500:]
+    paths = json.loads(body)["paths"]
+    assert "/predict" in paths and "/model" in paths and "/" not in paths
+    status, body = server.get("/docs")
+    assert status == 200 and b"/openapi.json" in body
 
 
 def test_a_form_content_type_is_read_as_the_json_it_is(server: Server):
@@ -192,6 +238,82 @@ def test_beyond_the_queue_limit_a_request_gets_a_fast_503(server: Server):
         response.read()
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_clients_whose_bodies_come_late_cannot_pass_the_queue_limit(server: Server):
+    drain(server)
+    body = json.dumps({"prompt": "KING", "max_new_tokens": 3}).encode()
+    clients = []
+    for _ in range(MAX_QUEUE + 4):  # each sends its headers now and its body later, as a slow network would
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))  # fmt: skip
+        clients.append(client)
+    time.sleep(0.5)
+    statuses = []
+    for client in clients:
+        try:
+            client.sendall(body)
+        except OSError:
+            pass  # a refused client's connection may already be closed
+        with client, client.makefile("rb") as answer:
+            statuses.append(int(answer.readline().split()[1]))
+    assert sorted(statuses) == [200] * MAX_QUEUE + [503] * 4
+
+
+def drain(server: Server) -> None:
+    """Waits until the server takes a request again: streams that earlier tests cancelled have ended."""
+    deadline = time.monotonic() + 30
+    while True:
+        response = server.post({"prompt": "KING", "max_new_tokens": 1})
+        if response.status == 200 and b'"done": true' in response.read():
+            return
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def processes_in_group(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "signum, to_group",
+    [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGINT, True)],
+    ids=["SIGTERM (kill, systemd, docker stop)", "SIGHUP", "SIGINT to the process group (Ctrl-C in a terminal)"],
+)
+def test_a_signal_stops_every_process_of_the_server_frees_its_port_and_says_so_in_one_line(
+    pretrained: Path, tmp_path: Path, signum: signal.Signals, to_group: bool
+):
+    process, served = start_server(tmp_path, pretrained / "checkpoints" / "last.ckpt")
+    try:
+        connection = served.connection()  # a stream in progress, as a server being stopped usually has
+        connection.request("POST", "/predict", body=json.dumps({"prompt": "KING", "max_new_tokens": 2000}),
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+        response = connection.getresponse()
+        assert json.loads(response.readline())["text"]  # generating
+        (os.killpg if to_group else os.kill)(process.pid, signum)
+        start = time.monotonic()
+        assert process.wait(timeout=30) == 0
+        while processes_in_group(process.pid):  # LitServe's worker, HTTP and manager processes, and their helpers
+            assert time.monotonic() - start < 10, "processes of the server outlived it"
+            time.sleep(0.1)
+        assert time.monotonic() - start < 10
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a restarted server binds
+            s.bind(("127.0.0.1", served.port))
+        output = served.log.read_text()
+        after_start = output.split(f"on http://127.0.0.1:{served.port}/", 1)[1].splitlines()[1:]
+        assert after_start == [f"stopped by {signum.name}: every process of the server has ended, and port "
+                               f"{served.port} is free."], output[-3000:]  # fmt: skip
+        last = json.loads(response.read().decode().splitlines()[-1])  # the stream in progress was told why it ended
+        assert "the server is stopping" in last["error"]
+    finally:
+        if processes_in_group(process.pid):  # a failed test leaves no server behind
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_serving_a_missing_checkpoint_is_a_clear_error(tmp_path: Path):
