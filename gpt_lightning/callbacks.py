@@ -251,14 +251,23 @@ class LastCheckpoint(Callback):
 
 
 class FinalValidation(Callback):
-    """Validates after the last step too, so every run ends with a val/loss (and a best checkpoint).
+    """Validates after the last step too, so every run ends with a val/loss (and a best checkpoint), and keeps
+    the latest validation's step and scores (`latest`) for the summary that ends `fit`.
 
     Lightning validates at `val_check_interval` only; asking it to stop at max_steps makes it run the
     validation it runs before any early stop."""
 
+    def __init__(self) -> None:
+        self.latest: tuple[int, dict[str, float]] | None = None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            self.latest = (trainer.global_step, scores)
 
 
 COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,

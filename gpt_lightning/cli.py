@@ -5,16 +5,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_module
+from tqdm import tqdm
 
 from gpt_lightning.callbacks import (
     FinalValidation,
@@ -108,6 +115,13 @@ class GPTLightningCLI(LightningCLI):
         if config.get("enable_progress_bar") is False:
             # Cluster jobs turn the bar off to keep tqdm out of their logs; Lightning refuses a bar then.
             keys = [key for key in keys if key != "progress_bar"]
+        if self.subcommand == "validate":
+            # Scoring a checkpoint prints its scores and writes nothing: no run folder (a new version beside the
+            # checkpoint's own run, with a copy of the config), no checkpoints. The checkpoint callbacks would
+            # also read the saved run's state, and warn that its folder is not theirs.
+            config.update(logger=False, enable_checkpointing=False)
+            keys = [key for key in keys if key not in ("checkpoint", "last_checkpoint")]
+            self.save_config_callback = None
         trainer = self._instantiate_trainer(config, [self._get(self.config_init, key) for key in keys])
         assert isinstance(trainer, GPTTrainer)
         return trainer
@@ -210,11 +224,55 @@ class GPTLightningCLI(LightningCLI):
         if self.config.fit.model.init_from is not None and self.trainer.is_global_zero:
             self.datamodule.warn_of_overlap()
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != "validate":
+            return super()._run_subcommand(subcommand)
+        with warnings.catch_warnings():
+            # Validation reads the checkpoint's weights; the training callbacks it saved have nothing to restore.
+            warnings.filterwarnings("ignore", "Be aware that when using `ckpt_path`, callbacks used to create")
+            super()._run_subcommand(subcommand)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer), file=sys.stderr)
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would overwrite the config with the checkpoint's saved hyperparameters. Ours
         # describe themselves (see `_prepare_resume`), and what the user passes now must win: a resumed
         # run may raise max_steps, and sampling settings are never model hyperparameters.
         return
+
+
+def fit_summary(trainer: L.Trainer) -> str:
+    """Where a finished fit left its run, how it scored, and the commands that sample it and show its curves."""
+    callbacks: list[Any] = getattr(trainer, "callbacks", [])  # set in Trainer.__init__, untyped there
+    run = trainer.logger.log_dir if trainer.logger is not None else None
+    lines = [f"Finished at step {trainer.global_step}." + (f" Run folder: {run}" if run else "")]
+    checkpoint = trainer.checkpoint_callback
+    last = next((cb.last_path for cb in callbacks if isinstance(cb, LastCheckpoint)), None)
+    if last is None and isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:  # a resume that trained nothing
+        last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+    if last is not None and last.is_file():
+        lines.append(f"  last.ckpt       {last}")
+    best = None
+    if isinstance(checkpoint, ModelCheckpoint) and Path(checkpoint.best_model_path or "").is_file():
+        best, score = checkpoint.best_model_path, checkpoint.best_model_score
+        scored = f" ({checkpoint.monitor} {float(score):.4f})" if checkpoint.monitor and score is not None else ""
+        lines.append(f"  best            {best}{scored}")
+    latest = next((cb.latest for cb in callbacks if isinstance(cb, FinalValidation)), None)
+    if latest is not None and "val/loss" in latest[1]:
+        step, scores = latest
+        limit = trainer.limit_val_batches
+        whole = isinstance(limit, float) and limit == 1.0  # an int is a number of batches: 1 is one batch
+        split = "the whole validation split" if whole else f"trainer.limit_val_batches={limit}"
+        bpc = f", val/bpc {scores['val/bpc']:.4f}" if "val/bpc" in scores else ""
+        lines.append(f"  validation      val/loss {scores['val/loss']:.4f}{bpc} (at step {step}, {split})")
+    sample = best or (str(last) if last is not None and last.is_file() else None)
+    if sample is not None:
+        lines.append(f"  sample it       python main.py generate --ckpt_path {shlex.quote(sample)}")
+    if run is not None and isinstance(trainer.logger, TensorBoardLogger):
+        lines.append(f"  see its curves  tensorboard --logdir {shlex.quote(run)}")
+    return "\n".join(lines)
 
 
 def _unused_name(folder: Path, stem: str, suffix: str) -> str:
@@ -236,18 +294,76 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, Time
                MisconfigurationException)  # fmt: skip
 
 
-def main(args: list[str] | None = None) -> None:
-    # The package's own progress lines (a token cache being built), beside Lightning's on stderr.
+# Lines Lightning prints on every run that tell a user nothing: advertisements for its cloud services, and
+# whether a GPU or TPU exists (one that exists and goes unused still gets Lightning's warning).
+NOISE = ("💡 Tip:", "GPU available: ", "TPU available: ")
+
+
+class _LeaveOutNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NOISE)
+
+
+class _AboveTheBar(logging.Handler):
+    """Writes each message through tqdm, which clears the progress bar, writes the line and draws the bar again
+    below it: a message never lands glued to the end of the bar. To the sys.stderr of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def _console_handler_above(logger: logging.Logger) -> bool:
+    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    parent = logger.parent if logger.propagate else None
+    while parent is not None:
+        if any(isinstance(h, logging.StreamHandler) and h.stream in consoles for h in parent.handlers):
+            return True
+        parent = parent.parent if parent.propagate else None
+    return False
+
+
+@contextmanager
+def clean_console() -> Iterator[None]:
+    """Lightning's messages and the package's own (a token cache being built) on stderr, each on its own line
+    above the progress bar, without the lines that tell a user nothing (`NOISE`)."""
+    handler, noise = _AboveTheBar(), _LeaveOutNoise()
+    swapped: list[tuple[logging.Logger, list[logging.Handler]]] = []
+    for name in ("lightning.pytorch", "lightning.fabric", "gpt_lightning"):
+        logger = logging.getLogger(name)
+        # Lightning gives its loggers a plain StreamHandler when the root logger has none: ours replaces it. Where
+        # the messages go on to the root logger, ours is added unless a handler there writes to the console.
+        plain = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+        if plain or not (logger.handlers or _console_handler_above(logger)):
+            swapped.append((logger, logger.handlers))
+            logger.handlers = [h for h in logger.handlers if h not in plain] + [handler]
     package_log = logging.getLogger("gpt_lightning")
-    if not package_log.handlers:
-        package_log.addHandler(logging.StreamHandler())
+    package_level = package_log.level
+    if package_level == logging.NOTSET:
         package_log.setLevel(logging.INFO)
+    rank_zero_module.log.addFilter(noise)  # the logger of Lightning's rank_zero_info
+    try:
+        with warnings.catch_warnings():
+            # Lightning 2.6.6 calling an API that torch 2.13 deprecates: nothing a user can act on.
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            yield
+    finally:
+        rank_zero_module.log.removeFilter(noise)
+        package_log.setLevel(package_level)
+        for logger, handlers in swapped:
+            logger.handlers = handlers
+
+
+def main(args: list[str] | None = None) -> None:
     # A bare --print_config prints the config documented: every option with its help as a comment.
     documented = ["--print_config=comments" if arg == "--print_config" else arg for arg in args or sys.argv[1:]]
     if args is None:
         sys.argv[1:] = documented  # in place: DDP re-launches sys.argv
     try:
-        GPTLightningCLI(args=None if args is None else documented)
+        with clean_console():
+            GPTLightningCLI(args=None if args is None else documented)
     except USER_ERRORS as err:
         if os.environ.get("GPT_LIGHTNING_TRACEBACK"):
             raise

@@ -200,12 +200,19 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="session")
-def pretrained(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny pre-training run (40 steps) shared by the end-to-end tests: its run folder."""
+def pretraining(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One tiny pre-training run (40 steps) shared by the end-to-end tests: its run folder, and what
+    `python main.py fit` printed."""
     runs = tmp_path_factory.mktemp("runs")
-    assert_ok(tiny_fit(text_file, runs, "--trainer.max_steps=40", "--trainer.val_check_interval=20",
-                       name="pretrain"))  # fmt: skip
-    return runs / "pretrain" / "version_0"
+    result = tiny_fit(text_file, runs, "--trainer.max_steps=40", "--trainer.val_check_interval=20", name="pretrain")
+    assert_ok(result)
+    return runs / "pretrain" / "version_0", result
+
+
+@pytest.fixture(scope="session")
+def pretrained(pretraining: tuple[Path, subprocess.CompletedProcess]) -> Path:
+    """The run folder of `pretraining`."""
+    return pretraining[0]
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *patterns: str) -> None:
