@@ -267,6 +267,18 @@ def without_speeches_of(text: str, speakers: list[str]) -> str:
     return "\n\n".join(b.strip("\n") for b in re.split(r"\n\s*\n", text) if speaker_of(b) not in wanted) + "\n"
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}: 0.1 holds out 10%.")
+
+
+def validation_start(num_tokens: int, val_fraction: float) -> int:
+    """Where the validation split begins: the last `val_fraction` of the tokens (nanoGPT's split) are held out.
+    Counted in characters, it splits the text as a character model's run does."""
+    check_val_fraction(val_fraction)
+    return int(num_tokens * (1.0 - val_fraction))
+
+
 def _batch_seed(seed: int, rank: int, index: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{rank}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)

@@ -21,12 +21,14 @@ from gpt_lightning.data import (
     SequentialWindows,
     build_state_dir,
     check_folder,
+    check_val_fraction,
     clear_failure,
     corpus_path,
     ensure_corpus,
     is_local_rank_zero,
     os_errors_named,
     record_failure,
+    validation_start,
 )
 from gpt_lightning.token_cache import (
     Selection,
@@ -104,8 +106,7 @@ class ShakespeareDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be >= 1, got {value}.")
         if block_size is not None and block_size < 1:
             raise ValueError(f"data.block_size must be >= 1, got {block_size}.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}: 0.1 holds out 10%.")
+        check_val_fraction(val_fraction)
         self.data_dir = data_dir
         self.corpus_source = corpus_source
         self.path = path
@@ -250,7 +251,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         if self.train_tokens is not None:
             return
         tokens = self.token_cache.tokens()  # uint8/16/32, mapped from disk; batches become int64
-        split = int(tokens.numel() * (1.0 - self.val_fraction))
+        split = validation_start(tokens.numel(), self.val_fraction)
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
         SequentialWindows(self.val_tokens, self.block_size)  # checks the split holds one window at least
         if self.train_tokens.numel() - self.block_size < self.batch_size:

@@ -328,7 +328,7 @@ def hf_gpt2_folder(name_or_folder: str | Path, files: list[str] = HUB_FILES, wai
         from huggingface_hub import constants, snapshot_download
     except ImportError as err:
         raise ImportError("GPT-2 from the hub needs huggingface_hub: pip install -e '.[hf]'") from err
-    repo = f"openai-community/{name_or_folder}"
+    repo = hub_repo(str(name_or_folder))
     downloads = is_local_rank_zero()
     # Only this node's processes wait for this one: the marker lies in a node-local folder, one per hub cache,
     # and this user's own, so that another user's files there cannot stand in the way.
@@ -353,6 +353,24 @@ def hf_gpt2_folder(name_or_folder: str | Path, files: list[str] = HUB_FILES, wai
                 raise error from None
         raise_if_failed(failure)
         time.sleep(1.0)  # local rank 0 is downloading them
+
+
+def hub_repo(name: str) -> str:
+    return f"openai-community/{name}"
+
+
+def cached_hub_file(name: str, filename: str) -> Path | None:
+    """A file of a hub GPT-2 (`gpt2`, ...) when huggingface_hub's local cache holds it, else None: a look in
+    the cache, never a download. The legacy repo name (`gpt2`, as transformers once fetched it) counts too."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for repo in (hub_repo(name), name):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):  # else None, or a marker that the hub said the file does not exist
+            return Path(found)
+    return None
 
 
 def tokenizer_of_hf_folder(folder: Path, vocab_size: int) -> Tokenizer:
