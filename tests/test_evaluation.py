@@ -281,6 +281,7 @@ def test_builtin_tasks_are_deterministic_and_made_of_held_out_text_only(play_cor
         assert item.context + item.choices[item.label] in held_out  # the real continuation, in place
         if name == "next-line":
             assert all(choice in lines for choice in item.choices)  # lines from elsewhere in the split
+            assert len({len(choice) // builtin.LENGTH_BUCKET for choice in item.choices}) == 1  # length tells nothing
         else:
             names = [choice.split(":\n")[0] for choice in item.choices]
             assert all(f"\n\n{n}:\n" in held_out for n in names)  # speakers of the split

@@ -6,13 +6,15 @@ speech, so its first block is only ever context. Every item is made from the spl
 seeded with the task's name and `seed`, so a seed gives the same items on any machine. The items ship as
 this code, never as corpus text. Both tasks have four choices: chance is 25%.
 
-- next-line: the real next line of a speech against three lines drawn from other speeches of the split.
-  The context is the speech before it, a blank line, the speaker's name line and the lines spoken so far;
-  the line to choose (no longer than MAX_LINE_CHARS) is drawn uniformly from the speech's lines.
-- who-speaks: who says this? A speech's speaker against three other speakers of the split (names with
-  at least MIN_SPEECHES speeches there). The context is the speech before it and a blank line; each choice
-  is a name line followed by the speech's first words (up to WHO_SPEAKS_CHARS characters), as the text
-  writes them, so the right choice is the text itself and the model weighs the name and the words together.
+- next-line: the real next line of a speech against three lines drawn from other speeches of the split,
+  all four with lengths in one bucket (LENGTH_BUCKET characters wide, fixed boundaries) so that length tells
+  nothing (drawn from lines of any length, the shortest choice was right 32.5% of the time, and the CPU
+  recipe's model scored just that). The context is the speech before it, a blank line, the speaker's name
+  line and the lines spoken so far; the line to choose (at most MAX_LINE_CHARS) is drawn uniformly.
+- who-speaks: who says this? A speech's speaker against three other speakers of the split, each drawn as
+  often as it speaks there, as the right speaker is, so that knowing who speaks most is no help. The
+  context is the speech before it and a blank line; each choice is a name line and the speech's first words
+  (up to WHO_SPEAKS_CHARS characters), as the text writes them, so the model weighs name and words together.
 
 Choices stay short (at most about 50 characters) so that a character model with the CPU recipe's block_size
 of 64 sees a context before every one of them.
@@ -37,7 +39,7 @@ GENERATOR_VERSION = 1  # bump when a generator changes which items a seed gives
 NUM_CHOICES = 4
 MAX_LINE_CHARS = 48
 WHO_SPEAKS_CHARS = 32
-MIN_SPEECHES = 3
+LENGTH_BUCKET = 4  # next-line's choices have lengths in one bucket of this many characters (0-3, 4-7, ...)
 _SPEECH_BREAK = re.compile(r"\n\s*\n")  # as data.speeches_of splits speeches
 _NAME_LINE = re.compile(r"[^\s:][^:\n]*:")
 
@@ -75,7 +77,11 @@ def next_line(held_out: str, seed: int) -> list[ChoiceItem]:
     """The next-line items of the held-out text (see the module's docstring)."""
     rng = random.Random(f"next-line/{seed}")  # a string seed: the same draws on every platform and Python
     speeches = _speeches(held_out)
-    pool = [(k, line) for k, s in enumerate(speeches) for line in s.lines if len(line) <= MAX_LINE_CHARS]
+    by_bucket: dict[int, list[tuple[int, str]]] = {}  # lines by length // LENGTH_BUCKET, in text order
+    for k, s in enumerate(speeches):
+        for line in s.lines:
+            if len(line) <= MAX_LINE_CHARS:
+                by_bucket.setdefault(len(line) // LENGTH_BUCKET, []).append((k, line))
     items: list[ChoiceItem] = []
     for k, speech in enumerate(speeches):
         positions = [i for i, line in enumerate(speech.lines) if len(line) <= MAX_LINE_CHARS]
@@ -83,15 +89,16 @@ def next_line(held_out: str, seed: int) -> list[ChoiceItem]:
             continue
         i = rng.choice(positions)
         right = speech.lines[i]
+        near = by_bucket[len(right) // LENGTH_BUCKET]
         wrong: list[str] = []
         for _ in range(100 * NUM_CHOICES):  # a draw from this speech, or a repeat, is drawn again
-            j, line = rng.choice(pool)
+            j, line = rng.choice(near)
             if j != k and line != right and line not in wrong:
                 wrong.append(line)
                 if len(wrong) == NUM_CHOICES - 1:
                     break
         else:
-            continue  # a split too small to offer three other lines
+            continue  # too few other lines of about this length
         context = f"{speech.before}\n\n{speech.name}:\n" + "".join(line + "\n" for line in speech.lines[:i])
         items.append(_choice_item(context, right, wrong, rng, f"next-line item {len(items)}"))
     return items
@@ -102,14 +109,23 @@ def who_speaks(held_out: str, seed: int) -> list[ChoiceItem]:
     rng = random.Random(f"who-speaks/{seed}")
     speeches = _speeches(held_out)
     counts = Counter(speech.name for speech in speeches)
-    names = sorted(name for name, count in counts.items() if count >= MIN_SPEECHES)
+    names = sorted(counts)
     items: list[ChoiceItem] = []
     for speech in speeches:
         others = [name for name in names if name != speech.name]
         if len(others) < NUM_CHOICES - 1:
             continue
+        weights = [counts[name] for name in others]
+        wrong: list[str] = []
+        for _ in range(100 * NUM_CHOICES):  # as often as they speak, as the right speaker is drawn
+            [name] = rng.choices(others, weights)
+            wrong += [] if name in wrong else [name]
+            if len(wrong) == NUM_CHOICES - 1:
+                break
+        else:
+            continue  # too few other speakers who speak often enough to be drawn
         words = _first_words(speech.lines[0], WHO_SPEAKS_CHARS)
-        chosen = [speech.name, *rng.sample(others, NUM_CHOICES - 1)]
+        chosen = [speech.name, *wrong]
         right, *wrong = (f"{name}:\n{words}" for name in chosen)
         items.append(_choice_item(f"{speech.before}\n\n", right, wrong, rng, f"who-speaks item {len(items)}"))
     return items
