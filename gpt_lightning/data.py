@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 log = logging.getLogger(__name__)
+VAL_FRACTION = 0.1  # the share of a text, from its end, held out for validation (nanoGPT's)
 
 
 def corpus_path(data_dir: str | Path) -> Path:
@@ -30,7 +31,12 @@ def corpus_path(data_dir: str | Path) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file's sha256, read a megabyte at a time: a checkpoint that is hashed may be gigabytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

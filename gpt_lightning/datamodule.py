@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from gpt_lightning.checkpoint import CheckpointFacts, describe_checkpoint
 from gpt_lightning.data import (
     CORPUS_URL,
+    VAL_FRACTION,
     RandomWindows,
     SequentialWindows,
     build_state_dir,
@@ -57,7 +58,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         block_size: int | None = None,
         batch_size: int = 64,
         val_batch_size: int | None = None,
-        val_fraction: float = 0.1,
+        val_fraction: float = VAL_FRACTION,
         seed: int = 1337,
         num_workers: int = 0,
         pin_memory: bool = False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import torch
@@ -141,7 +141,7 @@ def generate_tokens(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_kv_cache: bool = True,
-) -> Iterator[torch.Tensor]:
+) -> Generator[torch.Tensor, None, None]:
     """Yields `max_new_tokens` new token ids (B,) one at a time, continuing the context idx (B, T).
 
     The model sees at most its block_size last tokens. With the KV cache, each step feeds only the new

@@ -76,6 +76,15 @@ class KVCache:
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def expand(self, batch_size: int, length: int) -> KVCache:
+        """A new cache whose `batch_size` rows each start with this one-row cache's first `length` positions:
+        several continuations of one prefix then run as a batch after a single pass over the prefix."""
+        _, n_head, max_len, head_size = self.k.shape
+        rows = KVCache(batch_size, n_head, max_len, head_size, self.k.device, self.k.dtype)
+        rows.k[:, :, :length] = self.k[:, :, :length]
+        rows.v[:, :, :length] = self.v[:, :, :length]
+        return rows
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:

@@ -1,5 +1,5 @@
-"""Tokenizers behind one small interface (encode, decode, check, to_dict, characters_per_token): characters,
-one token each with ids in sorted order (as in nanoGPT, the default), and byte-level BPE from a Hugging
+"""Tokenizers behind one small interface (encode, decode, check, to_dict, characters_per_token, bytes_per_token):
+characters, one token each with ids in sorted order (as in nanoGPT, the default), and byte-level BPE from a Hugging
 Face `tokenizer.json` (GPT-2's), through the `tokenizers` library, imported where it is used (the `hf` extra)."""
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ class CharTokenizer:
     def characters_per_token(self) -> torch.Tensor:
         """(vocab_size,): one character each."""
         return torch.ones(self.vocab_size)
+
+    def bytes_per_token(self) -> torch.Tensor:
+        """(vocab_size,): the UTF-8 bytes of each character, so that a loss summed over tokens becomes bits per byte."""
+        return torch.tensor([len(c.encode("utf-8")) for c in self.vocab], dtype=torch.float)
 
     @classmethod
     def from_json(cls, text: str) -> CharTokenizer:
@@ -221,6 +225,19 @@ class BPETokenizer:
                 counts[i] = sum(byte_of[c] & 0xC0 != 0x80 for c in token)
             else:
                 counts[i] = len(self._tokenizer.decode([i], skip_special_tokens=False))
+        return counts
+
+    def bytes_per_token(self) -> torch.Tensor:
+        """(vocab_size,): how many bytes of UTF-8 text each token stands for (a byte-level token writes one
+        character per byte), so that a loss summed over tokens becomes bits per byte on any tokenizer's scale."""
+        byte_level = set(_byte_level_alphabet())
+        added = {token.content for token in self._tokenizer.get_added_tokens_decoder().values()}
+        counts = torch.zeros(self.vocab_size)
+        for token, i in self._tokenizer.get_vocab(with_added_tokens=True).items():
+            if token not in added and all(c in byte_level for c in token):
+                counts[i] = len(token)
+            else:
+                counts[i] = len(self._tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
         return counts
 
     def __eq__(self, other: object) -> bool:

@@ -5,6 +5,7 @@ out for validation stays unseen by the tokenizer too. Plain Python: no Lightning
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from gpt_lightning.token_cache import (
     slice_pieces,
     undecodable_files,
 )
-from gpt_lightning.tokenizer import _LINE_START, BPETokenizer
+from gpt_lightning.tokenizer import BPETokenizer
 
 BYTE_TOKENS = 256  # a byte-level BPE starts from every byte, so that it encodes any text
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)  # GPT-2's end of a document
@@ -34,6 +35,10 @@ GPT4_SPLIT = (
 )
 PIECE_CHARS = 1 << 16  # text handed to the trainer at a time: the trainer keeps word counts, never the text
 SUMMARY_CHARS = 1 << 24  # the training text that the summary's compression is measured on, at most
+
+# A lone line break between text: both pre-tokenizers (gpt2, gpt4) always end a word there, so training on
+# pieces cut there learns the merges of the whole text.
+_LINE_START = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 @dataclass(frozen=True)
