@@ -207,10 +207,10 @@ class GPTModule(L.LightningModule):
             self._window_step, self._micro_batch = self.global_step, 0
         else:
             self._micro_batch += 1
-        if self.config.dropout > 0:
-            # Dropout draws from the global RNG. Seeding it from (seed, rank, step, micro-batch) makes a
-            # resumed run draw exactly the masks the uninterrupted run would have, with no RNG state to
-            # save per rank, while every micro-batch of an accumulation window draws its own.
+        if self.config.dropout > 0 or (self.lora.enabled and self.lora.dropout > 0):
+            # Dropout (the model's, and LoRA's on its low-rank path) draws from the global RNG. Seeding it from
+            # (seed, rank, step, micro-batch) makes a resumed run draw exactly the masks the uninterrupted run
+            # would have, with no RNG state to save per rank, while every micro-batch of a window draws its own.
             key = (self._base_seed, self.global_rank, self.global_step, self._micro_batch)
             torch.manual_seed(hash(key) & (2**63 - 1))
 

@@ -186,3 +186,16 @@ def test_exporting_a_merged_checkpoint_never_overwrites(pretrained: Path, tmp_pa
                  in_process=True)  # fmt: skip
     assert_clean_error(result, "taken.ckpt exists: export into a new file")
     assert taken.read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_lora_fine_tune_without_model_dropout_resumes_bit_exactly(pretrained: Path, text_file: Path, tmp_path: Path):
+    # LoRA's own dropout draws from the global RNG too: a resumed run must draw its masks as the straight run did,
+    # with the model's dropout off (the CPU recipe's), where nothing else reseeds the RNG per micro-batch.
+    start = f"--model.init_from={pretrained / 'checkpoints' / 'last.ckpt'}"
+    exact = [*EXACT, "--model.dropout=0.0", "--model.lora.dropout=0.1", "--trainer.log_every_n_steps=1"]
+    assert_ok(finetune(pretrained, text_file, tmp_path / "a", start, *exact, "--trainer.max_steps=8"))
+    assert_ok(finetune(pretrained, text_file, tmp_path / "b", start, *exact, "--trainer.max_steps=5"))
+    assert_ok(finetune(pretrained, text_file, tmp_path / "b", "--model.init_from=null", "--ckpt_path=last",
+                       *exact, "--trainer.max_steps=8"))  # fmt: skip
+    assert_same_run(tmp_path / "a" / "finetune" / "version_0", tmp_path / "b" / "finetune" / "version_0", 8)
