@@ -157,6 +157,7 @@ class GPTModule(L.LightningModule):
         self._first_nonfinite_step: int | None = None
         self._base_seed = 0
         self._window_step, self._micro_batch = -1, 0  # the optimizer step being accumulated, and where in it
+        self._has_dropout = False  # set at fit start, once LoRA has added its layers
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)  # (B, T, vocab_size)
@@ -207,8 +208,8 @@ class GPTModule(L.LightningModule):
             self._window_step, self._micro_batch = self.global_step, 0
         else:
             self._micro_batch += 1
-        if self.config.dropout > 0 or (self.lora.enabled and self.lora.dropout > 0):
-            # Dropout (the model's, and LoRA's on its low-rank path) draws from the global RNG. Seeding it from
+        if self._has_dropout:
+            # Dropout (the model's, LoRA's on its low-rank path, any other) draws from the global RNG. Seeding it from
             # (seed, rank, step, micro-batch) makes a resumed run draw exactly the masks the uninterrupted run
             # would have, with no RNG state to save per rank, while every micro-batch of a window draws its own.
             key = (self._base_seed, self.global_rank, self.global_step, self._micro_batch)
@@ -220,6 +221,8 @@ class GPTModule(L.LightningModule):
         self.val_loss.reset()
         self.val_bpc.reset()
         self._base_seed = torch.initial_seed()  # the run's seed_everything value
+        # Every dropout layer of the network, whoever added it, not a list of the settings that add one.
+        self._has_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.gpt.modules())
         if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8:
             # Ampere and newer: float32 matmuls on TF32 tensor cores (fp32 range, 10-bit mantissa).
             torch.set_float32_matmul_precision("high")

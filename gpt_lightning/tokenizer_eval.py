@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt_lightning.data import VAL_FRACTION
 from gpt_lightning.token_cache import read_pieces, resolve_text_files
 from gpt_lightning.tokenizer import BPETokenizer
 from gpt_lightning.tokenizer_training import Compression, measure, select_text
@@ -28,7 +29,7 @@ def evaluate_tokenizer(
     data_dir: str = "data",
     text_span: tuple[float, float] | None = None,
     speakers: list[str] | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float = VAL_FRACTION,
     skip_undecodable: bool = False,
     files: list[str] | None = None,
     compare_gpt2: bool = True,

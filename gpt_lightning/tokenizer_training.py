@@ -14,7 +14,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gpt_lightning.data import atomic_write_bytes, check_val_fraction, corpus_path, ensure_corpus, validation_start
+from gpt_lightning.data import (
+    VAL_FRACTION,
+    atomic_write_bytes,
+    check_val_fraction,
+    corpus_path,
+    ensure_corpus,
+    validation_start,
+)
 from gpt_lightning.token_cache import (
     Selection,
     UndecodableTextError,
@@ -80,7 +87,7 @@ def select_text(
     data_dir: str = "data",
     text_span: tuple[float, float] | None = None,
     speakers: list[str] | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float = VAL_FRACTION,
     skip_undecodable: bool = False,
 ) -> SelectedText:
     """The text that `fit --data.*` with these settings reads (see ShakespeareDataModule for each setting).
@@ -174,7 +181,7 @@ def train_tokenizer(
     data_dir: str = "data",
     text_span: tuple[float, float] | None = None,
     speakers: list[str] | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float = VAL_FRACTION,
     include_validation: bool = False,
     skip_undecodable: bool = False,
     vocab_size: int = 4096,
