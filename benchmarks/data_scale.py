@@ -3,7 +3,7 @@
 and for the in-memory path it replaced (the whole text as a string, encoded into an int64 tensor by
 every process), where that fits.
 
-    python benchmarks/data_scale.py --sizes-mb 10 100 1000
+    python -m benchmarks.data_scale --sizes-mb 10 100 1000
 
 It generates ASCII text of each size in a temporary folder (`--work-dir` to choose the disk), then runs
 `main.py fit --config configs/pretrain_cpu.yaml --data.path FILE` for 5 steps with 2 validation
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import subprocess
 import sys
@@ -24,17 +23,23 @@ import time
 from functools import cached_property
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-
-from gpt_lightning.data import RandomWindows, read_text  # noqa: E402
-from gpt_lightning.datamodule import ShakespeareDataModule  # noqa: E402
-from gpt_lightning.token_cache import Selection, build_token_cache  # noqa: E402
-from gpt_lightning.tokenizer import CharTokenizer  # noqa: E402
+from benchmarks.common import (
+    CONFIGS,
+    child_env,
+    config_args,
+    module_command,
+    peak_resident_bytes,
+    recipe_files,
+    recipe_settings,
+)
+from gpt_lightning.data import RandomWindows, read_text
+from gpt_lightning.datamodule import ShakespeareDataModule
+from gpt_lightning.token_cache import Selection, build_token_cache
+from gpt_lightning.tokenizer import CharTokenizer
 
 WORDS = (
     "the and of to my in you is that not with be your his for this but have thou as so me will what him "
@@ -85,13 +90,8 @@ class PeakMemory(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps({"peak_rss_mb": peak_rss_mb()}))
-
-
-def peak_rss_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
+        peak_mb = peak_resident_bytes() / 2**20
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps({"peak_rss_mb": peak_mb}))
 
 
 def child(path_kind: str, out_dir: str, cli_args: list[str]) -> None:
@@ -106,19 +106,19 @@ def child(path_kind: str, out_dir: str, cli_args: list[str]) -> None:
         prop = cached_property(in_memory)
         prop.__set_name__(ShakespeareDataModule, "token_cache")
         ShakespeareDataModule.token_cache = prop  # type: ignore[assignment]
-    GPTLightningCLI(args=[*cli_args, "--trainer.callbacks+=data_scale.PeakMemory",
-                          f"--trainer.callbacks.out_dir={out_dir}"])  # fmt: skip
+    callback = ["--trainer.callbacks+=benchmarks.data_scale.PeakMemory", f"--trainer.callbacks.out_dir={out_dir}"]
+    GPTLightningCLI(args=[*cli_args, *callback])
 
 
 def short_fit(path_kind: str, text: Path, work: Path, ddp: bool, threads: int) -> list[float]:
     out_dir = work / f"peak-{path_kind}-{'ddp' if ddp else 'single'}-{text.stem}"
-    args = ["fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"), f"--data.path={text}",
+    args = ["fit", *config_args(recipe_files("cpu")), f"--data.path={text}",
             f"--data.cache_dir={work / 'cache'}", f"--trainer.logger.init_args.save_dir={work / 'runs'}",
             "--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false", *SHORT_FIT]  # fmt: skip
     if ddp:
-        args += ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml")]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "benchmarks")}
-    command = [sys.executable, "-m", "data_scale", "child", path_kind, str(out_dir), "--", *args]
+        args += ["--config", str(CONFIGS / "trainer/ddp_cpu.yaml")]
+    command = module_command("benchmarks.data_scale", "child", path_kind, str(out_dir), "--", *args)
+    env = child_env(OMP_NUM_THREADS=str(threads))
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work)
     if result.returncode != 0:
         raise RuntimeError(f"{path_kind} fit on {text.name} failed:\n{result.stderr[-3000:]}")
@@ -127,7 +127,8 @@ def short_fit(path_kind: str, text: Path, work: Path, ddp: bool, threads: int) -
 
 def gather_rate(tokens: torch.Tensor, seconds: float = 1.0) -> float:
     """Training batches per second of the CPU recipe's shape (12 windows of 65 tokens)."""
-    windows = RandomWindows(tokens, block_size=64, batch_size=12, seed=0)
+    data = recipe_settings(recipe_files("cpu"))["data"]
+    windows = RandomWindows(tokens, block_size=data["block_size"], batch_size=data["batch_size"], seed=0)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         windows.batch(count)

@@ -1,8 +1,8 @@
 """Peak memory of encoding text of every shape into the BPE token cache: the promise is bounded memory for any
 text, so text without the usual line breaks must cost what ordinary text costs.
 
-    python benchmarks/encode_memory.py --data-dir D                    # about 11 MB of each shape
-    python benchmarks/encode_memory.py --data-dir D --tokenizer gpt2   # GPT-2's own BPE (needs its tokenizer.json)
+    python -m benchmarks.encode_memory --data-dir D                    # about 11 MB of each shape
+    python -m benchmarks.encode_memory --data-dir D --tokenizer gpt2   # GPT-2's own BPE (needs its tokenizer.json)
 
 Tiny Shakespeare, repeated to about `--size-mb`, is written in four shapes to a temporary folder: LF (as it
 is), CRLF (Windows line ends), one line (every line break a space) and indented (every line begins with four
@@ -19,18 +19,14 @@ import argparse
 import json
 import math
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gpt_lightning.data import corpus_path  # noqa: E402
-from gpt_lightning.token_cache import build_token_cache  # noqa: E402
-from gpt_lightning.tokenizer import BPETokenizer, tokenizer_from_spec  # noqa: E402
+from benchmarks.common import fresh_process_output, resident_bytes, trained_bpe
+from gpt_lightning.data import corpus_path
+from gpt_lightning.token_cache import build_token_cache
+from gpt_lightning.tokenizer import BPETokenizer, tokenizer_from_spec
 
 SHAPES = {
     "LF": lambda text: text,
@@ -40,28 +36,10 @@ SHAPES = {
 }
 
 
-def trained_bpe(text: str, vocab_size: int) -> BPETokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
-    tokenizer.train_from_iterator([text], trainer)
-    return BPETokenizer(tokenizer.to_str())
-
-
-def rss_now() -> int:
-    """This process's resident memory in bytes (Linux)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
-
-
 def encode_one(text_path: Path, tokenizer_json: Path, cache_dir: Path) -> dict[str, float]:
     """Run in a fresh process: its peak resident memory is then this encoding's alone."""
     bpe = BPETokenizer.from_file(tokenizer_json)
-    at_start = rss_now()
+    at_start = resident_bytes()
     start = time.perf_counter()
     cache = build_token_cache(text_path, cache_dir, bpe=bpe)
     return {
@@ -85,7 +63,11 @@ def main() -> None:
         print(json.dumps(encode_one(*map(Path, args.one))))
         return
     corpus = corpus_path(args.data_dir).read_text(encoding="utf-8")
-    bpe = tokenizer_from_spec(args.tokenizer) if args.tokenizer else trained_bpe(corpus, args.vocab_size)
+    bpe = (
+        tokenizer_from_spec(args.tokenizer)
+        if args.tokenizer
+        else trained_bpe(corpus_path(args.data_dir), args.vocab_size)
+    )
     assert bpe is not None
     text = corpus * max(1, math.ceil(args.size_mb * 1e6 / len(corpus.encode())))
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
@@ -100,8 +82,8 @@ def main() -> None:
             path = Path(tmp) / f"text-{i}.txt"
             path.write_text(shape(text), encoding="utf-8", newline="")
             megabytes = path.stat().st_size / 1e6
-            command = [sys.executable, __file__, "--one", str(path), str(tokenizer_json), str(Path(tmp) / f"c{i}")]
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            one = ("--one", str(path), str(tokenizer_json), str(Path(tmp) / f"c{i}"))
+            result = json.loads(fresh_process_output("benchmarks.encode_memory", *one))
             per_mb = result["peak"] / 1e6 / megabytes
             lf_per_mb = lf_per_mb or per_mb
             print(f"| {name} | {megabytes:.1f} | {result['tokens']:,} | {result['seconds']:.1f} | "

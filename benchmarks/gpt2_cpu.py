@@ -1,8 +1,8 @@
 """GPT-2 on this machine, for the record: what the BPE token cache and a GPT-2-small training step cost on a
 CPU, full fine-tuning against LoRA, and the memory each GPT-2 size needs on a GPU.
 
-    python benchmarks/gpt2_cpu.py --data-dir D                      # all three parts
-    python benchmarks/gpt2_cpu.py --data-dir D --tokenizer gpt2     # GPT-2's own BPE (needs its tokenizer.json)
+    python -m benchmarks.gpt2_cpu --data-dir D                      # all three parts
+    python -m benchmarks.gpt2_cpu --data-dir D --tokenizer gpt2     # GPT-2's own BPE (needs its tokenizer.json)
 
 1. Encoding: the token cache of the corpus repeated `--copies` times, built with the character vocabulary
    and with a byte-level BPE (`--tokenizer`: a tokenizer.json, or `gpt2`; unset, one trained here on the
@@ -23,22 +23,18 @@ import json
 import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gpt_lightning.data import corpus_path  # noqa: E402
-from gpt_lightning.lora import LoRAConfig, add_lora  # noqa: E402
-from gpt_lightning.model import GPT, GPTConfig  # noqa: E402
-from gpt_lightning.token_cache import build_token_cache  # noqa: E402
-from gpt_lightning.tokenizer import BPETokenizer, tokenizer_from_spec  # noqa: E402
+from benchmarks.common import fresh_process_output, trained_bpe
+from gpt_lightning.data import corpus_path
+from gpt_lightning.lora import LoRAConfig, add_lora
+from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.token_cache import build_token_cache
+from gpt_lightning.tokenizer import tokenizer_from_spec
 
 GPT2_SIZES = {  # n_layer, n_head, n_embd: OpenAI's four GPT-2 models
     "gpt2": (12, 12, 768),
@@ -55,21 +51,9 @@ def gpt2_config(name: str) -> GPTConfig:
                      gelu="tanh")  # fmt: skip
 
 
-def trained_bpe(text: str) -> BPETokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
-    tokenizer.train_from_iterator([text], trainer)
-    return BPETokenizer(tokenizer.to_str())
-
-
 def encoding(args: argparse.Namespace) -> None:
     text = corpus_path(args.data_dir).read_text(encoding="utf-8")
-    bpe = tokenizer_from_spec(args.tokenizer) if args.tokenizer else trained_bpe(text)
+    bpe = tokenizer_from_spec(args.tokenizer) if args.tokenizer else trained_bpe(corpus_path(args.data_dir), VOCAB)
     assert bpe is not None
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "corpus.txt"
@@ -124,9 +108,8 @@ def steps_table(args: argparse.Namespace) -> None:
     print("| fine-tuning | trainable parameters | AdamW state | s/step | tokens/s | peak RSS |")
     print("|---|---|---|---|---|---|")
     for method in ("full", "lora"):
-        command = [sys.executable, __file__, "--one-step", method, "--steps", str(args.steps),
-                   "--threads", str(torch.get_num_threads())]  # fmt: skip
-        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        one_step = ("--one-step", method, "--steps", str(args.steps), "--threads", str(torch.get_num_threads()))
+        result = json.loads(fresh_process_output("benchmarks.gpt2_cpu", *one_step))
         label = "full" if method == "full" else "LoRA rank 8"
         print(
             f"| {label} | {result['trainable']:,} | {result['optimizer bytes'] / 1e6:,.1f} MB | "

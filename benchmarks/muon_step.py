@@ -1,13 +1,14 @@
 """The cost of a training step with AdamW, Muon in bfloat16 (torch.optim.Muon's own) and Muon in float32
-(ours), on the CPU recipe's model and batches, and the optimizer step alone.
+(ours), on a recipe's model and batches (`--preset`, the CPU recipe's unless told), and the optimizer step
+alone.
 
 The three take turns of `--steps` steps, round after round, so that the drift of a shared machine
 cancels; the table gives the median over the rounds, in ms per step. Each variant keeps its own model
 and optimizer; the batches are random tokens (the cost does not depend on their values).
 
-    python benchmarks/muon_step.py
-    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/muon_step.py   # as on a CPU without native bfloat16
-    python benchmarks/muon_step.py --device cuda --n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64
+    python -m benchmarks.muon_step
+    ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.muon_step   # as on a CPU without native bfloat16
+    python -m benchmarks.muon_step --device cuda --n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64
 
 `ONEDNN_MAX_CPU_ISA=AVX2` caps oneDNN below its bfloat16 kernels, so a CPU with AVX-512 BF16 or AMX
 multiplies bfloat16 matrices as an AVX2 laptop does, through PyTorch's slow fallback.
@@ -17,18 +18,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gpt_lightning.lit_model import GPTModule  # noqa: E402
-from gpt_lightning.optim import native_bf16  # noqa: E402
+from benchmarks.common import RECIPES, recipe_files, recipe_model, recipe_settings, sync
+from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.optim import native_bf16
 
 VARIANTS = {"AdamW": {"optimizer": "adamw"}, "Muon bf16": {"optimizer": "muon", "muon_precision": "bf16"},
             "Muon fp32": {"optimizer": "muon", "muon_precision": "fp32"}}  # fmt: skip
@@ -49,18 +46,17 @@ def turn(
 ) -> tuple[float, float]:
     """(ms per training step, ms per optimizer step) over `steps` steps."""
     total = optimizer_s = 0.0
-    sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
     for _ in range(steps):
         x = torch.randint(65, (args.batch_size, args.block_size), device=args.device)
-        sync()
+        sync(args.device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         module._loss((x, x.roll(-1, dims=1))).backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        sync()
+        sync(args.device)
         before_step = time.perf_counter()
         optimizer.step()
-        sync()
+        sync(args.device)
         end = time.perf_counter()
         total += end - start
         optimizer_s += end - before_step
@@ -73,12 +69,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per turn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 weights; TF32 is not turned on)")
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--preset", choices=sorted(RECIPES), default="cpu", help="recipe whose model and batch to use")
+    parser.add_argument("--n-layer", type=int, help="override the recipe's")
+    parser.add_argument("--n-head", type=int, help="override the recipe's")
+    parser.add_argument("--n-embd", type=int, help="override the recipe's")
+    parser.add_argument("--block-size", type=int, help="override the recipe's context")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's")
     args = parser.parse_args()
+    model = recipe_model(args.preset)
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        setattr(args, name, getattr(args, name) or getattr(model, name))
+    args.batch_size = args.batch_size or recipe_settings(recipe_files(args.preset))["data"]["batch_size"]
     torch.set_num_threads(args.threads)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     bf16 = native_bf16(torch.device(args.device))

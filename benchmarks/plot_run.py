@@ -2,7 +2,7 @@
 looks like, as the README shows it.
 
     pip install -e ".[plots]"
-    python benchmarks/plot_run.py runs/pretrain_cpu/version_0 --output docs/training_run.png
+    python -m benchmarks.plot_run runs/pretrain_cpu/version_0 --output docs/training_run.png
 
 It prints the points it plots: the last training loss and every validation.
 """

@@ -1,7 +1,7 @@
 """The CPU recipe's optimizer sweep: full-validation loss at fixed steps and at fixed training-time
 budgets, for AdamW at several learning rates and Muon (+ AdamW for the rest) at several.
 
-    python benchmarks/recipe_sweep.py --data-dir ../shared/data
+    python -m benchmarks.recipe_sweep --data-dir ../shared/data
 
 Every run trains the CPU-recipe model (configs/pretrain_cpu.yaml's architecture, data and schedule
 shape) through the project's own LightningCLI, module and data module, and validates on the whole
@@ -23,20 +23,15 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
+from benchmarks.common import callbacks_of, config_args, recipe_cli, recipe_files
 
 NANOGPT_LR = 1e-3
 
@@ -84,22 +79,30 @@ def train(point: Point, seed: int, args: argparse.Namespace, cli_args: list[str]
     lr = [f"--model.learning_rate={point.lr}"] if point.optimizer == "adamw" else [
         f"--model.learning_rate={NANOGPT_LR}", f"--model.muon_learning_rate={point.lr}"]  # fmt: skip
     timeline = Timeline()
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads `args`, not this script's own arguments
     with tempfile.TemporaryDirectory() as runs:
-        cli = GPTLightningCLI(
-            args=["--config", str(ROOT / "configs/pretrain_cpu_nanogpt.yaml"), f"--data.data_dir={args.data_dir}",
-                  f"--model.optimizer={point.optimizer}", *lr, f"--model.min_lr={lr_floor(point)}",
-                  f"--trainer.max_steps={point.stop_at or point.steps}", f"--model.lr_decay_steps={point.steps}",
-                  f"--trainer.val_check_interval={args.val_every}",
-                  f"--seed_everything={seed}", f"--data.seed={seed}", f"--trainer.logger.init_args.save_dir={runs}",
-                  "--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false",
-                  "--sample.every_n_validations=0", "--last_checkpoint.every_n_train_steps=0",
-                  "--checkpoint.save_top_k=0", *cli_args],
-            run=False,
-        )  # fmt: skip
-        cli.trainer.callbacks.append(timeline)
+        cli = recipe_cli(
+            [
+                *config_args(recipe_files("cpu-nanogpt")),
+                f"--data.data_dir={args.data_dir}",
+                f"--model.optimizer={point.optimizer}",
+                *lr,
+                f"--model.min_lr={lr_floor(point)}",
+                f"--trainer.max_steps={point.stop_at or point.steps}",
+                f"--model.lr_decay_steps={point.steps}",
+                f"--trainer.val_check_interval={args.val_every}",
+                f"--seed_everything={seed}",
+                f"--data.seed={seed}",
+                f"--trainer.logger.init_args.save_dir={runs}",
+                "--progress_bar.refresh_rate=0",
+                "--trainer.enable_model_summary=false",
+                "--sample.every_n_validations=0",
+                "--last_checkpoint.every_n_train_steps=0",
+                "--checkpoint.save_top_k=0",
+                *cli_args,
+            ]
+        )
+        callbacks_of(cli.trainer).append(timeline)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    sys.argv = argv
     print(f"  {point.label}, seed {seed}: " + ", ".join(f"{v:.4f} @{s} ({t:.0f} s)" for s, t, v in timeline.points),
           flush=True)  # fmt: skip
     return timeline

@@ -1,6 +1,6 @@
 """`python main.py serve` under load: N concurrent streaming clients over loopback, for N = 1, 4, 16, 64.
 
-    python benchmarks/serve_load.py --ckpt-path runs/pretrain_cpu/version_0/checkpoints/last.ckpt
+    python -m benchmarks.serve_load --ckpt-path runs/pretrain_cpu/version_0/checkpoints/last.ckpt
 
 It starts the server (in a fresh process, as a user would), waits for it, then for each N starts N clients
 at once, each sending one request of `--tokens` new tokens (its own seed) and reading the stream to its
@@ -25,15 +25,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gpt_lightning.checkpoint import load_model  # noqa: E402
-from gpt_lightning.generate import SamplingOptions, stream_text  # noqa: E402
+from benchmarks.common import ROOT, peak_resident_bytes_of_tree
+from gpt_lightning.checkpoint import load_model
+from gpt_lightning.generate import SamplingOptions, stream_text
 
 PROMPT = "ROMEO:"
 
@@ -106,21 +103,6 @@ def round_of(port: int, clients: int, tokens: int, timeout: float) -> tuple[list
     return results, time.perf_counter() - start
 
 
-def peak_rss(pid: int) -> int:
-    """The summed high-water marks (VmHWM) of a process and its descendants."""
-    total, pending = 0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending += [int(child) for child in (task / "children").read_text().split()]
-        except (OSError, StopIteration):
-            continue
-    return total
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -148,9 +130,10 @@ def main() -> None:
             per_client = statistics.median(r["characters"] / r["seconds"] for r in ok) if ok else float("nan")
             totals[clients] = sum(r["characters"] for r in results) / wall
             errors = len(results) - len(ok)
+            server_mb = peak_resident_bytes_of_tree(server.pid) / 1e6
             rows.append(
                 f"| {clients} | {statistics.median(firsts):.3f} | {percentile(firsts, 0.95):.3f} | "
-                f"{per_client:,.0f} | {totals[clients]:,.0f} | {errors} | {peak_rss(server.pid) / 1e6:,.0f} MB |"
+                f"{per_client:,.0f} | {totals[clients]:,.0f} | {errors} | {server_mb:,.0f} MB |"
             )
             print(f"N={clients}: done in {wall:.1f} s", flush=True)
     finally:

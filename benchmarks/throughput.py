@@ -14,8 +14,8 @@ rounds' ratios: each compares two turns taken a second apart, on the same machin
 the two median tokens/s can pair a fast-state fit with a slow-state plain loop.) `overhead` is how
 much longer a fit step takes than a plain one; unlike the ratio it does not depend on model size.
 
-    python benchmarks/throughput.py --preset cpu --data-dir ../shared/data --threads 2
-    python benchmarks/throughput.py --preset baby-gpt --device cuda --precision bf16-mixed --compile
+    python -m benchmarks.throughput --preset cpu --data-dir ../shared/data --threads 2
+    python -m benchmarks.throughput --preset baby-gpt --device cuda --precision bf16-mixed --compile
 """
 
 from __future__ import annotations
@@ -28,31 +28,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
-from gpt_lightning.data import RandomWindows  # noqa: E402
-from gpt_lightning.model import GPT  # noqa: E402
-from gpt_lightning.optim import WarmupCosine  # noqa: E402
-
-RECIPES = {
-    "cpu": ["configs/pretrain_cpu.yaml"],
-    "baby-gpt": ["configs/pretrain.yaml"],
-    "gpt2-small": ["configs/pretrain.yaml", "configs/model/gpt2_small.yaml"],
-}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files, sync
+from gpt_lightning.cli import GPTLightningCLI
+from gpt_lightning.data import RandomWindows
+from gpt_lightning.model import GPT
+from gpt_lightning.optim import WarmupCosine
 
 
 def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
@@ -63,7 +49,7 @@ def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
         "--trainer.devices=1",
         f"--trainer.precision={args.precision}",
         f"--trainer.max_steps={total_steps(args)}",
-        "--trainer.limit_val_batches=0",  # validation is not training throughput (see validation_share.py)
+        "--trainer.limit_val_batches=0",  # validation is not training throughput (see benchmarks.validation_share)
         "--trainer.num_sanity_val_steps=0",
         f"--trainer.logger.init_args.save_dir={log_dir}",
         f"--progress_bar.refresh_rate={args.progress_bar_refresh}",
@@ -72,8 +58,7 @@ def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
     ]
     if args.batch_size:
         overrides.append(f"--data.batch_size={args.batch_size}")
-    configs = [arg for config in RECIPES[args.preset] for arg in ("--config", str(ROOT / config))]
-    return GPTLightningCLI(args=[*configs, *overrides], run=False)
+    return recipe_cli([*config_args(recipe_files(args.preset)), *overrides])
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -167,7 +152,7 @@ def measure(args: argparse.Namespace) -> tuple[list[float], list[float], int]:
     with tempfile.TemporaryDirectory() as log_dir:
         cli = build_cli(args, log_dir)
         turns = TakeTurns(PlainLoop(args, cli), args.warmup, args.steps)
-        cli.trainer.callbacks.append(turns)
+        callbacks_of(cli.trainer).append(turns)
         with contextlib.redirect_stdout(sys.stderr):  # the progress bar; stdout keeps the table
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     per_step = [[seconds / args.steps for seconds in side] for side in (turns.fit_seconds, turns.plain_seconds)]

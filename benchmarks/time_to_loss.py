@@ -1,8 +1,8 @@
 """Wall time for a recipe to reach a full-validation loss, with its tokens/s and MFU.
 
-The headline on a GPU:   python benchmarks/time_to_loss.py --preset baby-gpt --target 1.47
-                  and:   python benchmarks/time_to_loss.py --preset baby-gpt-muon --target 1.47
-On a CPU (and in CI):    python benchmarks/time_to_loss.py --preset cpu --target 2.0 --data-dir D
+The headline on a GPU:   python -m benchmarks.time_to_loss --preset baby-gpt --target 1.47
+                  and:   python -m benchmarks.time_to_loss --preset baby-gpt-muon --target 1.47
+On a CPU (and in CI):    python -m benchmarks.time_to_loss --preset cpu --target 2.0 --data-dir D
 
 It trains the recipe's config through the project's own LightningCLI (module, data module, callbacks
 and logger as `main.py fit` builds them) and stops at the first validation whose val/loss (the whole
@@ -18,24 +18,13 @@ import argparse
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gpt_lightning.callbacks import TokenThroughput  # noqa: E402
-from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
-
-RECIPES = {
-    "cpu": "configs/pretrain_cpu.yaml",
-    "cpu-nanogpt": "configs/pretrain_cpu_nanogpt.yaml",
-    "baby-gpt": "configs/pretrain.yaml",
-    "baby-gpt-muon": "configs/pretrain_muon.yaml",  # unmeasured on a GPU so far
-}
+from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files
+from gpt_lightning.callbacks import TokenThroughput
 
 
 class StopAtLoss(Callback):
@@ -83,14 +72,20 @@ def main() -> None:
     cadence = [f"--trainer.val_check_interval={args.val_every}"] if args.val_every else []
     stop = StopAtLoss(args.target)
     with tempfile.TemporaryDirectory() as runs:
-        cli = GPTLightningCLI(
-            args=["--config", str(ROOT / RECIPES[args.preset]), *data, *cadence,
-                  f"--trainer.logger.init_args.save_dir={runs}", "--progress_bar.refresh_rate=0",
-                  "--sample.every_n_validations=0", "--last_checkpoint.every_n_train_steps=0",
-                  "--checkpoint.save_top_k=0", *cli_args],
-            run=False,
-        )  # fmt: skip
-        cli.trainer.callbacks.append(stop)
+        cli = recipe_cli(
+            [
+                *config_args(recipe_files(args.preset)),
+                *data,
+                *cadence,
+                f"--trainer.logger.init_args.save_dir={runs}",
+                "--progress_bar.refresh_rate=0",
+                "--sample.every_n_validations=0",
+                "--last_checkpoint.every_n_train_steps=0",
+                "--checkpoint.save_top_k=0",
+                *cli_args,
+            ]
+        )
+        callbacks_of(cli.trainer).append(stop)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     config, trainer = cli.model.config, cli.trainer
     print(f"\npreset {args.preset}: {config.n_layer} layers, {config.n_embd} wide, context {config.block_size}, "
@@ -106,7 +101,7 @@ def main() -> None:
         * trainer.world_size
         * (cli.datamodule.batch_size * config.block_size)
     )
-    peak = next((cb.peak_flops for cb in trainer.callbacks if isinstance(cb, TokenThroughput)), None)
+    peak = next((cb.peak_flops for cb in callbacks_of(trainer) if isinstance(cb, TokenThroughput)), None)
     rate = f"{tokens / training_s:,.0f} tokens/s" + (
         f", MFU {tokens * cli.model.flops_per_token / training_s / peak:.1%}" if peak
         else ", MFU n/a (no known peak FLOPs for this device)"

@@ -1,6 +1,6 @@
 """Does pre-training help fine-tuning? The two-stage claim, measured on a target pre-training never saw.
 
-    python benchmarks/transfer.py --data-dir D --plot docs/transfer.png
+    python -m benchmarks.transfer --data-dir D --plot docs/transfer.png
 
 For each seed it
   (a) pre-trains with configs/pretrain_cpu.yaml (or takes the checkpoint given with --pretrained),
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,22 +34,19 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-import yaml
 from lightning.pytorch.callbacks import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import CONFIGS, ROOT, callbacks_of, recipe_cli, recipe_files, recipe_settings, resident_bytes
+from gpt_lightning.callbacks import LastCheckpoint
+from gpt_lightning.checkpoint import load_model
+from gpt_lightning.cli import GPTLightningCLI
+from gpt_lightning.data import SequentialWindows, corpus_path, read_text, without_speeches_of
+from gpt_lightning.generate import generate
+from gpt_lightning.model import GPT
+from gpt_lightning.tokenizer import Tokenizer
 
-from gpt_lightning.callbacks import LastCheckpoint  # noqa: E402
-from gpt_lightning.checkpoint import load_model  # noqa: E402
-from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
-from gpt_lightning.data import SequentialWindows, corpus_path, read_text, without_speeches_of  # noqa: E402
-from gpt_lightning.generate import generate  # noqa: E402
-from gpt_lightning.model import GPT  # noqa: E402
-from gpt_lightning.tokenizer import CharTokenizer  # noqa: E402
-
-PRETRAIN = ROOT / "configs/pretrain_cpu.yaml"
-FINETUNE = ROOT / "configs/finetune.yaml"
+(PRETRAIN,) = recipe_files("cpu")
+FINETUNE = CONFIGS / "finetune.yaml"
 QUIET = ["--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false", "--sample.every_n_validations=0",
          "--checkpoint.save_top_k=0"]  # fmt: skip
 
@@ -70,11 +65,6 @@ class StepCost(Callback):
         self.seconds += time.perf_counter() - self._start
         self.steps += 1
         self.peak_rss = max(self.peak_rss, resident_bytes())
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class ValCurve(Callback):
@@ -98,21 +88,22 @@ class Seed:
 
 
 def cli(config: list[str], seed: int, runs: Path, name: str, extra: list[str]) -> GPTLightningCLI:
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads `args`, not this script's own arguments
-    try:
-        return GPTLightningCLI(
-            args=[*config, f"--seed_everything={seed}", f"--data.seed={seed}",
-                  f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
-                  *QUIET, *extra],
-            run=False,
-        )  # fmt: skip
-    finally:
-        sys.argv = argv
+    return recipe_cli(
+        [
+            *config,
+            f"--seed_everything={seed}",
+            f"--data.seed={seed}",
+            f"--trainer.logger.init_args.save_dir={runs}",
+            f"--trainer.logger.init_args.name={name}",
+            *QUIET,
+            *extra,
+        ]
+    )
 
 
 def fit(c: GPTLightningCLI, cost: StepCost | None = None) -> tuple[float, list[tuple[int, float]]]:
     curve = ValCurve()
-    c.trainer.callbacks.extend([curve] if cost is None else [curve, cost])
+    callbacks_of(c.trainer).extend([curve] if cost is None else [curve, cost])
     c.trainer.fit(c.model, datamodule=c.datamodule)
     return curve.points[-1][1], curve.points
 
@@ -135,7 +126,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, batch_size: int = 64) -> float:
     return total / count
 
 
-def sample(model: GPT, tokenizer: CharTokenizer, prompt: str, tokens: int) -> str:
+def sample(model: GPT, tokenizer: Tokenizer, prompt: str, tokens: int) -> str:
     generator = torch.Generator().manual_seed(0)
     idx = generate(model, tokenizer.encode(prompt)[None], tokens, temperature=0.8, generator=generator)
     return tokenizer.decode(idx[0])
@@ -144,14 +135,14 @@ def sample(model: GPT, tokenizer: CharTokenizer, prompt: str, tokens: int) -> st
 def run_seed(seed: int, args: argparse.Namespace, data: list[str], extra: list[str], work: Path,
              pretrained: str | None, forgetting_text: str) -> Seed:  # fmt: skip
     result = Seed(seed)
-    finetune_config = yaml.safe_load(FINETUNE.read_text())
+    finetune_config = recipe_settings([FINETUNE])
     target = [*data, *args.target]
     start = time.perf_counter()
     if pretrained is None:  # (a)
         c = cli(["--config", str(PRETRAIN), *data, *steps(args.pretrain_steps, PRETRAIN)], seed, work,
                 f"pretrain-{seed}", extra)  # fmt: skip
         result.losses["pre-training val"], _ = fit(c)
-        last = next(cb for cb in c.trainer.callbacks if isinstance(cb, LastCheckpoint)).last_path
+        last = next(cb for cb in callbacks_of(c.trainer) if isinstance(cb, LastCheckpoint)).last_path
         pretrained, pretrain_steps = str(last), c.trainer.global_step
     else:
         pretrain_steps = int(torch.load(pretrained, map_location="cpu", weights_only=True)["global_step"])
@@ -162,7 +153,7 @@ def run_seed(seed: int, args: argparse.Namespace, data: list[str], extra: list[s
     for method, rank in methods(args):
         lora = [] if rank is None else [f"--model.lora.rank={rank}", f"--model.learning_rate={args.lora_lr}",
                                         f"--model.min_lr={args.lora_lr}"]  # fmt: skip
-        c = cli(["--config", str(FINETUNE), "--config", str(ROOT / "configs/trainer/cpu.yaml"), *target,
+        c = cli(["--config", str(FINETUNE), "--config", str(CONFIGS / "trainer/cpu.yaml"), *target,
                  *steps(args.finetune_steps, FINETUNE), f"--model.init_from={pretrained}", *lora], seed, work,
                 f"finetune-{method}-{seed}", extra)  # fmt: skip
         if "zero-shot" not in result.losses:
@@ -213,7 +204,7 @@ def steps(max_steps: int | None, config: Path) -> list[str]:
     """Overrides a recipe's length, validating at its own cadence or at the end if that comes first."""
     if max_steps is None:
         return []
-    every = min(max_steps, yaml.safe_load(config.read_text())["trainer"]["val_check_interval"])
+    every = min(max_steps, recipe_settings([config])["trainer"]["val_check_interval"])
     return [f"--trainer.max_steps={max_steps}", f"--trainer.val_check_interval={every}"]
 
 
@@ -301,7 +292,7 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    finetune_data = yaml.safe_load(FINETUNE.read_text())["data"]
+    finetune_data = recipe_settings([FINETUNE])["data"]
     speakers = args.speakers or finetune_data["speakers"]
     span = finetune_data["text_span"]
     args.target = [f"--data.speakers=[{', '.join(speakers)}]", f"--data.text_span=[{span[0]}, {span[1]}]"]

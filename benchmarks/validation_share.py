@@ -3,32 +3,25 @@
 Runs `fit` with the recipe for `--intervals` validation intervals and times training and validation
 separately (validation covers the whole validation split, as in every run).
 
-    python benchmarks/validation_share.py --preset cpu --data-dir ../shared/data --threads 2
+    python -m benchmarks.validation_share --preset cpu --data-dir ../shared/data --threads 2
 
 `--train-steps N` is for recipes too slow to run whole intervals on the machine at hand: it times N
 training steps and one validation, and scales the training time to the recipe's interval.
 
-    python benchmarks/validation_share.py --preset baby-gpt --data-dir ../shared/data --train-steps 8
+    python -m benchmarks.validation_share --preset baby-gpt --data-dir ../shared/data --train-steps 8
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.throughput import RECIPES, sync  # noqa: E402
-from gpt_lightning.cli import GPTLightningCLI  # noqa: E402
+from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files, recipe_settings, sync
 
 
 class PhaseTimer(L.Callback):
@@ -70,13 +63,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    configs = [arg for config in RECIPES[args.preset] for arg in ("--config", str(ROOT / config))]
-    interval = int(yaml.safe_load((ROOT / RECIPES[args.preset][0]).read_text())["trainer"]["val_check_interval"])
+    configs = recipe_files(args.preset)
+    interval = int(recipe_settings(configs)["trainer"]["val_check_interval"])
     steps = args.train_steps or interval * args.intervals
     with tempfile.TemporaryDirectory() as log_dir:
-        cli = GPTLightningCLI(
-            args=[
-                *configs,
+        cli = recipe_cli(
+            [
+                *config_args(configs),
                 f"--data.data_dir={args.data_dir}",
                 *([f"--data.path={args.data_path}"] if args.data_path else []),
                 f"--trainer.accelerator={args.device}",
@@ -85,11 +78,10 @@ def main() -> None:
                 f"--trainer.val_check_interval={min(steps, interval)}",
                 f"--trainer.logger.init_args.save_dir={log_dir}",
                 "--trainer.num_sanity_val_steps=0",
-            ],
-            run=False,
+            ]
         )
         timer = PhaseTimer()
-        cli.trainer.callbacks.append(timer)
+        callbacks_of(cli.trainer).append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     training = timer.total - timer.validation
     validations = timer.validations

@@ -1,23 +1,69 @@
-"""The benchmark scripts run end to end on generated text and print what the README quotes."""
+"""The benchmarks run end to end on generated text, as modules of one package, and print what the README
+quotes."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from benchmarks.common import (
+    RECIPES,
+    child_env,
+    config_args,
+    module_command,
+    recipe_files,
+    recipe_model,
+    recipe_settings,
+)
+from gpt_lightning.cli import GPTLightningCLI
+from gpt_lightning.model import GPTConfig
 from tests.conftest import ROOT, make_play
+
+BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common"))
 
 
 def run_benchmark(script: str, *args: str) -> list[str]:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                            capture_output=True, text=True, timeout=300, cwd=Path.cwd())  # fmt: skip
+    command = module_command(f"benchmarks.{script.removesuffix('.py')}", *args)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path.cwd(), env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(ROOT.glob("config.yaml")), "a benchmark must not write into the checkout"
     return result.stdout.strip().splitlines()
+
+
+def test_every_benchmark_imports_as_a_module_of_the_package_and_leaves_sys_path_alone():
+    before = list(sys.path)
+    for name in BENCHMARKS:
+        assert callable(importlib.import_module(f"benchmarks.{name}").main), name
+    assert sys.path == before
+
+
+def test_the_docs_run_benchmarks_that_exist_as_modules():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").rglob("*.yaml"))]
+    text = "\n".join(path.read_text(encoding="utf-8") for path in docs)
+    named = set(re.findall(r"python -m benchmarks\.(\w+)", text))
+    assert {"recipe_sweep", "throughput", "time_to_loss", "transfer"} <= named <= set(BENCHMARKS), named
+    assert "python benchmarks/" not in text, "run a benchmark as a module: python -m benchmarks.<name>"
+
+
+@pytest.mark.parametrize("preset", sorted(RECIPES))
+def test_a_benchmark_preset_is_its_recipe_as_the_cli_reads_it(preset: str, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        GPTLightningCLI(args=["fit", *config_args(recipe_files(preset)), "--print_config"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    parsed = yaml.safe_load(capsys.readouterr().out)
+    model = parsed["model"]  # what the recipe leaves unset is None here: GPTConfig's default
+    shape = {f.name: model[f.name] for f in dataclasses.fields(GPTConfig) if model.get(f.name) is not None}
+    assert recipe_model(preset) == GPTConfig(**{**shape, "vocab_size": 65, "block_size": parsed["data"]["block_size"]})
+    settings = recipe_settings(recipe_files(preset))
+    assert settings["trainer"]["val_check_interval"] == parsed["trainer"]["val_check_interval"]
 
 
 def test_throughput_benchmark_prints_a_round_per_turn_and_the_ratio_line(text_file: Path):
