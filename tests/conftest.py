@@ -175,13 +175,26 @@ def tiny_fit(text_file: Path, runs: Path, *args: str, name: str = "run", **kwarg
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a TensorBoard run folder as {tag: [(step, value), ...]}, as TensorBoard shows them
-    (events orphaned by a restart are purged)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Every scalar of a TensorBoard run folder as {tag: [(step, value), ...]}, as TensorBoard shows them:
+    the events of a tag orphaned by a restart are purged, the resumed run's steps replace them.
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    The event files are read in the order they were written (their first event's wall time), not by name:
+    two fits in one process and one second get names that sort by a counter as a string ("10" before "9")."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    def written_at(path: Path) -> float:
+        return next(iter(EventFileLoader(str(path)).Load())).wall_time
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(run_dir).glob("events.out.tfevents.*"), key=written_at):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            events = [(e.step, e.value) for e in acc.Scalars(tag)]
+            resumed_at = events[0][0]  # TensorBoard purges each tag from the step where it restarts
+            curves[tag] = [(step, value) for step, value in curves.get(tag, []) if step < resumed_at] + events
+    return curves
 
 
 def text_samples(run_dir: Path) -> list[str]:

@@ -73,3 +73,24 @@ def test_learning_rate_charts_one_per_schedule(text_file: Path, tmp_path: Path):
     assert set(muon) == base | {"train/lr_muon"}
     # One schedule drives both: Muon's 0.02 against TINY's AdamW 1e-2, at every step.
     assert [lr for _, lr in muon["train/lr_muon"]] == pytest.approx([2 * lr for _, lr in muon["train/lr"]])
+
+
+def test_a_resume_within_the_same_second_reads_back_in_the_order_it_was_written(tmp_path: Path):
+    # Event files are named events.out.tfevents.<second>.<host>.<pid>.<counter>: two fits in one process and
+    # one second (a tiny resume in a test) sort by the counter as a string, "10" before "9". The curve must
+    # still read as written: the resumed file's steps replace the orphaned ones, as TensorBoard purges them.
+    from torch.utils.tensorboard import SummaryWriter
+
+    def write(counter: int, steps: range, value: float) -> None:
+        writer = SummaryWriter(str(tmp_path))
+        for step in steps:
+            writer.add_scalar("train/loss", value + step, step)
+        writer.close()
+        (written,) = [p for p in tmp_path.iterdir() if not p.name.startswith("events.out.tfevents.1700000000.")]
+        written.rename(tmp_path / f"events.out.tfevents.1700000000.host.1.{counter}")
+
+    write(9, range(0, 5), 0.0)
+    time.sleep(0.01)
+    write(10, range(3, 8), 100.0)
+    assert scalars(tmp_path)["train/loss"] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0),
+                                               (5, 105.0), (6, 106.0), (7, 107.0)]  # fmt: skip
