@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -259,12 +260,12 @@ def test_bits_per_byte_of_a_bpe_model_counts_the_bytes_its_tokens_stand_for(tmp_
 def play_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A generated play standing in for tiny Shakespeare (the built-in tasks read it through ensure_corpus)."""
     path = tmp_path / "play.txt"
-    path.write_text(make_play(600, seed=3), encoding="utf-8")
+    path.write_text(make_play(2000, seed=3), encoding="utf-8")
     monkeypatch.setattr(builtin, "ensure_corpus", lambda data_dir, **kwargs: path)
     return path
 
 
-@pytest.mark.parametrize("name", ["next-line", "who-speaks"])
+@pytest.mark.parametrize("name", ["spelling", "next-word", "next-line", "who-speaks"])
 def test_builtin_tasks_are_deterministic_and_made_of_held_out_text_only(play_corpus: Path, name: str):
     text = play_corpus.read_text(encoding="utf-8")
     held_out = text[int(len(text) * 0.9) :]
@@ -279,7 +280,19 @@ def test_builtin_tasks_are_deterministic_and_made_of_held_out_text_only(play_cor
     for item in task.items:
         assert len(item.choices) == 4 and len(set(item.choices)) == 4
         assert item.context + item.choices[item.label] in held_out  # the real continuation, in place
-        if name == "next-line":
+        if name in ("spelling", "next-word"):
+            assert len({len(choice) for choice in item.choices}) == 1  # length tells nothing
+            assert item.context[-1:] in ("", " ", "\n") or not item.context[-1].isalpha()  # a whole word follows
+        if name == "spelling":
+            words = set(re.findall(r"[a-z]+", held_out))
+            (after,) = {choice[-1] for choice in item.choices}
+            assert not after.isalpha()  # each choice ends the word as the text does
+            wrong = [choice[:-1] for k, choice in enumerate(item.choices) if k != item.label]
+            assert not words & set(wrong)  # no misspelling is a word of the split
+            assert len({choice[0] for choice in item.choices}) == 1  # the first letter stays
+        elif name == "next-word":
+            assert all(re.search(rf"(?<![A-Za-z]){choice}(?![A-Za-z])", held_out) for choice in item.choices)
+        elif name == "next-line":
             assert all(choice in lines for choice in item.choices)  # lines from elsewhere in the split
             assert len({len(choice) // builtin.LENGTH_BUCKET for choice in item.choices}) == 1  # length tells nothing
         else:

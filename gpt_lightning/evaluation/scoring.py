@@ -48,7 +48,7 @@ def _device(model: GPT) -> torch.device:
     return next(model.parameters()).device
 
 
-def _encode(tokenizer: Tokenizer, text: str, what: str) -> torch.Tensor:
+def encode_text(tokenizer: Tokenizer, text: str, what: str) -> torch.Tensor:
     tokenizer.check(text, what)  # a character outside the vocabulary: an error that names the item
     return tokenizer.encode(text)
 
@@ -77,9 +77,9 @@ def score_choices(
 
 def _score_item(model: GPT, tokenizer: Tokenizer, item: ChoiceItem, batch_size: int) -> ChoiceScore:
     block_size = model.config.block_size
-    context = _encode(tokenizer, item.context, f"{item.where}: the context")
+    context = encode_text(tokenizer, item.context, f"{item.where}: the context")
     endings = [
-        _encode(tokenizer, item.delimiter + choice, f"{item.where}: choice {i}")
+        encode_text(tokenizer, item.delimiter + choice, f"{item.where}: choice {i}")
         for i, choice in enumerate(item.choices)
     ]
     for i, ending in enumerate(endings):
@@ -178,7 +178,7 @@ def score_generations(
     scores = []
     with evaluating(model):
         for item in items:
-            prompt = _encode(tokenizer, item.prompt, f"{item.where}: the prompt")
+            prompt = encode_text(tokenizer, item.prompt, f"{item.where}: the prompt")
             prediction = greedy_until(model, tokenizer, prompt, item.stop, max_new_tokens)
             correct = normalize_answer(prediction, ignore_case) == normalize_answer(item.answer, ignore_case)
             scores.append(GenerationScore(prediction, item.answer, correct, item.where))
@@ -279,6 +279,6 @@ def score_text(
     limit: int | None = None, where: str = "the text",
 ) -> list[WindowScore]:  # fmt: skip
     """The scores of the windows (the first `limit` of them, if given) over `text` (see `text_windows`)."""
-    tokens = _encode(tokenizer, text, where)
+    tokens = encode_text(tokenizer, text, where)
     windows = text_windows(tokens.numel(), model.config.block_size, stride)
     return score_windows(model, tokenizer, tokens, windows[:limit], batch_size)
