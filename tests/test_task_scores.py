@@ -4,13 +4,15 @@ numbers `evaluate` gives for the same weights, on one process or split across DD
 import json
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import gpt_lightning.evaluation.builtin as builtin
 from gpt_lightning.evaluation import evaluate
-from tests.conftest import ROOT, WORDS, assert_ok, make_play, scalars, tiny_fit
+from tests.conftest import ROOT, WORDS, assert_ok, cli_env, make_play, scalars, tiny_fit
 
 
 @pytest.fixture
@@ -88,3 +90,29 @@ def test_under_ddp_each_process_scores_its_share_and_the_scores_are_one_process_
                        f"--task_scores.tasks=[{mc}]", "--task_scores.limit=null"))  # fmt: skip
     run = tmp_path / "run" / "version_0"
     assert last_values(run, "mc") == pytest.approx(evaluated(run, str(mc), limit=41), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_under_torchrun_splits_the_items_and_records_what_one_process_records(pretrained: Path,
+                                                                                      tmp_path: Path):  # fmt: skip
+    # Odd counts: the two processes' shares differ in size, for every kind of task.
+    mc = choice_file(tmp_path / "mc.jsonl", 13)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"The {w}", "answer": " and"}) + "\n" for w in WORDS[:7]))
+    prose = tmp_path / "prose.txt"
+    prose.write_text(make_play(30, seed=5), encoding="utf-8")
+    ckpt = str(pretrained / "checkpoints" / "last.ckpt")
+    script = tmp_path / "score.py"
+    script.write_text("import sys\nfrom gpt_lightning.evaluation import evaluate\n"
+                      "evaluate(sys.argv[1], sys.argv[3:], output=sys.argv[2], max_new_tokens=4)\n")  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               ckpt, str(tmp_path / "two.json"), str(mc), str(qa), str(prose)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=cli_env(PYTHONPATH=str(ROOT)))
+    assert_ok(result)
+    assert result.stdout.count("task ") == 1  # one table, printed by the first process
+    one = evaluate(ckpt, [str(mc), str(qa), str(prose)], output=str(tmp_path / "one.json"), max_new_tokens=4)
+    two = json.loads((tmp_path / "two.json").read_text())
+    for record in (one, two):
+        for task in record["tasks"]:
+            task.pop("seconds")
+    assert two == json.loads(json.dumps(one))  # the same record, number for number
