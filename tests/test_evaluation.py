@@ -159,6 +159,16 @@ def test_context_once_then_endings_as_a_batch_equals_a_full_forward_of_each(tmp_
     assert fits == [True, False, True]
 
 
+def test_each_choice_says_whether_it_is_the_greedy_continuation_after_one_context_or_as_a_whole_sequence():
+    model, tokenizer = chain_model(".abc de\nb")  # after "." greedy writes "abc de\nbc de\nbc..."
+    choices = ("abc", "abd", "a", "bc de")
+    short = ChoiceItem(context="e.", choices=choices, label=0, where="short")
+    long = ChoiceItem(context="abc de\nbc de\ne.", choices=choices, label=0, where="long")  # 15 + 5 - 1 > 16
+    for batch_size in (1, 3):
+        for score in score_choices(model, tokenizer, [short, long], batch_size=batch_size):
+            assert score.greedy == (True, False, True, False), (score.where, batch_size)
+
+
 def test_a_choice_longer_than_the_context_window_is_an_error_naming_its_line(tmp_path: Path):
     model, tokenizer, _ = bigram(block_size=8)
     path = write_jsonl(tmp_path / "long.jsonl", [{"context": "ab", "choices": ["a", "abcdeabcde"], "label": 0}])
