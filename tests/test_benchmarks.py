@@ -96,6 +96,12 @@ def test_generation_benchmark_compares_sampling_with_and_without_the_kv_cache():
     assert re.fullmatch(r"\s*cpu\s+64\s+[\d,]+\s+[\d,]+\s+[\d.]+x", lines[-1]), lines
 
 
+def test_evaluate_speed_benchmark_prints_items_per_second_and_the_threads_it_ran_on():
+    lines = run_benchmark("evaluate_speed.py", "--preset", "cpu", "--items=4", "--rounds=2", "--threads=1")
+    assert re.fullmatch(r"device=cpu OMP_NUM_THREADS=\S+ torch threads=1 items=4 choices=4 .*rounds=2", lines[0])
+    assert re.fullmatch(r"\| cpu \| 0\.8M \| 64 \| 65 \| [\d,.]+ \| [\d,.]+, [\d,.]+ \|", lines[-1]), lines
+
+
 def test_time_to_loss_benchmark_stops_at_the_first_validation_that_reaches_the_target(text_file: Path):
     lines = run_benchmark("time_to_loss.py", "--preset=cpu", f"--data-path={text_file}", "--target=3.3",
                           "--val-every=20", "--threads=1", "--trainer.max_steps=200")  # fmt: skip
