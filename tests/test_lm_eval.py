@@ -91,6 +91,11 @@ def request(kind: str, *args: Any) -> Any:
     return Instance(kind, {}, args, 0)
 
 
+# lm-eval's own hellaswag.yaml reads the same fields (after its own preprocessing of HellaSwag's text)
+MULTIPLE_CHOICE = {"output_type": "multiple_choice", "doc_to_text": "ctx", "doc_to_choice": "endings",
+                   "doc_to_target": "label"}  # fmt: skip
+
+
 def hellaswag_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """HellaSwag's own fields, endings of 1 to 5 words: several BPE tokens each, and lengths that differ."""
     rng = random.Random(seed)
@@ -114,16 +119,8 @@ def test_our_evaluate_lm_eval_through_the_adapter_and_lm_evals_hf_model_on_the_e
 ):
     pytest.importorskip("accelerate", reason="lm-eval's hf model needs lm_eval[hf] (the eval extra installs it)")
     rows = hellaswag_rows(40)
-    data = write_task(
-        tmp_path,
-        "tiny_hellaswag",
-        rows,
-        output_type="multiple_choice",
-        doc_to_text="ctx",
-        doc_to_choice="endings",
-        doc_to_target="label",
-        metric_list=[metric("acc"), metric("acc_norm"), metric("acc_bytes")],
-    )
+    metrics = [metric("acc"), metric("acc_norm"), metric("acc_bytes")]
+    data = write_task(tmp_path, "tiny_hellaswag", rows, **MULTIPLE_CHOICE, metric_list=metrics)
     exported = tmp_path / "exported"
     assert_ok(cli("export", f"--ckpt_path={bpe_model}", f"--output={exported}", in_process=True))
 
@@ -232,3 +229,39 @@ def test_the_adapter_imports_neither_lightning_nor_lm_evals_datasets():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
+
+
+def lm_eval_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m gpt_lightning.evaluation.lm_eval_adapter ARGS`: lm-eval's command line with our model."""
+    command = [sys.executable, "-m", "gpt_lightning.evaluation.lm_eval_adapter", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=cli_env(**(env or {})))
+
+
+@pytest.mark.slow
+def test_lm_evals_command_line_runs_our_checkpoint_on_a_task_of_an_include_path(bpe_model: Path, tmp_path: Path):
+    rows = hellaswag_rows(12, seed=1)
+    data = write_task(tmp_path, "tiny_hellaswag", rows, **MULTIPLE_CHOICE, metric_list=[metric("acc")])
+    result = lm_eval_command("--model", "gpt_lightning", "--model_args", f"ckpt_path={bpe_model},batch_size=2",
+                             "--tasks", "tiny_hellaswag", "--include_path", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("|tiny_hellaswag")]
+    acc = evaluate(str(bpe_model), [str(data)])["tasks"][0]["metrics"]["acc"]["value"]
+    assert row.split("|")[5].strip() == "acc" and float(row.split("|")[7]) == pytest.approx(acc, abs=5e-5), row
+
+
+HELLASWAG_ON_THE_HUB = "Rowan/hellaswag"  # what lm-eval's own hellaswag task reads
+
+
+@pytest.mark.slow
+def test_lm_evals_own_hellaswag_runs_through_the_adapter_where_its_data_is_cached(bpe_model: Path):
+    from huggingface_hub import constants
+
+    cached = Path(constants.HF_HUB_CACHE) / f"datasets--{HELLASWAG_ON_THE_HUB.replace('/', '--')}"
+    if not cached.is_dir():
+        pytest.skip(f"lm-eval's hellaswag downloads {HELLASWAG_ON_THE_HUB} from the Hugging Face hub, which is not in "
+                    f"this machine's cache ({constants.HF_HUB_CACHE}); the tests never use the network")  # fmt: skip
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = lm_eval_command("--model", "gpt_lightning", "--model_args", f"ckpt_path={bpe_model}", "--tasks",
+                             "hellaswag", "--limit", "8", "--device", "cpu", env=offline)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(line.startswith("|hellaswag") and "|acc " in line for line in result.stdout.splitlines())
