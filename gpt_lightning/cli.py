@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import shlex
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -32,10 +33,10 @@ from gpt_lightning.callbacks import (
     TokenThroughput,
 )
 from gpt_lightning.checkpoint import DECIDED_BY_CHECKPOINT, describe_checkpoint
+from gpt_lightning.commands import COMMANDS
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
 from gpt_lightning.lora import LoRAConfig
-from gpt_lightning.trainer import GPTTrainer
 
 TENSORBOARD_LOGGER = "gpt_lightning.callbacks.StepTensorBoardLogger"
 # Loggers whose runs live in <save_dir>/<name>/version_N, where a resumed run continues.
@@ -47,7 +48,6 @@ class GPTLightningCLI(LightningCLI):
         super().__init__(
             GPTModule,
             ShakespeareDataModule,
-            trainer_class=GPTTrainer,
             # A fixed default seed: a resumed run must draw the same data and dropout as the original.
             seed_everything_default=1337,
             # configure_optimizers is the module's own (AdamW groups, warm-up + cosine).
@@ -71,28 +71,9 @@ class GPTLightningCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # test and predict have nothing to run on: the data has two splits and the model predicts text
-        # through `generate`.
+        # test and predict have nothing to run on: the data has two splits, and text comes from `generate`.
         lightning = LightningCLI.subcommands()
-        return {
-            "fit": lightning["fit"],
-            "validate": lightning["validate"],
-            "generate": {"model"},
-            "export": {"model"},
-            "serve": {"model"},
-        }
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        if subcommand not in ("generate", "export", "serve"):
-            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        # Sampling and exporting need a checkpoint (and a device), not the model and data sections of training.
-        parser = self.init_parser(**kwargs)
-        parser.add_lightning_class_args(self.trainer_class, "trainer")
-        parser.set_defaults({"trainer.devices": 1, "trainer.logger": False, "trainer.enable_progress_bar": False})
-        parser.add_argument("--seed_everything", type=bool | int, default=False, help="Unused: sampling takes --seed.")
-        added = parser.add_method_arguments(klass, subcommand, skip=self.subcommands()[subcommand])
-        self._subcommand_method_arguments[subcommand] = added
-        return parser
+        return {"fit": lightning["fit"], "validate": lightning["validate"]}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -112,7 +93,7 @@ class GPTLightningCLI(LightningCLI):
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
 
-    def instantiate_trainer(self, **kwargs: Any) -> GPTTrainer:
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         keys = self._parser(self.subcommand).callback_keys
         if config.get("enable_progress_bar") is False:
@@ -125,12 +106,10 @@ class GPTLightningCLI(LightningCLI):
             config.update(logger=False, enable_checkpointing=False)
             keys = [key for key in keys if key not in ("checkpoint", "last_checkpoint")]
             self.save_config_callback = None
-        trainer = self._instantiate_trainer(config, [self._get(self.config_init, key) for key in keys])
-        assert isinstance(trainer, GPTTrainer)
-        return trainer
+        return self._instantiate_trainer(config, [self._get(self.config_init, key) for key in keys])
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand not in ("fit", "validate"):
+        if self.subcommand is None:  # built, not run (run=False): the caller fits
             return
         config = self.config[self.subcommand]
         if config.get("weights_only") is None:
@@ -359,6 +338,55 @@ def clean_console() -> Iterator[None]:
             logger.handlers = handlers
 
 
+# fit and validate are LightningCLI's (GPTLightningCLI above); every other command is a plain function in
+# gpt_lightning.commands, with a parser made from its signature. The first argument names the command.
+LIGHTNING_COMMANDS = {
+    "fit": "Train a model: pre-train, fine-tune from weights (--model.init_from) or resume (--ckpt_path).",
+    "validate": "Score a checkpoint on the validation split (--ckpt_path) and print its loss.",
+}
+
+
+def command_parser() -> ArgumentParser:
+    """The parser of the commands in COMMANDS. fit and validate are listed for --help only: their options are
+    LightningCLI's (`python main.py fit --help`)."""
+    parser = ArgumentParser(prog="main.py", description="gpt-lightning: train, sample, export, serve and evaluate "
+                            "GPT models. `python main.py COMMAND --help` lists a command's options.")  # fmt: skip
+    commands = parser.add_subcommands(required=True)
+    for name, help in LIGHTNING_COMMANDS.items():
+        commands.add_subcommand(name, ArgumentParser(description=help), help=help)
+    _add_commands(commands, COMMANDS)
+    return parser
+
+
+def _add_commands(subcommands: Any, table: dict[str, Any]) -> None:
+    for name, command in table.items():
+        if name == "_help":
+            continue
+        doc = command["_help"] if isinstance(command, dict) else inspect.getdoc(command) or ""
+        description = doc.split("\n\n")[0]
+        help = description.split(". ")[0].rstrip(".") + "."  # its first sentence, in the list of commands
+        parser = ArgumentParser(description=description)
+        subcommands.add_subcommand(name, parser, help=help)  # before its own subcommands: jsonargparse's order
+        if isinstance(command, dict):
+            _add_commands(parser.add_subcommands(required=True), command)
+        else:
+            parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of options, as --print_config "
+                                "writes them; options after it override it.")  # fmt: skip
+            parser.add_function_arguments(command, as_group=False, sub_configs=True)
+
+
+def run_command(args: list[str]) -> Any:
+    """Parses `args` (a command of COMMANDS and its options) and calls the command's function."""
+    parser = command_parser()
+    config = parser.instantiate_classes(parser.parse_args(args))
+    command: Any = COMMANDS
+    while isinstance(command, dict):
+        name = config.pop("subcommand")
+        command, config = command[name], config[name]
+    config.pop("config", None)
+    return command(**config)
+
+
 def main(args: list[str] | None = None) -> None:
     # A bare --print_config prints the config documented: every option with its help as a comment.
     documented = ["--print_config=comments" if arg == "--print_config" else arg for arg in args or sys.argv[1:]]
@@ -366,7 +394,10 @@ def main(args: list[str] | None = None) -> None:
         sys.argv[1:] = documented  # in place: DDP re-launches sys.argv
     try:
         with clean_console():
-            GPTLightningCLI(args=None if args is None else documented)
+            if documented[:1] and documented[0] in LIGHTNING_COMMANDS:
+                GPTLightningCLI(args=None if args is None else documented)
+            else:
+                run_command(documented)
     except USER_ERRORS as err:
         if os.environ.get("GPT_LIGHTNING_TRACEBACK"):
             raise

@@ -8,7 +8,7 @@ PLAIN = ["gpt_lightning", "gpt_lightning.model", "gpt_lightning.tokenizer", "gpt
          "gpt_lightning.hf", "gpt_lightning.lora", "gpt_lightning.serve", "gpt_lightning.tokenizer_training",
          "gpt_lightning.tokenizer_eval", "gpt_lightning.evaluation", "gpt_lightning.evaluation.tasks",
          "gpt_lightning.evaluation.builtin", "gpt_lightning.evaluation.scoring", "gpt_lightning.evaluation.metrics",
-         "gpt_lightning.evaluation.run"]  # fmt: skip
+         "gpt_lightning.evaluation.run", "gpt_lightning.commands"]  # fmt: skip
 
 
 def test_plain_modules_do_not_import_lightning():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gpt_lightning.checkpoint import load_checkpoint, tokenizer_of
-from tests.conftest import ROOT, assert_ok, cli, make_play, scalars, text_samples, tiny_fit
+from tests.conftest import ROOT, assert_ok, cli, main_in_process, make_play, scalars, text_samples, tiny_fit
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +102,31 @@ def test_validate_a_checkpoint_with_its_own_architecture(pretrained: Path, text_
     # Lightning prints a plain table, or a rich one where `rich` is installed.
     reported = float(re.search(r"val/loss\W+([0-9.]+)", result.stdout).group(1))
     assert abs(reported - last_val) < 1e-4
+
+
+COMMANDS = ["fit", "validate", "generate", "export", "serve", "evaluate", "tokenizer"]
+
+
+def test_help_lists_every_command():
+    result = main_in_process("--help")
+    assert_ok(result)
+    listed = re.search(r"\{([\w,]+)\}", result.stdout)
+    assert listed is not None and listed.group(1).split(",") == COMMANDS, result.stdout
+    tokenizer = main_in_process("tokenizer", "--help")
+    assert_ok(tokenizer)
+    assert "{train,evaluate}" in tokenizer.stdout
+
+
+@pytest.mark.parametrize("command", [["generate"], ["export"], ["serve"], ["evaluate"], ["tokenizer", "train"],
+                                     ["tokenizer", "evaluate"]])  # fmt: skip
+def test_every_option_of_a_command_says_what_it_does(command: list[str]):
+    # The options are the function's parameters, documented in its docstring: none is "Unused", none is bare.
+    result = main_in_process(*command, "--help")
+    assert_ok(result)
+    assert "Unused" not in result.stdout and "seed_everything" not in result.stdout
+    blocks = re.split(r"^  (?=--)", result.stdout.split("options:", 1)[1], flags=re.M)[1:]
+    options = {block.split()[0]: " ".join(block.split()) for block in blocks}
+    assert len(options) >= 4, result.stdout
+    files = ("--help", "--config", "--print_config", "--trainer")  # jsonargparse's own, and a group's config file
+    bare = [name for name, text in options.items() if name not in files and "type: " not in text]
+    assert bare == [], f"options without help: {bare}"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt_lightning.cli import GPTLightningCLI
+from gpt_lightning.cli import main
 from gpt_lightning.model import PRESETS
 from tests.conftest import ROOT
 
@@ -26,7 +26,7 @@ def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def parsed(capsys: pytest.CaptureFixture, *args: str) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        GPTLightningCLI(args=[*args, "--print_config"])
+        main([*args, "--print_config"])
     assert exit_info.value.code == 0, capsys.readouterr().err
     return yaml.safe_load(capsys.readouterr().out)
 

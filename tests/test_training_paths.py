@@ -14,11 +14,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from gpt_lightning.checkpoint import load_model
+from gpt_lightning.commands import generate
+from gpt_lightning.commands.device import DeviceAndPrecision
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.lit_model import GPTModule, is_logging_step
 from gpt_lightning.optim import WarmupCosine
-from gpt_lightning.trainer import GPTTrainer
 
 
 def data_and_module(text_file: Path, **module_kwargs) -> tuple[ShakespeareDataModule, GPTModule]:
@@ -193,7 +194,7 @@ def test_generate_honours_the_trainer_precision(tmp_path, text_file, monkeypatch
 
     # The sampler stream_text runs (the package's `generate` name is the function, so the module by import).
     monkeypatch.setattr(importlib.import_module("gpt_lightning.generate"), "generate_tokens", spy)
-    GPTTrainer(accelerator="cpu", devices=1, precision=precision, logger=False).generate(str(ckpt), prompt="KING")
+    generate(str(ckpt), prompt="KING", trainer=DeviceAndPrecision(accelerator="cpu", precision=precision))
     assert seen == {"dtype": dtype, "autocast": autocast}
 
 
