@@ -235,7 +235,7 @@ def test_a_non_zero_local_rank_waits_for_local_rank_0s_download(hf_gpt2, tmp_pat
 
     from huggingface_hub import constants
 
-    from gpt_lightning.hf import hf_gpt2_folder
+    from gpt_lightning.hub import hf_gpt2_folder
 
     _, folder = hf_gpt2
     cache = tmp_path / "hub"
@@ -402,7 +402,7 @@ def test_the_hub_failure_marker_is_this_users_own(tmp_path: Path, monkeypatch: p
 
     from huggingface_hub import constants
 
-    from gpt_lightning.hf import hf_gpt2_folder
+    from gpt_lightning.hub import hf_gpt2_folder
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
