@@ -16,10 +16,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.utils import clip_grad_norm_
 from torchmetrics import MeanMetric
 
-from gpt_lightning.checkpoint import METADATA_KEY, describe_checkpoint, metadata
 from gpt_lightning.lora import LoRAConfig, add_lora
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, WarmupCosine, hidden_matrices
+from gpt_lightning.sources import METADATA_KEY, metadata, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 
@@ -128,7 +128,7 @@ class GPTModule(L.LightningModule):
             self.config = dataclasses.replace(defaults, **{k: v for k, v in explicit.items() if v is not None})
             self.gpt = GPT(self.config)
         else:  # the checkpoint decides the architecture, vocabulary size and context (a GPT-2 may crop it)
-            source = describe_checkpoint(init_from)
+            source = open_source(init_from)
             given = {**{f"model.{k}": v for k, v in explicit.items()}, "data.block_size": block_size}
             self.config = source.config_for(given, dropout)
             self.gpt = source.load_weights_into(GPT(self.config))

@@ -8,11 +8,11 @@ from typing import Any, cast
 
 import lightning as L
 
-from gpt_lightning.checkpoint import describe_checkpoint, export_plain_checkpoint, load_model
 from gpt_lightning.data import read_text
 from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptions, check_prompt, stream_text
 from gpt_lightning.hf import export_hf_gpt2
 from gpt_lightning.model import GPT
+from gpt_lightning.sources import export_plain_checkpoint, load_model, open_source
 
 
 class GPTTrainer(L.Trainer):
@@ -90,7 +90,7 @@ class GPTTrainer(L.Trainer):
             model: Unused: the checkpoint defines the model.
         """
         gpt, tokenizer = load_model(ckpt_path, merge_lora=True)
-        merged = " (its LoRA updates merged into the weights)" if describe_checkpoint(ckpt_path).lora else ""
+        merged = " (its LoRA updates merged into the weights)" if open_source(ckpt_path).lora else ""
         if output.endswith(".ckpt"):
             written = export_plain_checkpoint(ckpt_path, gpt, output)
             print(f"exported {ckpt_path}{merged} to {written}: sample it with `python main.py generate --ckpt_path "

@@ -16,6 +16,7 @@ PLAIN = [
         ".data",
         ".token_cache",
         ".checkpoint",
+        ".sources",
         ".optim",
         ".hf",
         ".lora",
