@@ -32,6 +32,16 @@ CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # stored tran
 LAYER_NORMS = ("ln_1", "ln_2")
 
 
+def gpt2_names(config: GPTConfig) -> list[tuple[str, str, bool]]:
+    """The one table of GPT-2's weights, read both ways (export and load): (our name, Hugging Face's name,
+    whether Hugging Face stores it transposed). Every layer has its biases there; a tied head is not stored."""
+    layers = [f"h.{i}.{part}" for i in range(config.n_layer) for part in (*LAYER_NORMS, *CONV1D)]
+    names = [("wte.weight", "transformer.wte.weight", False), ("wpe.weight", "transformer.wpe.weight", False)]
+    names += [(f"{layer}.{kind}", f"transformer.{layer}.{kind}", kind == "weight" and layer.endswith(CONV1D))
+              for layer in [*layers, "ln_f"] for kind in ("weight", "bias")]  # fmt: skip
+    return names if config.tie_embeddings else [*names, ("lm_head.weight", "lm_head.weight", False)]
+
+
 def hf_gpt2_config(config: GPTConfig) -> dict:
     """config.json of the same model. Hugging Face's "gelu" is our exact GELU; its GPT-2 default, "gelu_new",
     is the tanh approximation."""
@@ -58,24 +68,12 @@ def hf_gpt2_config(config: GPTConfig) -> dict:
 def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The weights the model computes with (a LoRA model's updates merged) under Hugging Face GPT-2's names and
     layouts. A tied head is not stored."""
-    ours, n_embd = plain_state_of(model), model.config.n_embd
-
-    def bias(name: str, size: int) -> torch.Tensor:
-        return ours.get(f"{name}.bias", torch.zeros(size))
-
-    theirs = {"transformer.wte.weight": ours["wte.weight"], "transformer.wpe.weight": ours["wpe.weight"]}
-    for i in range(model.config.n_layer):
-        for norm in LAYER_NORMS:
-            theirs[f"transformer.h.{i}.{norm}.weight"] = ours[f"h.{i}.{norm}.weight"]
-            theirs[f"transformer.h.{i}.{norm}.bias"] = bias(f"h.{i}.{norm}", n_embd)
-        for name in CONV1D:
-            weight = ours[f"h.{i}.{name}.weight"]  # (out, in)
-            theirs[f"transformer.h.{i}.{name}.weight"] = weight.t()  # (in, out)
-            theirs[f"transformer.h.{i}.{name}.bias"] = bias(f"h.{i}.{name}", weight.shape[0])
-    theirs["transformer.ln_f.weight"] = ours["ln_f.weight"]
-    theirs["transformer.ln_f.bias"] = bias("ln_f", n_embd)
-    if not model.config.tie_embeddings:
-        theirs["lm_head.weight"] = ours["lm_head.weight"]
+    ours, theirs = plain_state_of(model), {}
+    for our_name, their_name, transposed in gpt2_names(model.config):
+        if our_name in ours:
+            theirs[their_name] = ours[our_name].t() if transposed else ours[our_name]  # (out, in) -> (in, out)
+        else:  # a bias of a model trained without them
+            theirs[their_name] = torch.zeros(ours[our_name.removesuffix(".bias") + ".weight"].shape[0])
     # safetensors stores each tensor once and contiguous: no views, no shared storage.
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in theirs.items()}
 
@@ -297,17 +295,14 @@ def is_hf_gpt2(path: str | Path) -> bool:
 
 
 def _from_hf_names(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    ours = {"wte.weight": theirs["wte.weight"], "wpe.weight": theirs["wpe.weight"][: config.block_size]}
-    for i in range(config.n_layer):
-        for norm in LAYER_NORMS:
-            for kind in ("weight", "bias"):
-                ours[f"h.{i}.{norm}.{kind}"] = theirs[f"h.{i}.{norm}.{kind}"]
-        for name in CONV1D:
-            ours[f"h.{i}.{name}.weight"] = theirs[f"h.{i}.{name}.weight"].t()  # (in, out) -> (out, in)
-            ours[f"h.{i}.{name}.bias"] = theirs[f"h.{i}.{name}.bias"]
-    ours["ln_f.weight"], ours["ln_f.bias"] = theirs["ln_f.weight"], theirs["ln_f.bias"]
+    ours = {}
+    for our_name, their_name, transposed in gpt2_names(config):
+        weight = theirs[their_name.removeprefix("transformer.")]
+        ours[our_name] = weight.t() if transposed else weight  # (in, out) -> (out, in)
+    ours["wpe.weight"] = ours["wpe.weight"][: config.block_size]
     # A tied head is the embedding, whatever a folder stores beside it (transformers ties it the same way).
-    ours["lm_head.weight"] = ours["wte.weight"] if config.tie_embeddings else theirs["lm_head.weight"]
+    if config.tie_embeddings:
+        ours["lm_head.weight"] = ours["wte.weight"]
     return ours
 
 
