@@ -26,6 +26,7 @@ from gpt_lightning.callbacks import (
     FinalValidation,
     LastCheckpoint,
     LossChartLayout,
+    TaskScores,
     TextSampleLogger,
     TokenThroughput,
 )
@@ -95,6 +96,7 @@ class GPTLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(TextSampleLogger, "sample")
+        parser.add_lightning_class_args(TaskScores, "task_scores")
         parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
         # Redrawing the bar (and reading the loss for it) every step costs 3% of a CPU-recipe step.
         parser.set_defaults({"progress_bar.refresh_rate": 10})
@@ -103,6 +105,7 @@ class GPTLightningCLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.filename": "best-{step}"})
         # Fine-tuning takes vocabulary and block size from the same checkpoint as the weights.
         parser.link_arguments("model.init_from", "data.init_from", apply_on="parse")
+        parser.link_arguments("data.data_dir", "task_scores.data_dir", apply_on="parse")
         # Derived from the data, written once.
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")

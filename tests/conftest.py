@@ -17,6 +17,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the verified corpus copy beside the checkout, where there is one
+SHARED_CORPUS = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 WORDS = (
     "the and of to my in you is that not with be your his for this but have thou as so me will what "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from benchmarks.common import (
 )
 from gpt_lightning.cli import GPTLightningCLI
 from gpt_lightning.model import GPTConfig
-from tests.conftest import ROOT, make_play
+from tests.conftest import ROOT, SHARED_CORPUS, SHARED_DATA, make_play
 
 BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common"))
 
@@ -75,17 +76,30 @@ def test_throughput_benchmark_prints_a_round_per_turn_and_the_ratio_line(text_fi
     assert re.fullmatch(r"fit/plain tokens-per-second ratio: \d\.\d\d", lines[-1])
 
 
-def test_validation_share_benchmark_scales_a_few_steps_to_the_recipes_interval(text_file: Path):
+def test_validation_share_benchmark_scales_a_few_steps_to_the_recipes_interval(text_file: Path, tmp_path: Path):
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps({"context": "The king", "choices": [" is", " and"], "label": 0}) + "\n"
+                            for _ in range(5)))  # fmt: skip
     lines = run_benchmark("validation_share.py", "--preset=cpu", f"--data-path={text_file}", "--threads=1",
-                          "--train-steps=4")  # fmt: skip
-    assert re.fullmatch(r"training [\d.]+ s \([\d.]+ s/step\), validation [\d.]+ s \(1 full pass .*\)", lines[-2])
+                          "--train-steps=4", "--task-scores", str(task), "--task-limit=3")  # fmt: skip
+    assert re.fullmatch(r"training [\d.]+ s \([\d.]+ s/step\), validation [\d.]+ s \(1 full pass .*\)", lines[-3])
     share = r"validation share of wall time at val_check_interval=\d+, training time scaled from 4 steps: [\d.]+%"
-    assert re.fullmatch(share, lines[-1])
+    assert re.fullmatch(share, lines[-2])
+    tasks = (
+        r"task scores \(.*mc.jsonl; 3 items each\): [\d.]+ s per validation, [\d.]+x the validation pass \([\d.]+ s\)"
+    )
+    assert re.fullmatch(tasks, lines[-1])
 
 
 def test_generation_benchmark_compares_sampling_with_and_without_the_kv_cache():
     lines = run_benchmark("generation.py", "--preset=cpu", "--max-new-tokens=8", "--rounds=1", "--threads=1")
     assert re.fullmatch(r"\s*cpu\s+64\s+[\d,]+\s+[\d,]+\s+[\d.]+x", lines[-1]), lines
+
+
+def test_evaluate_speed_benchmark_prints_items_per_second_and_the_threads_it_ran_on():
+    lines = run_benchmark("evaluate_speed.py", "--preset", "cpu", "--items=4", "--rounds=2", "--threads=1")
+    assert re.fullmatch(r"device=cpu OMP_NUM_THREADS=\S+ torch threads=1 items=4 choices=4 .*rounds=2", lines[0])
+    assert re.fullmatch(r"\| cpu \| 0\.8M \| 64 \| 65 \| [\d,.]+ \| [\d,.]+, [\d,.]+ \|", lines[-1]), lines
 
 
 def test_time_to_loss_benchmark_stops_at_the_first_validation_that_reaches_the_target(text_file: Path):
@@ -199,3 +213,21 @@ def test_serve_load_benchmark_prints_a_row_per_client_count_and_the_ratio(pretra
         row = rf"\| {clients} \| {number} \| {number} \| {number} \| {number} \| 0 \| {number} MB \|"
         assert any(re.fullmatch(row, line) for line in lines), lines
     assert re.fullmatch(rf"served total / generate alone, N=3: {number}", lines[-1]), lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CORPUS.is_file(), reason="the built-in tasks need the corpus copy in ../shared/data")
+def test_zero_shot_benchmark_prints_each_task_against_chance_and_the_curve_along_a_run(tmp_path: Path):
+    lines = run_benchmark("zero_shot.py", f"--runs={tmp_path / 'runs'}", f"--data-dir={SHARED_DATA}",
+                          "--presets", "cpu", "--seeds", "1", "2", "--max-steps=4", "--limit=8")  # fmt: skip
+    assert lines[0] == "zero-shot acc, mean ± sd over seeds 1, 2; chance 0.25; n items per task"
+    for task in ("spelling", "next-word", "next-line", "who-speaks"):
+        assert any(re.fullmatch(rf"{task}\s+8\s+[\d.]+ ± [\d.]+", line) for line in lines), lines
+    header = next(k for k, line in enumerate(lines) if line.startswith(" step"))
+    assert [line.split()[0] for line in lines[header + 1 :]] == [
+        "1",
+        "1",
+        "2",
+        "3",
+        "4",
+    ]  # one step, then 4 validations

@@ -17,6 +17,7 @@ import torch
 
 from tests.conftest import (
     ROOT,
+    SHARED_CORPUS,
     TINY,
     assert_clean_error,
     assert_ok,
@@ -30,7 +31,6 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.slow
 
-SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 DDP_CPU = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml")]
 
 

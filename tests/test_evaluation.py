@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,16 @@ def test_context_once_then_endings_as_a_batch_equals_a_full_forward_of_each(tmp_
     assert fits == [True, False, True]
 
 
+def test_each_choice_says_whether_it_is_the_greedy_continuation_after_one_context_or_as_a_whole_sequence():
+    model, tokenizer = chain_model(".abc de\nb")  # after "." greedy writes "abc de\nbc de\nbc..."
+    choices = ("abc", "abd", "a", "bc de")
+    short = ChoiceItem(context="e.", choices=choices, label=0, where="short")
+    long = ChoiceItem(context="abc de\nbc de\ne.", choices=choices, label=0, where="long")  # 15 + 5 - 1 > 16
+    for batch_size in (1, 3):
+        for score in score_choices(model, tokenizer, [short, long], batch_size=batch_size):
+            assert score.greedy == (True, False, True, False), (score.where, batch_size)
+
+
 def test_a_choice_longer_than_the_context_window_is_an_error_naming_its_line(tmp_path: Path):
     model, tokenizer, _ = bigram(block_size=8)
     path = write_jsonl(tmp_path / "long.jsonl", [{"context": "ab", "choices": ["a", "abcdeabcde"], "label": 0}])
@@ -259,12 +270,12 @@ def test_bits_per_byte_of_a_bpe_model_counts_the_bytes_its_tokens_stand_for(tmp_
 def play_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A generated play standing in for tiny Shakespeare (the built-in tasks read it through ensure_corpus)."""
     path = tmp_path / "play.txt"
-    path.write_text(make_play(600, seed=3), encoding="utf-8")
+    path.write_text(make_play(2000, seed=3), encoding="utf-8")
     monkeypatch.setattr(builtin, "ensure_corpus", lambda data_dir, **kwargs: path)
     return path
 
 
-@pytest.mark.parametrize("name", ["next-line", "who-speaks"])
+@pytest.mark.parametrize("name", ["spelling", "next-word", "next-line", "who-speaks"])
 def test_builtin_tasks_are_deterministic_and_made_of_held_out_text_only(play_corpus: Path, name: str):
     text = play_corpus.read_text(encoding="utf-8")
     held_out = text[int(len(text) * 0.9) :]
@@ -279,7 +290,19 @@ def test_builtin_tasks_are_deterministic_and_made_of_held_out_text_only(play_cor
     for item in task.items:
         assert len(item.choices) == 4 and len(set(item.choices)) == 4
         assert item.context + item.choices[item.label] in held_out  # the real continuation, in place
-        if name == "next-line":
+        if name in ("spelling", "next-word"):
+            assert len({len(choice) for choice in item.choices}) == 1  # length tells nothing
+            assert item.context[-1:] in ("", " ", "\n") or not item.context[-1].isalpha()  # a whole word follows
+        if name == "spelling":
+            words = set(re.findall(r"[a-z]+", held_out))
+            (after,) = {choice[-1] for choice in item.choices}
+            assert not after.isalpha()  # each choice ends the word as the text does
+            wrong = [choice[:-1] for k, choice in enumerate(item.choices) if k != item.label]
+            assert not words & set(wrong)  # no misspelling is a word of the split
+            assert len({choice[0] for choice in item.choices}) == 1  # the first letter stays
+        elif name == "next-word":
+            assert all(re.search(rf"(?<![A-Za-z]){choice}(?![A-Za-z])", held_out) for choice in item.choices)
+        elif name == "next-line":
             assert all(choice in lines for choice in item.choices)  # lines from elsewhere in the split
             assert len({len(choice) // builtin.LENGTH_BUCKET for choice in item.choices}) == 1  # length tells nothing
         else:

@@ -4,7 +4,19 @@ The split is the corpus's last 10% of characters (data.text_span [0.9, 1.0]): th
 character-level run with data.val_fraction 0.1, text that pre-training never trained on. It cuts into a
 speech, so its first block is only ever context. Every item is made from the split alone by a generator
 seeded with the task's name and `seed`, so a seed gives the same items on any machine. The items ship as
-this code, never as corpus text. Both tasks have four choices: chance is 25%.
+this code, never as corpus text. Every task has four choices: chance is 25%. One item per speech at most.
+
+Two tasks ask what a character model learns first, words; two ask what it learns late, if ever, the plays:
+
+- spelling: a word of the speech, in its context (the speech up to the word), against three misspellings
+  of it of the same length: two adjacent letters swapped, or one letter (not the first) replaced by a letter
+  drawn as often as letters occur in the split. No misspelling is a word of the split. The word is a
+  lower-case word of at least SPELLING_MIN_LETTERS letters, drawn uniformly from the speech; each choice
+  ends with the character that follows the word, so the model must also end it.
+- next-word: the word that comes next in a speech against three other words of the split of the same
+  length, each drawn as often as it occurs there, as the right word is, so that knowing which words are
+  common is no help. The context is the speech up to the word; the word is a lower-case word of at least
+  NEXT_WORD_MIN_LETTERS letters drawn uniformly from the speech.
 
 - next-line: the real next line of a speech against three lines drawn from other speeches of the split,
   all four with lengths in one bucket (LENGTH_BUCKET characters wide, fixed boundaries) so that length tells
@@ -40,6 +52,9 @@ NUM_CHOICES = 4
 MAX_LINE_CHARS = 48
 WHO_SPEAKS_CHARS = 32
 LENGTH_BUCKET = 4  # next-line's choices have lengths in one bucket of this many characters (0-3, 4-7, ...)
+SPELLING_MIN_LETTERS = 5
+NEXT_WORD_MIN_LETTERS = 3
+_WORD = re.compile(r"(?<![A-Za-z'])[a-z]+(?![A-Za-z'])")  # a lower-case word, not part of a name or "o'er"
 _SPEECH_BREAK = re.compile(r"\n\s*\n")  # as data.speeches_of splits speeches
 _NAME_LINE = re.compile(r"[^\s:][^:\n]*:")
 
@@ -99,8 +114,7 @@ def next_line(held_out: str, seed: int) -> list[ChoiceItem]:
                     break
         else:
             continue  # too few other lines of about this length
-        context = f"{speech.before}\n\n{speech.name}:\n" + "".join(line + "\n" for line in speech.lines[:i])
-        items.append(_choice_item(context, right, wrong, rng, f"next-line item {len(items)}"))
+        items.append(_choice_item(_context_of(speech, i, 0), right, wrong, rng, f"next-line item {len(items)}"))
     return items
 
 
@@ -131,6 +145,99 @@ def who_speaks(held_out: str, seed: int) -> list[ChoiceItem]:
     return items
 
 
+def _context_of(speech: _Speech, line: int, column: int) -> str:
+    """The text before character `column` of the speech's line `line`: the block before it, a blank line, the
+    speaker's name line, the lines spoken so far and the line's first `column` characters."""
+    spoken = "".join(text + "\n" for text in speech.lines[:line])
+    return f"{speech.before}\n\n{speech.name}:\n{spoken}{speech.lines[line][:column]}"
+
+
+def _words_in(speech: _Speech, min_letters: int) -> list[tuple[int, re.Match[str]]]:
+    """The speech's lower-case words of at least `min_letters` letters, as (line, match), in text order."""
+    return [
+        (i, match)
+        for i, line in enumerate(speech.lines)
+        for match in _WORD.finditer(line)
+        if len(match.group()) >= min_letters
+    ]
+
+
+def _misspellings(word: str, words: set[str], letters: list[str], weights: list[int], rng: random.Random) -> list[str]:
+    """Up to NUM_CHOICES - 1 different misspellings of `word` of its length that are not in `words`."""
+    wrong: list[str] = []
+    for _ in range(100 * NUM_CHOICES):
+        # the first letter stays: a reader (and a model) knows a word by how it starts
+        if rng.random() < 0.5:  # two adjacent letters swapped
+            i = rng.randrange(1, len(word) - 1)
+            candidate = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+        else:  # one letter replaced
+            i = rng.randrange(1, len(word))
+            [letter] = rng.choices(letters, weights)
+            candidate = word[:i] + letter + word[i + 1 :]
+        if candidate not in words and candidate not in wrong:
+            wrong.append(candidate)
+            if len(wrong) == NUM_CHOICES - 1:
+                break
+    return wrong
+
+
+def spelling(held_out: str, seed: int) -> list[ChoiceItem]:
+    """The spelling items of the held-out text (see the module's docstring)."""
+    rng = random.Random(f"spelling/{seed}")
+    speeches = _speeches(held_out)
+    words = set(_WORD.findall(held_out))
+    letter_counts = Counter(c for c in held_out if "a" <= c <= "z")
+    letters = sorted(letter_counts)
+    weights = [letter_counts[c] for c in letters]
+    items: list[ChoiceItem] = []
+    for speech in speeches:
+        candidates = _words_in(speech, SPELLING_MIN_LETTERS)
+        if not candidates:
+            continue
+        i, match = rng.choice(candidates)
+        word = match.group()
+        wrong = _misspellings(word, words, letters, weights, rng)
+        if len(wrong) < NUM_CHOICES - 1:
+            continue
+        after = (speech.lines[i] + "\n")[match.end()]  # the space, punctuation or line end that follows
+        context = _context_of(speech, i, match.start())
+        right, *wrong = (w + after for w in [word, *wrong])
+        items.append(_choice_item(context, right, wrong, rng, f"spelling item {len(items)}"))
+    return items
+
+
+def next_word(held_out: str, seed: int) -> list[ChoiceItem]:
+    """The next-word items of the held-out text (see the module's docstring)."""
+    rng = random.Random(f"next-word/{seed}")
+    speeches = _speeches(held_out)
+    counts = Counter(w for w in _WORD.findall(held_out) if len(w) >= NEXT_WORD_MIN_LETTERS)
+    by_length: dict[int, list[str]] = {}
+    for word in sorted(counts):
+        by_length.setdefault(len(word), []).append(word)
+    items: list[ChoiceItem] = []
+    for speech in speeches:
+        candidates = _words_in(speech, NEXT_WORD_MIN_LETTERS)
+        if not candidates:
+            continue
+        i, match = rng.choice(candidates)
+        right = match.group()
+        others = [word for word in by_length[len(right)] if word != right]
+        if len(others) < NUM_CHOICES - 1:
+            continue
+        weights = [counts[word] for word in others]
+        wrong: list[str] = []
+        for _ in range(100 * NUM_CHOICES):  # as often as they occur, as the right word is drawn
+            [word] = rng.choices(others, weights)
+            wrong += [] if word in wrong else [word]
+            if len(wrong) == NUM_CHOICES - 1:
+                break
+        else:
+            continue  # too few other words of this length that occur often enough to be drawn
+        context = _context_of(speech, i, match.start())
+        items.append(_choice_item(context, right, wrong, rng, f"next-word item {len(items)}"))
+    return items
+
+
 def _first_words(line: str, max_chars: int) -> str:
     """The line's longest run of whole first words that fits `max_chars` (at least its first word)."""
     if len(line) <= max_chars:
@@ -139,7 +246,12 @@ def _first_words(line: str, max_chars: int) -> str:
     return line[:cut] if cut > 0 else line.split(" ", 1)[0]
 
 
-BUILTIN_TASKS: dict[str, Callable[[str, int], list[ChoiceItem]]] = {"next-line": next_line, "who-speaks": who_speaks}
+BUILTIN_TASKS: dict[str, Callable[[str, int], list[ChoiceItem]]] = {
+    "spelling": spelling,
+    "next-word": next_word,
+    "next-line": next_line,
+    "who-speaks": who_speaks,
+}
 
 
 def builtin_task(name: str, data_dir: str = "data", seed: int = 1337) -> MultipleChoiceTask:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import torch
 
 from gpt_lightning.data import VAL_FRACTION, atomic_write_bytes, sha256_of
 from gpt_lightning.evaluation.builtin import BUILTIN_TASKS, builtin_task
 from gpt_lightning.evaluation.metrics import DESCRIPTIONS, Metric, choice_metrics, generation_metrics, text_metrics
-from gpt_lightning.evaluation.scoring import score_choices, score_generations, score_text
+from gpt_lightning.evaluation.scoring import encode_text, score_choices, score_generations, score_windows, text_windows
 from gpt_lightning.evaluation.tasks import GenerationTask, MultipleChoiceTask, Task, read_task, split_kind
 from gpt_lightning.model import GPT
 from gpt_lightning.sources import load_model, open_source
 from gpt_lightning.tokenizer import BPETokenizer, Tokenizer
 
 RESULT_FORMAT = 1
+_Score = TypeVar("_Score")
 
 
 def resolve_task(spec: str, data_dir: str = "data", seed: int = 1337) -> Task:
@@ -53,10 +57,11 @@ def evaluate(
     Args:
         ckpt_path: The model: one of our checkpoints (a LoRA fine-tune's too), a Hugging Face GPT-2 folder, or a
             hub name such as `gpt2`.
-        tasks: What to score, in order: built-in tasks by name (next-line, who-speaks: multiple choice made from
-            the corpus's held-out split), JSONL task files (multiple choice in HellaSwag's or the generic format,
-            or generation with exact match; the kind is read from the fields), any other file as text for bits
-            per byte, or `KIND:PATH` with KIND one of multiple_choice, generation, lm.
+        tasks: What to score, in order: built-in tasks by name (spelling, next-word, next-line, who-speaks:
+            multiple choice made from the corpus's held-out split), JSONL task files (multiple choice in
+            HellaSwag's or the generic format, or generation with exact match; the kind is read from the
+            fields), any other file as text for bits per byte, or `KIND:PATH` with KIND one of multiple_choice,
+            generation, lm. Under torchrun, each process scores its share of every task's items.
         output: A JSON file to write the scores to, with the model's source and sha256, each task's source (a
             file's sha256; a built-in task's corpus sha256, generator and seed) and these settings. Never
             overwritten: an existing file is an error.
@@ -82,11 +87,37 @@ def evaluate(
     if len(set(names)) < len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})
         raise ValueError(f"two tasks are named {', '.join(repeated)} (a file's name is its stem): rename a file.")
+    device, joined = _join_torchrun_group(device)
+    try:
+        return _evaluate(ckpt_path, resolved, output, limit, batch_size, max_new_tokens, device, data_dir, seed,
+                         ignore_case, stride)  # fmt: skip
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _join_torchrun_group(device: str) -> tuple[str, bool]:
+    """Under torchrun (WORLD_SIZE > 1, no group yet), joins the process group, one process per device, and
+    returns this process's device and True."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.distributed.is_initialized():
+        return device, False
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, True
+
+
+def _evaluate(
+    ckpt_path: str, resolved: list[Task], output: str | None, limit: int | None, batch_size: int,
+    max_new_tokens: int, device: str, data_dir: str, seed: int, ignore_case: bool, stride: int | None,
+) -> dict[str, Any]:  # fmt: skip
     model, tokenizer = load_model(ckpt_path, merge_lora=True)
     model.to(device)
+    first_process = _rank_and_world_size()[0] == 0
     record_warnings = _held_out_warnings(ckpt_path, resolved)
-    for message in record_warnings:
-        warnings.warn(message, stacklevel=2)
+    for message in record_warnings if first_process else []:
+        warnings.warn(message, stacklevel=3)
 
     scored = []
     for task in resolved:
@@ -101,6 +132,8 @@ def evaluate(
                 "data_dir": data_dir, "seed": seed, "ignore_case": ignore_case, "stride": stride}  # fmt: skip
     result = {"format": RESULT_FORMAT, "model": describe_model(ckpt_path, tokenizer), "settings": settings,
               "tasks": scored, "warnings": record_warnings}  # fmt: skip
+    if not first_process:  # every process holds the same result; one prints it and writes it
+        return result
     print(format_table(result))
     if output is not None:
         _write_new(Path(output), json.dumps(result, indent=1, ensure_ascii=False).encode("utf-8"))
@@ -112,13 +145,40 @@ def score_task(
     model: GPT, tokenizer: Tokenizer, task: Task, limit: int | None = None, batch_size: int = 8,
     max_new_tokens: int = 32, ignore_case: bool = False, stride: int | None = None,
 ) -> list[Metric]:  # fmt: skip
-    """The metrics of one task on one model (the first `limit` items or windows)."""
+    """The metrics of one task on one model (the first `limit` items or windows).
+
+    In a torch.distributed process group (torchrun, a DDP run), each of the W processes scores every W-th item
+    (or window) from its rank on, and every process returns the metrics of all of them, put back in order:
+    the same numbers as one process's.
+    """
+    rank, world_size = _rank_and_world_size()
     if isinstance(task, MultipleChoiceTask):
-        return choice_metrics(score_choices(model, tokenizer, task.items[:limit], batch_size))
+        items = task.items[:limit]
+        choices = score_choices(model, tokenizer, items[rank::world_size], batch_size)
+        return choice_metrics(_in_order(choices, len(items), world_size))
     if isinstance(task, GenerationTask):
-        return generation_metrics(score_generations(model, tokenizer, task.items[:limit], max_new_tokens, ignore_case))
-    windows = score_text(model, tokenizer, task.text, batch_size, stride, limit, where=f"task {task.name}")
-    return text_metrics(windows, tokenizer.vocab_size)
+        prompts = task.items[:limit]
+        generations = score_generations(model, tokenizer, prompts[rank::world_size], max_new_tokens, ignore_case)
+        return generation_metrics(_in_order(generations, len(prompts), world_size))
+    tokens = encode_text(tokenizer, task.text, f"task {task.name}")
+    windows = text_windows(tokens.numel(), model.config.block_size, stride)[:limit]
+    scored = score_windows(model, tokenizer, tokens, windows[rank::world_size], batch_size)
+    return text_metrics(_in_order(scored, len(windows), world_size), tokenizer.vocab_size)
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _in_order(mine: list[_Score], total: int, world_size: int) -> list[_Score]:
+    """Every process's scores, gathered (rank r scored items r, r + W, ...) and put back in item order."""
+    if world_size == 1:
+        return mine
+    gathered: list[list[_Score]] = [[] for _ in range(world_size)]
+    torch.distributed.all_gather_object(gathered, mine)
+    return [gathered[i % world_size][i // world_size] for i in range(total)]
 
 
 def _check_settings(

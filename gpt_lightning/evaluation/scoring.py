@@ -48,7 +48,7 @@ def _device(model: GPT) -> torch.device:
     return next(model.parameters()).device
 
 
-def _encode(tokenizer: Tokenizer, text: str, what: str) -> torch.Tensor:
+def encode_text(tokenizer: Tokenizer, text: str, what: str) -> torch.Tensor:
     tokenizer.check(text, what)  # a character outside the vocabulary: an error that names the item
     return tokenizer.encode(text)
 
@@ -63,6 +63,7 @@ class ChoiceScore:
     tokens: tuple[int, ...]  # each choice's tokens (HellaSwag: with the space before it)
     bytes: tuple[int, ...]  # each choice's UTF-8 bytes as written (HellaSwag: without the space), as lm-eval
     where: str
+    greedy: tuple[bool, ...]  # each choice is what greedy decoding writes after the context (lm-eval's is_greedy)
 
 
 def score_choices(
@@ -77,9 +78,9 @@ def score_choices(
 
 def _score_item(model: GPT, tokenizer: Tokenizer, item: ChoiceItem, batch_size: int) -> ChoiceScore:
     block_size = model.config.block_size
-    context = _encode(tokenizer, item.context, f"{item.where}: the context")
+    context = encode_text(tokenizer, item.context, f"{item.where}: the context")
     endings = [
-        _encode(tokenizer, item.delimiter + choice, f"{item.where}: choice {i}")
+        encode_text(tokenizer, item.delimiter + choice, f"{item.where}: choice {i}")
         for i, choice in enumerate(item.choices)
     ]
     for i, ending in enumerate(endings):
@@ -90,28 +91,33 @@ def _score_item(model: GPT, tokenizer: Tokenizer, item: ChoiceItem, batch_size: 
             )
     # the last token of a choice is predicted, never fed: context + longest choice - 1 positions
     if context.numel() + max(e.numel() for e in endings) - 1 <= block_size:
-        losses = _after_one_context(model, context, endings, batch_size)
+        scored = _after_one_context(model, context, endings, batch_size)
     else:
-        losses = _as_whole_sequences(model, context, endings, batch_size)
+        scored = _as_whole_sequences(model, context, endings, batch_size)
     return ChoiceScore(
         label=item.label,
-        losses=tuple(losses),
+        losses=tuple(loss for loss, _ in scored),
         tokens=tuple(e.numel() for e in endings),
         bytes=tuple(len(choice.encode("utf-8")) for choice in item.choices),
         where=item.where,
+        greedy=tuple(greedy for _, greedy in scored),
     )
 
 
-def _after_one_context(model: GPT, context: torch.Tensor, endings: list[torch.Tensor], batch_size: int) -> list[float]:
+def _after_one_context(
+    model: GPT, context: torch.Tensor, endings: list[torch.Tensor], batch_size: int
+) -> list[tuple[float, bool]]:
     device = _device(model)
     caches = model.new_kv_caches(1)
     logits = model(context[None].to(device), caches, pos=0)  # (1, Tc, V)
     first = -F.log_softmax(logits[0, -1].float(), dim=-1)  # (V,): the loss of each choice's first token
-    losses = []
+    first_greedy = int(logits[0, -1].argmax())
+    scored = []
     for start in range(0, len(endings), batch_size):
         chunk = endings[start : start + batch_size]
         width = max(e.numel() for e in chunk) - 1
         rest = torch.zeros(len(chunk), device=device)
+        rest_greedy = torch.ones(len(chunk), dtype=torch.bool, device=device)
         if width > 0:
             inputs = torch.zeros(len(chunk), width, dtype=torch.long)
             targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
@@ -121,13 +127,18 @@ def _after_one_context(model: GPT, context: torch.Tensor, endings: list[torch.Te
             rows = [cache.expand(len(chunk), context.numel()) for cache in caches]
             logits = model(inputs.to(device), rows, pos=context.numel())  # (n, width, V)
             rest = _token_losses(logits, targets.to(device)).sum(dim=1)  # (n,)
-        losses += [(first[int(ending[0])] + rest[row]).item() for row, ending in enumerate(chunk)]
-    return losses
+            rest_greedy = _greedy(logits, targets.to(device))
+        for row, ending in enumerate(chunk):
+            greedy = int(ending[0]) == first_greedy and bool(rest_greedy[row])
+            scored.append(((first[int(ending[0])] + rest[row]).item(), greedy))
+    return scored
 
 
-def _as_whole_sequences(model: GPT, context: torch.Tensor, endings: list[torch.Tensor], batch_size: int) -> list[float]:
+def _as_whole_sequences(
+    model: GPT, context: torch.Tensor, endings: list[torch.Tensor], batch_size: int
+) -> list[tuple[float, bool]]:
     block_size = model.config.block_size
-    losses = []
+    scored: list[tuple[float, bool]] = []
     for start in range(0, len(endings), batch_size):
         chunk = endings[start : start + batch_size]
         sequences = [torch.cat([context, ending]) for ending in chunk]
@@ -139,14 +150,21 @@ def _as_whole_sequences(model: GPT, context: torch.Tensor, endings: list[torch.T
             inputs[row, : fed.numel()] = fed
             targets[row, fed.numel() - ending.numel() : fed.numel()] = predicted[-ending.numel() :]
         logits = model(inputs.to(_device(model)))  # (n, width, V)
-        losses += _token_losses(logits, targets.to(logits.device)).sum(dim=1).tolist()
-    return losses
+        targets = targets.to(logits.device)
+        losses = _token_losses(logits, targets).sum(dim=1).tolist()
+        scored += zip(losses, _greedy(logits, targets).tolist(), strict=True)
+    return scored
 
 
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B, T) cross-entropy in nats of each target under logits (B, T, V); 0 where the target is IGNORE."""
     flat = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
     return flat.view(targets.shape)
+
+
+def _greedy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,): whether every target of a row (those that are not IGNORE) is the argmax of its logits (B, T, V)."""
+    return ((logits.argmax(dim=-1) == targets) | (targets == IGNORE)).all(dim=1)
 
 
 # -- generation ---------------------------------------------------------------------------------------------
@@ -178,7 +196,7 @@ def score_generations(
     scores = []
     with evaluating(model):
         for item in items:
-            prompt = _encode(tokenizer, item.prompt, f"{item.where}: the prompt")
+            prompt = encode_text(tokenizer, item.prompt, f"{item.where}: the prompt")
             prediction = greedy_until(model, tokenizer, prompt, item.stop, max_new_tokens)
             correct = normalize_answer(prediction, ignore_case) == normalize_answer(item.answer, ignore_case)
             scores.append(GenerationScore(prediction, item.answer, correct, item.where))
@@ -279,6 +297,6 @@ def score_text(
     limit: int | None = None, where: str = "the text",
 ) -> list[WindowScore]:  # fmt: skip
     """The scores of the windows (the first `limit` of them, if given) over `text` (see `text_windows`)."""
-    tokens = _encode(tokenizer, text, where)
+    tokens = encode_text(tokenizer, text, where)
     windows = text_windows(tokens.numel(), model.config.block_size, stride)
     return score_windows(model, tokenizer, tokens, windows[:limit], batch_size)
