@@ -31,7 +31,8 @@ from gpt_lightning.callbacks import (
     TokenThroughput,
 )
 from gpt_lightning.datamodule import ShakespeareDataModule
-from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
+from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.nan_guard import NonFiniteLossError
 from gpt_lightning.sources import open_source
 from gpt_lightning.trainer import GPTTrainer
 

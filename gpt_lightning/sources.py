@@ -177,6 +177,35 @@ def _open_checkpoint(resolved: Path, mtime_ns: int, size: int, path: Path) -> Mo
     )
 
 
+def build_network(
+    source: ModelSource | None,
+    tokenizer: Tokenizer,
+    block_size: int,
+    architecture: Mapping[str, Any],
+    dropout: float = 0.0,
+    lora: LoRAConfig | None = None,
+) -> GPT:
+    """The network a run trains, and the one place it is made (nanoGPT's `init_from` block): fresh, of
+    GPTConfig's defaults with the `architecture` settings given ({GPTConfig field: value}, None for unset), or
+    with the weights and architecture of `source`, which a differing given setting contradicts (`config_for`).
+    LoRA's low-rank updates are added last, the weights beneath them frozen."""
+    if source is None:
+        defaults = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, dropout=dropout)
+        config = dataclasses.replace(defaults, **{k: v for k, v in architecture.items() if v is not None})
+        gpt = GPT(config)
+    else:
+        given = {**{f"model.{k}": v for k, v in architecture.items()}, "data.block_size": block_size}
+        config = source.config_for(given, dropout)
+        gpt = source.load_weights_into(GPT(config))
+    if config.vocab_size < tokenizer.vocab_size:
+        tokens = tokenizer.vocab_size
+        raise ValueError(f"model.vocab_size {config.vocab_size} is less than the tokenizer's {tokens} tokens: "
+                         f"drop it, or give {tokens} or more.")  # fmt: skip
+    if lora is not None and lora.enabled:
+        add_lora(gpt, lora)
+    return gpt
+
+
 def load_model(path: str | Path, merge_lora: bool = False) -> tuple[GPT, Tokenizer]:
     """The trained GPT (in eval mode, on the CPU) and its tokenizer, from any model source (`open_source`). A
     LoRA fine-tune comes with its low-rank updates beside the frozen weights, or, with `merge_lora`, as a plain

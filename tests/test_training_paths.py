@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from gpt_lightning.checkpoint import load_model
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.generate import generate_tokens
-from gpt_lightning.lit_model import GPTModule, is_logging_step
+from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.nan_guard import is_logging_step
 from gpt_lightning.optim import WarmupCosine
 from gpt_lightning.trainer import GPTTrainer
 
