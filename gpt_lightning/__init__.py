@@ -4,10 +4,10 @@ The plain-PyTorch API is importable without Lightning: the model, tokenizer, sam
 The Lightning wrappers live in `lit_model`, `datamodule`, `callbacks` and `cli`.
 """
 
-from gpt_lightning.checkpoint import load_model
 from gpt_lightning.generate import generate, generate_tokens, sample_next
 from gpt_lightning.lora import LoRAConfig
 from gpt_lightning.model import GPT, PRESETS, GPTConfig
+from gpt_lightning.sources import load_model
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer
 
 __version__ = "0.1.0"

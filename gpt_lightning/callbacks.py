@@ -25,7 +25,8 @@ from gpt_lightning.evaluation.run import resolve_task, score_task
 from gpt_lightning.evaluation.scoring import encode_text
 from gpt_lightning.evaluation.tasks import ChoiceItem, GenerationItem, GenerationTask, MultipleChoiceTask
 from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptions, check_prompt, stream_text
-from gpt_lightning.lit_model import GPTModule, is_logging_step
+from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.nan_guard import is_logging_step
 
 
 class TextSampleLogger(Callback):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import os
@@ -32,11 +31,11 @@ from gpt_lightning.callbacks import (
     TextSampleLogger,
     TokenThroughput,
 )
-from gpt_lightning.checkpoint import DECIDED_BY_CHECKPOINT, describe_checkpoint
 from gpt_lightning.commands import COMMANDS
 from gpt_lightning.datamodule import ShakespeareDataModule
-from gpt_lightning.lit_model import GPTModule, NonFiniteLossError
-from gpt_lightning.lora import LoRAConfig
+from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.nan_guard import NonFiniteLossError
+from gpt_lightning.sources import open_source
 
 TENSORBOARD_LOGGER = "gpt_lightning.callbacks.StepTensorBoardLogger"
 # Loggers whose runs live in <save_dir>/<name>/version_N, where a resumed run continues.
@@ -124,28 +123,16 @@ class GPTLightningCLI(LightningCLI):
         """A resumed or validated checkpoint is the run's only source: it defines the architecture, vocabulary
         and block size (the recipe's settings for them are replaced: they usually come from a config file,
         not from the user), the weights come from its full state, and the recipe's init_from is not read."""
-        facts = describe_checkpoint(ckpt)
+        source = open_source(ckpt)
         config.ckpt_path = str(ckpt)
         if config.model.get("init_from") is not None:
             rank_zero_info(f"--ckpt_path {ckpt} is the run's only source: model.init_from {config.model.init_from} "
                            "is ignored")  # fmt: skip
             config.model.init_from = None
         config.data.init_from = str(ckpt)  # its vocabulary and block size
-        replaced = []
-        for field in DECIDED_BY_CHECKPOINT:
-            if field == "block_size":
-                continue  # the data module's, from data.init_from
-            value = getattr(facts.config, field)
-            if config.model.get(field) is not None and config.model[field] != value:
-                replaced.append(f"model.{field}={config.model[field]} -> {value}")
-            config.model[field] = value
-        lora = dataclasses.asdict(facts.lora or LoRAConfig())  # LoRA's layers are part of the architecture
-        given = config.model.get("lora")
-        if given is not None and given.get("rank") != lora["rank"]:
-            replaced.append(f"model.lora.rank={given.rank} -> {lora['rank']}")
-        config.model.lora = Namespace(**lora)
-        if config.data.get("block_size") is not None and config.data.block_size != facts.config.block_size:
-            replaced.append(f"data.block_size={config.data.block_size} -> {facts.config.block_size}")
+        settings, replaced = source.settings_replacing(config.model, config.data.get("block_size"))
+        for option, value in settings.items():
+            config.model[option] = Namespace(**value) if option == "lora" else value
         config.data.block_size = None
         if replaced:
             rank_zero_info(f"{ckpt} defines the architecture: {', '.join(replaced)}")
@@ -170,7 +157,7 @@ class GPTLightningCLI(LightningCLI):
             ckpt = candidates[-1]
         else:
             ckpt = _existing_checkpoint(ckpt_path)
-        facts = describe_checkpoint(ckpt)
+        facts = open_source(ckpt)
         if facts.optimizer != config.model.optimizer:
             raise ValueError(
                 f"{ckpt} was trained with model.optimizer={facts.optimizer}, and its optimizer state fits no other: "

@@ -14,7 +14,6 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from gpt_lightning.checkpoint import CheckpointFacts, describe_checkpoint
 from gpt_lightning.data import (
     CORPUS_URL,
     VAL_FRACTION,
@@ -31,6 +30,7 @@ from gpt_lightning.data import (
     record_failure,
     validation_start,
 )
+from gpt_lightning.sources import ModelSource, open_source
 from gpt_lightning.token_cache import (
     Selection,
     TokenCache,
@@ -126,7 +126,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.init_from = init_from
-        self._source: CheckpointFacts | None = None if init_from is None else describe_checkpoint(init_from)
+        self._source: ModelSource | None = None if init_from is None else open_source(init_from)
         self._bpe = self._resolve_bpe(tokenizer)
         self.block_size = self._resolve_block_size(block_size)
         self.train_tokens: torch.Tensor | None = None
@@ -137,13 +137,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         asked = None if spec is None else tokenizer_from_spec(spec)
         if self._source is None:
             return asked
-        source = self._source.tokenizer
-        same = isinstance(source, CharTokenizer) if asked is None else asked == source
-        if spec is not None and not same:
-            raise ValueError(
-                f"data.tokenizer {spec} is not the tokenizer of {self.init_from} ({_describe(source)}): a model reads "
-                "only the ids of the tokenizer it was trained with. Drop data.tokenizer to use the checkpoint's."
-            )
+        source = self._source.tokenizer_for(asked, spec)
         return source if isinstance(source, BPETokenizer) else None
 
     def _resolve_block_size(self, block_size: int | None) -> int:
@@ -298,9 +292,3 @@ class ShakespeareDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
-
-
-def _describe(tokenizer: Tokenizer) -> str:
-    if isinstance(tokenizer, CharTokenizer):
-        return f"{tokenizer.vocab_size} characters"
-    return f"a {tokenizer.vocab_size}-token BPE"

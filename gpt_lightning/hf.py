@@ -12,26 +12,34 @@ by one table, `GPT2_CONFIG_FIELDS`: a folder whose GPT-2 computes something else
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpt_lightning.data import is_local_rank_zero, raise_if_failed, record_failure
+from gpt_lightning.hub import HUB_NAMES
+from gpt_lightning.hub import hf_gpt2_folder as hf_gpt2_folder  # its old home
 from gpt_lightning.lora import plain_state_of
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # stored transposed by Hugging Face
 LAYER_NORMS = ("ln_1", "ln_2")
+
+
+def gpt2_names(config: GPTConfig) -> list[tuple[str, str, bool]]:
+    """The one table of GPT-2's weights, read both ways (export and load): (our name, Hugging Face's name,
+    whether Hugging Face stores it transposed). Every layer has its biases there; a tied head is not stored."""
+    layers = [f"h.{i}.{part}" for i in range(config.n_layer) for part in (*LAYER_NORMS, *CONV1D)]
+    names = [("wte.weight", "transformer.wte.weight", False), ("wpe.weight", "transformer.wpe.weight", False)]
+    names += [(f"{layer}.{kind}", f"transformer.{layer}.{kind}", kind == "weight" and layer.endswith(CONV1D))
+              for layer in [*layers, "ln_f"] for kind in ("weight", "bias")]  # fmt: skip
+    return names if config.tie_embeddings else [*names, ("lm_head.weight", "lm_head.weight", False)]
 
 
 def hf_gpt2_config(config: GPTConfig) -> dict:
@@ -60,24 +68,12 @@ def hf_gpt2_config(config: GPTConfig) -> dict:
 def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The weights the model computes with (a LoRA model's updates merged) under Hugging Face GPT-2's names and
     layouts. A tied head is not stored."""
-    ours, n_embd = plain_state_of(model), model.config.n_embd
-
-    def bias(name: str, size: int) -> torch.Tensor:
-        return ours.get(f"{name}.bias", torch.zeros(size))
-
-    theirs = {"transformer.wte.weight": ours["wte.weight"], "transformer.wpe.weight": ours["wpe.weight"]}
-    for i in range(model.config.n_layer):
-        for norm in LAYER_NORMS:
-            theirs[f"transformer.h.{i}.{norm}.weight"] = ours[f"h.{i}.{norm}.weight"]
-            theirs[f"transformer.h.{i}.{norm}.bias"] = bias(f"h.{i}.{norm}", n_embd)
-        for name in CONV1D:
-            weight = ours[f"h.{i}.{name}.weight"]  # (out, in)
-            theirs[f"transformer.h.{i}.{name}.weight"] = weight.t()  # (in, out)
-            theirs[f"transformer.h.{i}.{name}.bias"] = bias(f"h.{i}.{name}", weight.shape[0])
-    theirs["transformer.ln_f.weight"] = ours["ln_f.weight"]
-    theirs["transformer.ln_f.bias"] = bias("ln_f", n_embd)
-    if not model.config.tie_embeddings:
-        theirs["lm_head.weight"] = ours["lm_head.weight"]
+    ours, theirs = plain_state_of(model), {}
+    for our_name, their_name, transposed in gpt2_names(model.config):
+        if our_name in ours:
+            theirs[their_name] = ours[our_name].t() if transposed else ours[our_name]  # (out, in) -> (in, out)
+        else:  # a bias of a model trained without them
+            theirs[their_name] = torch.zeros(ours[our_name.removesuffix(".bias") + ".weight"].shape[0])
     # safetensors stores each tensor once and contiguous: no views, no shared storage.
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in theirs.items()}
 
@@ -299,78 +295,15 @@ def is_hf_gpt2(path: str | Path) -> bool:
 
 
 def _from_hf_names(theirs: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    ours = {"wte.weight": theirs["wte.weight"], "wpe.weight": theirs["wpe.weight"][: config.block_size]}
-    for i in range(config.n_layer):
-        for norm in LAYER_NORMS:
-            for kind in ("weight", "bias"):
-                ours[f"h.{i}.{norm}.{kind}"] = theirs[f"h.{i}.{norm}.{kind}"]
-        for name in CONV1D:
-            ours[f"h.{i}.{name}.weight"] = theirs[f"h.{i}.{name}.weight"].t()  # (in, out) -> (out, in)
-            ours[f"h.{i}.{name}.bias"] = theirs[f"h.{i}.{name}.bias"]
-    ours["ln_f.weight"], ours["ln_f.bias"] = theirs["ln_f.weight"], theirs["ln_f.bias"]
+    ours = {}
+    for our_name, their_name, transposed in gpt2_names(config):
+        weight = theirs[their_name.removeprefix("transformer.")]
+        ours[our_name] = weight.t() if transposed else weight  # (in, out) -> (out, in)
+    ours["wpe.weight"] = ours["wpe.weight"][: config.block_size]
     # A tied head is the embedding, whatever a folder stores beside it (transformers ties it the same way).
-    ours["lm_head.weight"] = ours["wte.weight"] if config.tie_embeddings else theirs["lm_head.weight"]
+    if config.tie_embeddings:
+        ours["lm_head.weight"] = ours["wte.weight"]
     return ours
-
-
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 weights on the hub
-HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json"]
-
-
-def hf_gpt2_folder(name_or_folder: str | Path, files: list[str] = HUB_FILES, wait_s: float = 3600.0) -> Path:
-    """A local GPT-2 folder: the folder itself, or a hub name's files in huggingface_hub's cache (downloaded
-    on first use; `HF_HUB_OFFLINE=1` reads the cache only). As for the corpus, local rank 0 of each node
-    downloads while the node's other processes wait for the files to be in the cache, and stop with local
-    rank 0's error as soon as it records one."""
-    if str(name_or_folder) not in HUB_NAMES:
-        return Path(name_or_folder)
-    try:
-        from huggingface_hub import constants, snapshot_download
-    except ImportError as err:
-        raise ImportError("GPT-2 from the hub needs huggingface_hub: pip install -e '.[hf]'") from err
-    repo = hub_repo(str(name_or_folder))
-    downloads = is_local_rank_zero()
-    # Only this node's processes wait for this one: the marker lies in a node-local folder, one per hub cache,
-    # and this user's own, so that another user's files there cannot stand in the way.
-    cache = hashlib.sha256(str(Path(constants.HF_HUB_CACHE).resolve()).encode()).hexdigest()[:16]
-    markers = Path(tempfile.gettempdir()) / f"gpt-lightning-{os.getuid()}"
-    failure = markers / f"{name_or_folder}.{cache}.{socket.gethostname()}.failed"
-    if downloads:
-        failure.unlink(missing_ok=True)  # an earlier launch's
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return Path(snapshot_download(repo, allow_patterns=files, local_files_only=not downloads))
-        except Exception as err:  # offline, not cached, or the hub refused: one line, and how to go on
-            if downloads or time.monotonic() > deadline:
-                error = FileNotFoundError(
-                    f"could not get {name_or_folder} from the Hugging Face hub ({type(err).__name__}). Without "
-                    f"network, give a local GPT-2 folder ({', '.join(files)}), or set HF_HUB_OFFLINE=1 with the "
-                    "files already in huggingface_hub's cache."
-                )
-                if downloads:
-                    record_failure(failure, error)  # the node's other processes stop with it at once
-                raise error from None
-        raise_if_failed(failure)
-        time.sleep(1.0)  # local rank 0 is downloading them
-
-
-def hub_repo(name: str) -> str:
-    return f"openai-community/{name}"
-
-
-def cached_hub_file(name: str, filename: str) -> Path | None:
-    """A file of a hub GPT-2 (`gpt2`, ...) when huggingface_hub's local cache holds it, else None: a look in
-    the cache, never a download. The legacy repo name (`gpt2`, as transformers once fetched it) counts too."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for repo in (hub_repo(name), name):
-        found = try_to_load_from_cache(repo, filename)
-        if isinstance(found, str):  # else None, or a marker that the hub said the file does not exist
-            return Path(found)
-    return None
 
 
 def tokenizer_of_hf_folder(folder: Path, vocab_size: int) -> Tokenizer:

@@ -16,24 +16,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.utils import clip_grad_norm_
 from torchmetrics import MeanMetric
 
-from gpt_lightning.checkpoint import METADATA_KEY, describe_checkpoint, metadata
-from gpt_lightning.lora import LoRAConfig, add_lora
-from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, WarmupCosine, hidden_matrices
+from gpt_lightning.lora import LoRAConfig
+from gpt_lightning.nan_guard import NonFiniteLossGuard, is_logging_step
+from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, WarmupCosine, build_optimizer
+from gpt_lightning.sources import METADATA_KEY, build_network, metadata, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-def is_logging_step(trainer: L.Trainer, step: int) -> bool:
-    """Whether Lightning writes step metrics for the batches of optimizer step `step` (counted from 0).
-
-    Lightning's own rule: every trainer.log_every_n_steps-th step, where step n - 1 is the first; 0
-    never logs. Every step metric of ours uses this one function, so all of them land on the same steps."""
-    n: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's logger connector
-    return n > 0 and (step + 1) % n == 0
 
 
 class GPTModule(L.LightningModule):
@@ -121,30 +108,20 @@ class GPTModule(L.LightningModule):
             raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {muon_precision!r}.")
         self.muon_precision = muon_precision
         self.tokenizer: Tokenizer = CharTokenizer(vocab) if isinstance(vocab, str) else tokenizer_from_dict(vocab)
-        explicit: dict[str, Any] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias, "gelu": gelu,
-                                    "tie_embeddings": tie_embeddings, "vocab_size": vocab_size}  # fmt: skip
-        if init_from is None:
-            defaults = GPTConfig(vocab_size=self.tokenizer.vocab_size, block_size=block_size, dropout=dropout)
-            self.config = dataclasses.replace(defaults, **{k: v for k, v in explicit.items() if v is not None})
-            self.gpt = GPT(self.config)
-        else:  # the checkpoint decides the architecture, vocabulary size and context (a GPT-2 may crop it)
-            source = describe_checkpoint(init_from)
-            given = {**{f"model.{k}": v for k, v in explicit.items()}, "data.block_size": block_size}
-            self.config = source.config_for(given, dropout)
-            self.gpt = source.load_weights_into(GPT(self.config))
-        if self.config.vocab_size < self.tokenizer.vocab_size:
-            tokens = self.tokenizer.vocab_size
-            raise ValueError(f"model.vocab_size {self.config.vocab_size} is less than the tokenizer's {tokens} "
-                             f"tokens: drop it, or give {tokens} or more.")  # fmt: skip
+        if lora.enabled and optimizer != "adamw":
+            raise ValueError("LoRA trains its low-rank updates with AdamW: drop model.optimizer muon (or "
+                             "model.lora.rank, to fine-tune every weight with Muon).")  # fmt: skip
+        architecture = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias, "gelu": gelu,
+                        "tie_embeddings": tie_embeddings, "vocab_size": vocab_size}  # fmt: skip
+        # The checkpoint decides the architecture, vocabulary size and context (a GPT-2 may crop it).
+        source = None if init_from is None else open_source(init_from)
+        self.gpt = build_network(source, self.tokenizer, block_size, architecture, dropout, lora)
+        self.config = self.gpt.config
         if lora.enabled:
-            if optimizer != "adamw":
-                raise ValueError("LoRA trains its low-rank updates with AdamW: drop model.optimizer muon (or "
-                                 "model.lora.rank, to fine-tune every weight with Muon).")  # fmt: skip
-            base = self.gpt.num_parameters()
-            add_lora(self.gpt, lora)
             trainable = sum(p.numel() for p in self.gpt.parameters() if p.requires_grad)
+            frozen = sum(p.numel() for p in self.gpt.parameters() if not p.requires_grad)
             rank_zero_info(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trainable:,} trainable parameters; "
-                           f"the base model's {base:,} are frozen")  # fmt: skip
+                           f"the base model's {frozen:,} are frozen")  # fmt: skip
         self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
         if compile:
             self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix
@@ -153,8 +130,6 @@ class GPTModule(L.LightningModule):
         self._characters_per_token = self.tokenizer.characters_per_token()
         self.val_loss = MeanMetric()
         self.val_bpc = MeanMetric()
-        self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last check
-        self._first_nonfinite_step: int | None = None
         self._base_seed = 0
         self._window_step, self._micro_batch = -1, 0  # the optimizer step being accumulated, and where in it
         self._has_dropout = False  # set at fit start, once LoRA has added its layers
@@ -180,7 +155,6 @@ class GPTModule(L.LightningModule):
             # The mean over ranks (one all-reduce, on logging steps only), not rank 0's own batch.
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
             self.log_dict(self._learning_rates())
-        self._track_nonfinite(loss)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -237,26 +211,17 @@ class GPTModule(L.LightningModule):
         # for it: clipping and the logged grad norm would then see gradients times the loss scale.
         grad_scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         fused = self.device.type == "cuda" and grad_scaler is None  # one kernel for all parameters
-        groups = self.gpt.parameter_groups(self.weight_decay)
-        optimizer: torch.optim.Optimizer
         if self.optimizer_name == "muon" and self._is_sharded():
             raise ValueError("model.optimizer muon needs whole matrices, which FSDP shards: use --model.optimizer "
                              "adamw with FSDP, or DDP (configs/trainer/ddp.yaml) with Muon.")  # fmt: skip
-        if self.optimizer_name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, fused=fused)
-        else:
-            hidden = hidden_matrices(self.gpt.h)
-            in_muon = {id(p) for p in hidden}
-            rest = [{**g, "params": [p for p in g["params"] if id(p) not in in_muon]} for g in groups]
-            muon_group = {"params": hidden, "name": "muon"}
-            adamw_groups = [{**g, "name": name} for g, name in zip(rest, ("adamw", "adamw_no_decay"), strict=True)]
-            muon = Muon([muon_group], precision=self.muon_precision, lr=self.muon_learning_rate,
-                        weight_decay=self.weight_decay, momentum=self.muon_momentum)  # fmt: skip
+        optimizer = build_optimizer(self.gpt, self.optimizer_name, self.learning_rate, self.betas,
+                                    self.weight_decay, fused, self.muon_learning_rate, self.muon_momentum,
+                                    self.muon_precision)  # fmt: skip
+        if isinstance(optimizer, CombinedOptimizer):
+            muon = optimizer.optimizers[0]
+            assert isinstance(muon, Muon)
             rank_zero_info(f"Muon: Newton-Schulz in {muon.resolved_precision()} on {self.device.type} "
                            f"(model.muon_precision {self.muon_precision})")  # fmt: skip
-            optimizer = CombinedOptimizer([
-                muon, torch.optim.AdamW(adamw_groups, lr=self.learning_rate, betas=self.betas, fused=fused)
-            ])  # fmt: skip
         schedule = WarmupCosine(self.warmup_steps, decay_steps, min_ratio=self.min_lr / self.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -296,49 +261,12 @@ class GPTModule(L.LightningModule):
         if self._is_logging_step():
             self.log("train/grad_norm", norm)  # the same on every rank: gradients are all-reduced
 
-    # -- non-finite loss guard ------------------------------------------------------------------------
-
-    def _track_nonfinite(self, loss: torch.Tensor) -> None:
-        # Only keep the step's loss here: testing it reads it back (a host-device sync), and even on a CPU
-        # the few tiny ops of a test cost 0.4% of a CPU-recipe step. The losses are tested together at
-        # logging steps and before every checkpoint.
-        self._unchecked_losses.append((self.global_step, loss.detach()))
-
-    def check_finite(self) -> None:
-        """Raises on every rank, with the same message, if any rank has seen a non-finite loss.
-
-        All ranks call this at the same points (logging steps and saves), and the decision is reduced
-        across them: a rank that stopped alone would leave the others waiting in the next all-reduce."""
-        if self._first_nonfinite_step is None and self._unchecked_losses:
-            steps, losses = zip(*self._unchecked_losses, strict=True)
-            self._unchecked_losses.clear()
-            finite = torch.isfinite(torch.stack(losses)).tolist()
-            if not all(finite):
-                self._first_nonfinite_step = steps[finite.index(False)]
-        first_bad = math.inf if self._first_nonfinite_step is None else self._first_nonfinite_step
-        if self.trainer.world_size > 1:
-            reduced = self.trainer.strategy.reduce(torch.tensor(float(first_bad), device=self.device), reduce_op="min")
-            first_bad = float(reduced.item())  # type: ignore[union-attr]
-        if math.isinf(first_bad):
-            return
-        self._first_nonfinite_step = int(first_bad)
-        callbacks = getattr(self.trainer, "callbacks", [])
-        saved = [getattr(cb, "last_path", None) or getattr(cb, "best_model_path", None) for cb in callbacks]
-        last = next((str(path) for path in saved if path), None)
-        where = f"The last good checkpoint is {last}; " if last else "No checkpoint was saved before it; "
-        raise NonFiniteLossError(
-            f"the training loss became NaN or infinite at step {self._first_nonfinite_step}; training stopped "
-            f"without saving it. {where}lower model.learning_rate or set trainer.gradient_clip_val, then start again."
-        )
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if is_logging_step(self.trainer, self._window_step) and self.global_step > self._window_step:
-            self.check_finite()  # once per logging step, after its last micro-batch
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [NonFiniteLossGuard()]  # wherever this module trains, a NaN stops it
 
     # -- checkpoints describe themselves ---------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_finite()  # never write weights that came out of a NaN
         describe = getattr(getattr(self._trainer, "datamodule", None), "describe", None)
         data = describe() if callable(describe) else None  # what the run trains on, when a data module says
         checkpoint[METADATA_KEY] = metadata(self.config, self.tokenizer, data, self.lora)

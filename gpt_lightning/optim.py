@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from gpt_lightning.model import GPT
+
 
 class CombinedOptimizer(torch.optim.Optimizer):
     """Steps several optimizers, each over its own parameters, as one.
@@ -219,3 +221,29 @@ class WarmupCosine:
         if step > self.warmup_steps:
             self.cosine_start, self.start_ratio = step, self(step)
         self.decay_steps = decay_steps
+
+
+def build_optimizer(
+    gpt: GPT,
+    name: Literal["adamw", "muon"],
+    learning_rate: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    fused: bool,
+    muon_learning_rate: float = 0.02,
+    muon_momentum: float = 0.95,
+    muon_precision: MuonPrecision = "auto",
+) -> torch.optim.Optimizer:
+    """AdamW for every parameter (nanoGPT), or `muon`: Muon for the 2-D weights inside the blocks and AdamW
+    for the embeddings, the head, norms and biases, as one optimizer that one schedule drives. Weight decay
+    applies to weight matrices and embeddings only (by Muon too)."""
+    groups = gpt.parameter_groups(weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+    hidden = hidden_matrices(gpt.h)
+    in_muon = {id(p) for p in hidden}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in in_muon]} for g in groups]
+    adamw_groups = [{**g, "name": group} for g, group in zip(rest, ("adamw", "adamw_no_decay"), strict=True)]
+    muon = Muon([{"params": hidden, "name": "muon"}], precision=muon_precision, lr=muon_learning_rate,
+                weight_decay=weight_decay, momentum=muon_momentum)  # fmt: skip
+    return CombinedOptimizer([muon, torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=fused)])

@@ -43,10 +43,10 @@ from typing import Any
 
 import torch
 
-from gpt_lightning.checkpoint import describe_checkpoint, load_checkpoint, load_model
 from gpt_lightning.data import CORPUS_SHA256
 from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptionError, SamplingOptions, check_prompt, stream_text
 from gpt_lightning.model import GPT
+from gpt_lightning.sources import load_model, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer
 
 try:
@@ -67,7 +67,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP_TIMEOUT_S = 5
 # Text generated within this interval goes out as one message. Each message crosses from LitServe's worker
 # process to its HTTP process on its own; one per token cost a third of the throughput on 2 cores
-# (benchmarks/serve_load.py). 50 updates a second still read as a live stream.
+# (python -m benchmarks.serve_load). 50 updates a second still read as a live stream.
 MESSAGE_INTERVAL_S = 0.02
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def parse_request(body: bytes, tokenizer: Tokenizer, limits: Limits) -> dict[str
 def describe_model(ckpt_path: str, limits: Limits | None = None) -> dict[str, Any]:
     """What GET /model answers: the model's size and vocabulary, what it was trained on and its best
     validation loss, as far as the checkpoint records them, and a request's defaults within `limits`."""
-    facts = describe_checkpoint(ckpt_path)
+    facts = open_source(ckpt_path)
     with torch.device("meta"):
         parameters = GPT(facts.config).num_parameters()
     described: dict[str, Any] = {
@@ -171,10 +171,7 @@ def describe_model(ckpt_path: str, limits: Limits | None = None) -> dict[str, An
         selection = {k: v for k, v in facts.data.get("selection", {}).items() if v}
         source = "tiny Shakespeare" if facts.data.get("source_sha256") == CORPUS_SHA256 else facts.data.get("source")
         described["trained_on"] = {"source": source, **selection}
-    callbacks = load_checkpoint(ckpt_path).get("callbacks", {})
-    scores = [float(state["best_model_score"]) for key, state in callbacks.items()
-              if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None]  # fmt: skip
-    described["val_loss"] = min(scores) if scores else None
+    described["val_loss"] = facts.best_val_loss
     return described
 
 
@@ -387,7 +384,7 @@ def serve(ckpt_path: str, host: str, port: int, limits: Limits, accelerator: str
     except ImportError as err:
         raise ImportError("serving needs LitServe: pip install -e '.[serve]'") from err
     description = describe_model(ckpt_path, limits)  # fails here, before any process starts, if the checkpoint is bad
-    tokenizer = describe_checkpoint(ckpt_path).tokenizer
+    tokenizer = open_source(ckpt_path).tokenizer
     cancel_dir = tempfile.mkdtemp(prefix="gpt-lightning-serve-")
     with StopSignals(on_stop=lambda: (Path(cancel_dir) / STOPPING).touch()) as stop:
         try:

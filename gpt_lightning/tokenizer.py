@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt_lightning.hub import hf_gpt2_folder
+
 
 class CharTokenizer:
     def __init__(self, vocab: Iterable[str]) -> None:
@@ -284,8 +286,6 @@ def tokenizer_from_spec(spec: str) -> BPETokenizer | None:
     if spec == "char":
         return None
     if spec == "gpt2":
-        from gpt_lightning.hf import hf_gpt2_folder
-
         return BPETokenizer.from_file(hf_gpt2_folder("gpt2", files=["tokenizer.json"]) / "tokenizer.json")
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -115,7 +115,7 @@ def _load(tokenizer: str) -> BPETokenizer:
 
 
 def _cached_gpt2() -> BPETokenizer | None:
-    from gpt_lightning.hf import cached_hub_file
+    from gpt_lightning.hub import cached_hub_file
 
     found = cached_hub_file("gpt2", "tokenizer.json")
     return None if found is None else BPETokenizer.from_file(found)

@@ -1,14 +1,36 @@
 """The model, tokenizer, sampling and data code are plain PyTorch: importing them must not import Lightning."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
-PLAIN = ["gpt_lightning", "gpt_lightning.model", "gpt_lightning.tokenizer", "gpt_lightning.generate",
-         "gpt_lightning.data", "gpt_lightning.token_cache", "gpt_lightning.checkpoint", "gpt_lightning.optim",
-         "gpt_lightning.hf", "gpt_lightning.lora", "gpt_lightning.serve", "gpt_lightning.tokenizer_training",
-         "gpt_lightning.tokenizer_eval", "gpt_lightning.evaluation", "gpt_lightning.evaluation.tasks",
-         "gpt_lightning.evaluation.builtin", "gpt_lightning.evaluation.scoring", "gpt_lightning.evaluation.metrics",
-         "gpt_lightning.evaluation.run", "gpt_lightning.commands"]  # fmt: skip
+PLAIN = [
+    f"gpt_lightning{module}"
+    for module in (
+        "",
+        ".model",
+        ".tokenizer",
+        ".hub",
+        ".generate",
+        ".data",
+        ".token_cache",
+        ".sources",
+        ".optim",
+        ".hf",
+        ".lora",
+        ".serve",
+        ".tokenizer_training",
+        ".tokenizer_eval",
+        ".evaluation",
+        ".evaluation.tasks",
+        ".evaluation.builtin",
+        ".evaluation.scoring",
+        ".evaluation.metrics",
+        ".evaluation.run",
+        ".commands",
+    )
+]
 
 
 def test_plain_modules_do_not_import_lightning():
@@ -20,3 +42,46 @@ def test_plain_modules_do_not_import_lightning():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, f"Lightning imported by the plain modules: {result.stdout}{result.stderr}"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, read from the source (function-level imports included)."""
+    package = Path(__file__).resolve().parents[1] / "gpt_lightning"
+    modules = {
+        ".".join(("gpt_lightning", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__"): path
+        for path in package.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                candidates = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            imported |= {m for m in candidates if m in modules and m != name}
+        graph[name] = imported
+    return graph
+
+
+def test_the_package_has_no_import_cycle():
+    graph = _package_imports()
+    assert "gpt_lightning.cli" in graph and graph["gpt_lightning.cli"], "the import graph was not read"
+    state: dict[str, str] = {}
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                cycles.append(" -> ".join([*path[path.index(imported) :], imported]))
+            elif imported not in state:
+                visit(imported, [*path, imported])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, f"import cycles inside the package: {cycles}"

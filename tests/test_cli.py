@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt_lightning.checkpoint import load_checkpoint, tokenizer_of
+from gpt_lightning.sources import load_checkpoint, open_source
 from tests.conftest import ROOT, assert_ok, cli, main_in_process, make_play, scalars, text_samples, tiny_fit
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,8 @@ def test_fit_logs_curves_samples_and_checkpoints(pretrained: Path, text_file: Pa
     assert checkpoints == ["best-step=40.ckpt", "last.ckpt"]
     checkpoint = load_checkpoint(pretrained / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 40
-    assert tokenizer_of(checkpoint).vocab == "".join(sorted(set(text_file.read_text())))
+    tokenizer = open_source(pretrained / "checkpoints" / "last.ckpt").tokenizer
+    assert tokenizer.vocab == "".join(sorted(set(text_file.read_text())))
 
 
 def test_a_second_fit_never_overwrites_the_first(text_file: Path, tmp_path: Path):

@@ -15,7 +15,7 @@ import torch
 
 from gpt_lightning.checkpoint import load_model
 from gpt_lightning.generate import generate_tokens
-from gpt_lightning.hf import export_hf_gpt2, gpt_from_hf_gpt2, hf_gpt2_config, hf_gpt2_state_dict
+from gpt_lightning.hf import export_hf_gpt2, gpt2_names, gpt_from_hf_gpt2, hf_gpt2_config, hf_gpt2_state_dict
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, StreamDecoder
 from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, cli_env, main_py, make_play
@@ -235,7 +235,7 @@ def test_a_non_zero_local_rank_waits_for_local_rank_0s_download(hf_gpt2, tmp_pat
 
     from huggingface_hub import constants
 
-    from gpt_lightning.hf import hf_gpt2_folder
+    from gpt_lightning.hub import hf_gpt2_folder
 
     _, folder = hf_gpt2
     cache = tmp_path / "hub"
@@ -402,7 +402,7 @@ def test_the_hub_failure_marker_is_this_users_own(tmp_path: Path, monkeypatch: p
 
     from huggingface_hub import constants
 
-    from gpt_lightning.hf import hf_gpt2_folder
+    from gpt_lightning.hub import hf_gpt2_folder
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -414,3 +414,16 @@ def test_the_hub_failure_marker_is_this_users_own(tmp_path: Path, monkeypatch: p
         hf_gpt2_folder("gpt2", wait_s=1)
     [marker] = tmp_path.glob("**/*.failed")
     assert marker.parent.name == f"gpt-lightning-{os.getuid()}"  # a folder of this user's own
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_one_table_names_every_weight_of_ours_and_of_gpt2(tie_embeddings: bool):
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=True,
+                       tie_embeddings=tie_embeddings)  # fmt: skip
+    names = gpt2_names(config)
+    ours = set(GPT(config).state_dict()) - ({"lm_head.weight"} if tie_embeddings else set())
+    assert {our for our, _, _ in names} == ours
+    assert {their for _, their, _ in names} == set(hf_gpt2_state_dict(GPT(config)))
+    assert {our for our, _, transposed in names if transposed} == {
+        f"h.{i}.{name}.weight" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }

@@ -12,11 +12,11 @@ from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gpt_lightning.callbacks import TokenThroughput
-from gpt_lightning.checkpoint import load_checkpoint, load_model, tokenizer_of
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.optim import WarmupCosine
+from gpt_lightning.sources import load_model, open_source
 from tests.conftest import scalars
 
 VOCAB = "\n !,.:;?ABCDEFGHIKLMNORSTUWYZabcdefghiklmnorstuvwy"
@@ -58,7 +58,7 @@ def test_fit_writes_a_checkpoint_that_is_enough_to_sample(tmp_path: Path, text_f
     trainer.fit(module, datamodule=data)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    assert tokenizer_of(load_checkpoint(path)) == data.tokenizer
+    assert open_source(path).tokenizer == data.tokenizer
     gpt, tokenizer = load_model(path)
     assert tokenizer.vocab == data.vocab
     idx = torch.randint(tokenizer.vocab_size, (1, 8))

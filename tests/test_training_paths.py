@@ -18,7 +18,8 @@ from gpt_lightning.commands import generate
 from gpt_lightning.commands.device import DeviceAndPrecision
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.generate import generate_tokens
-from gpt_lightning.lit_model import GPTModule, is_logging_step
+from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.nan_guard import is_logging_step
 from gpt_lightning.optim import WarmupCosine
 
 

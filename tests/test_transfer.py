@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt_lightning.checkpoint import data_of, load_checkpoint
 from gpt_lightning.data import speeches_of
 from gpt_lightning.datamodule import ShakespeareDataModule
+from gpt_lightning.sources import open_source
 from tests.conftest import ROOT
 
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -45,7 +45,7 @@ def test_the_default_fine_tune_target_shares_no_64_character_window_with_pretrai
 def test_checkpoints_record_their_data_and_a_target_inside_it_is_warned_about(pretrained: Path, text_file: Path,
                                                                                tmp_path: Path):  # fmt: skip
     checkpoint = pretrained / "checkpoints" / "last.ckpt"
-    recorded = data_of(load_checkpoint(checkpoint))
+    recorded = open_source(checkpoint).data
     assert recorded == {
         "source": str(text_file),
         "source_sha256": hashlib.sha256(text_file.read_bytes()).hexdigest(),

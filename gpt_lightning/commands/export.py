@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt_lightning.checkpoint import describe_checkpoint, export_plain_checkpoint, load_model
 from gpt_lightning.hf import export_hf_gpt2
+from gpt_lightning.sources import export_plain_checkpoint, load_model, open_source
 
 
 def export(ckpt_path: str, output: str) -> Path:
@@ -24,7 +24,7 @@ def export(ckpt_path: str, output: str) -> Path:
         The folder or file written.
     """
     gpt, tokenizer = load_model(ckpt_path, merge_lora=True)
-    merged = " (its LoRA updates merged into the weights)" if describe_checkpoint(ckpt_path).lora else ""
+    merged = " (its LoRA updates merged into the weights)" if open_source(ckpt_path).lora else ""
     if output.endswith(".ckpt"):
         written = export_plain_checkpoint(ckpt_path, gpt, output)
         print(f"exported {ckpt_path}{merged} to {written}: sample it with `python main.py generate --ckpt_path "

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gpt_lightning.checkpoint import load_model
 from gpt_lightning.commands.device import AUTO_FLOAT32, DeviceAndPrecision
 from gpt_lightning.data import read_text
 from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptions, check_prompt, stream_text
+from gpt_lightning.sources import load_model
 
 
 def generate(

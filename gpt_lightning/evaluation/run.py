@@ -12,13 +12,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from gpt_lightning.checkpoint import describe_checkpoint, load_model
 from gpt_lightning.data import VAL_FRACTION, atomic_write_bytes, sha256_of
 from gpt_lightning.evaluation.builtin import BUILTIN_TASKS, builtin_task
 from gpt_lightning.evaluation.metrics import DESCRIPTIONS, Metric, choice_metrics, generation_metrics, text_metrics
 from gpt_lightning.evaluation.scoring import encode_text, score_choices, score_generations, score_windows, text_windows
 from gpt_lightning.evaluation.tasks import GenerationTask, MultipleChoiceTask, Task, read_task, split_kind
 from gpt_lightning.model import GPT
+from gpt_lightning.sources import load_model, open_source
 from gpt_lightning.tokenizer import BPETokenizer, Tokenizer
 
 RESULT_FORMAT = 1
@@ -202,7 +202,7 @@ def _write_new(path: Path, data: bytes) -> None:
 
 def describe_model(ckpt_path: str, tokenizer: Tokenizer) -> dict[str, Any]:
     """What the record says of the model: its source, the sha256 of its weights file, its step and shape."""
-    facts = describe_checkpoint(ckpt_path)
+    facts = open_source(ckpt_path)
     weights = facts.hf_folder / "model.safetensors" if facts.hf_folder is not None else Path(ckpt_path)
     described: dict[str, Any] = {
         "source": ckpt_path,
@@ -237,7 +237,7 @@ def held_out_overlap(trained_on: dict[str, Any] | None, corpus_sha256: str) -> s
 
 def _held_out_warnings(ckpt_path: str, tasks: list[Task]) -> list[str]:
     corpora = {t.source["corpus_sha256"] for t in tasks if "builtin" in t.source}
-    trained_on = describe_checkpoint(ckpt_path).data
+    trained_on = open_source(ckpt_path).data
     return [message for sha in sorted(corpora) if (message := held_out_overlap(trained_on, sha)) is not None]
 
 
