@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RECIPES, recipe_model
-from gpt_lightning.checkpoint import METADATA_KEY, MODEL_PREFIX, metadata
 from gpt_lightning.evaluation import evaluate
 from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.sources import METADATA_KEY, MODEL_PREFIX, metadata
 from gpt_lightning.tokenizer import CharTokenizer
 
 VOCAB_SIZES = {"gpt2-small": 50_257}  # GPT-2's: its embedding and head are a third of its 124M; the others: 65

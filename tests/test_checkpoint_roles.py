@@ -15,9 +15,9 @@ import lightning
 import pytest
 import torch
 
-from gpt_lightning.checkpoint import METADATA_KEY, metadata
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.sources import METADATA_KEY, metadata
 from gpt_lightning.tokenizer import CharTokenizer
 from tests.conftest import ROOT, TINY, assert_clean_error, assert_ok, cli, make_play
 
@@ -189,13 +189,13 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Written
 def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_fine_tune(
     written, kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
-    from gpt_lightning.checkpoint import describe_checkpoint, load_model
     from gpt_lightning.serve import GPTStreamAPI, describe_model
+    from gpt_lightning.sources import load_model, open_source
 
     caplog.set_level(logging.INFO)
     kinds, data = written
     ckpt, recipe = kinds[kind].path, kinds[kind].recipe
-    facts = describe_checkpoint(ckpt)
+    facts = open_source(ckpt)
     # Resumed with the recipe as it was run: the run's own checkpoint is the only source, the start is not read.
     resumed = cli("fit", *recipe, *QUICK, f"--ckpt_path={ckpt}", f"--trainer.max_steps={facts.global_step + 1}",
                   f"--trainer.logger.init_args.save_dir={tmp_path / 'resumed'}", in_process=True)  # fmt: skip
@@ -204,7 +204,7 @@ def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_
     else:
         assert_ok(resumed)
         [last] = (tmp_path / "resumed").glob("*/version_*/checkpoints/last.ckpt")
-        assert describe_checkpoint(last).global_step == facts.global_step + 1
+        assert open_source(last).global_step == facts.global_step + 1
     # Validated with the recipe's config files, whose start (runs/pretrain_cpu/..., gpt2) is not here.
     validated = cli("validate", *kinds[kind].configs, *data, f"--ckpt_path={ckpt}", "--trainer.logger=false",
                     "--trainer.limit_val_batches=2", "--progress_bar.refresh_rate=0", in_process=True)  # fmt: skip
@@ -236,7 +236,7 @@ def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_
     assert_ok(started)
     [start] = (tmp_path / "fine-tune").glob("*/version_0/checkpoints/last.ckpt")
     # Architecture, vocabulary size and context: all of it (dropout is the fine-tune's own).
-    assert describe_checkpoint(start).config == dataclasses.replace(facts.config, dropout=0.0)
+    assert open_source(start).config == dataclasses.replace(facts.config, dropout=0.0)
 
 
 def test_the_model_takes_every_setting_a_checkpoint_decides():
@@ -244,8 +244,8 @@ def test_the_model_takes_every_setting_a_checkpoint_decides():
     the recipe's, not the checkpoint's, on resume."""
     import inspect
 
-    from gpt_lightning.checkpoint import DECIDED_BY_CHECKPOINT
     from gpt_lightning.lit_model import GPTModule
+    from gpt_lightning.sources import DECIDED_BY_CHECKPOINT
 
     taken = set(inspect.signature(GPTModule).parameters)
     assert set(DECIDED_BY_CHECKPOINT) - {"block_size"} <= taken  # block_size is the data module's, linked

@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gpt_lightning.evaluation.builtin as builtin
-from gpt_lightning.checkpoint import METADATA_KEY, metadata
 from gpt_lightning.evaluation import (
     ChoiceItem,
     GenerationItem,
@@ -35,6 +34,7 @@ from gpt_lightning.evaluation import (
     text_metrics,
 )
 from gpt_lightning.model import GPT, GPTConfig, KVCache
+from gpt_lightning.sources import METADATA_KEY, metadata
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer
 from tests.conftest import WORDS, make_play
 

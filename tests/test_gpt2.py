@@ -16,9 +16,9 @@ import torch
 
 import gpt_lightning.token_cache as token_cache
 import gpt_lightning.tokenizer as tokenizer_module
-from gpt_lightning.checkpoint import load_model
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.sources import load_model
 from gpt_lightning.token_cache import build_token_cache
 from gpt_lightning.tokenizer import BPETokenizer
 from tests.conftest import ROOT, TINY, assert_clean_error, assert_ok, cli, make_play, scalars

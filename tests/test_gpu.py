@@ -13,13 +13,13 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gpt_lightning.callbacks import TokenThroughput
-from gpt_lightning.checkpoint import load_model
 from gpt_lightning.datamodule import ShakespeareDataModule
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.lora import LoRAConfig, add_lora
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.optim import CombinedOptimizer
+from gpt_lightning.sources import load_model
 from tests.conftest import ROOT, assert_ok, cli, scalars, tiny_fit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_lightning.checkpoint import load_model
 from gpt_lightning.generate import generate_tokens
 from gpt_lightning.hf import export_hf_gpt2, gpt2_names, gpt_from_hf_gpt2, hf_gpt2_config, hf_gpt2_state_dict
 from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.sources import load_model
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, StreamDecoder
 from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, cli_env, main_py, make_play
 
@@ -369,8 +369,8 @@ def test_exporting_an_unmerged_lora_model_writes_its_updates(tmp_path: Path, tra
     """What load_model returns by default for a LoRA fine-tune: both exports write the weights it computes with."""
     import lightning
 
-    from gpt_lightning.checkpoint import METADATA_KEY, export_plain_checkpoint, metadata
     from gpt_lightning.lora import LoRAConfig, add_lora
+    from gpt_lightning.sources import METADATA_KEY, export_plain_checkpoint, metadata
 
     torch.manual_seed(0)
     tokenizer, lora = CharTokenizer("abcdefghijk"), LoRAConfig(rank=2, targets=["qkv", "mlp"])

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from gpt_lightning.checkpoint import METADATA_KEY, load_model, metadata
 from gpt_lightning.evaluation import evaluate, read_task, score_choices, score_text, text_metrics
 from gpt_lightning.evaluation.scoring import greedy_until
 from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.sources import METADATA_KEY, load_model, metadata
 from gpt_lightning.tokenizer import BPETokenizer
 from tests.conftest import WORDS, assert_ok, cli, cli_env, make_play
 from tests.test_hf import train_bpe

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt_lightning.checkpoint import load_model
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.lora import LoRAConfig, LoRALinear, add_lora, merged_state_dict
 from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.sources import load_model
 from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, text_samples
 from tests.test_resume import EXACT, assert_same_run
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from gpt_lightning.checkpoint import load_model
 from gpt_lightning.commands import generate
 from gpt_lightning.commands.device import DeviceAndPrecision
 from gpt_lightning.datamodule import ShakespeareDataModule
@@ -21,6 +20,7 @@ from gpt_lightning.generate import generate_tokens
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.nan_guard import is_logging_step
 from gpt_lightning.optim import WarmupCosine
+from gpt_lightning.sources import load_model
 
 
 def data_and_module(text_file: Path, **module_kwargs) -> tuple[ShakespeareDataModule, GPTModule]:

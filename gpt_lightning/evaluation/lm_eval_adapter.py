@@ -35,10 +35,10 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 
-from gpt_lightning.checkpoint import load_model
 from gpt_lightning.evaluation.run import describe_model
 from gpt_lightning.evaluation.scoring import evaluating, greedy_until, score_choices, score_text
 from gpt_lightning.evaluation.tasks import ChoiceItem
+from gpt_lightning.sources import load_model
 
 logger = logging.getLogger(__name__)
 MODEL_NAME = "gpt_lightning"
