@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -42,6 +42,23 @@ TENSORBOARD_LOGGER = "gpt_lightning.callbacks.StepTensorBoardLogger"
 TENSORBOARD_LOGGERS = (TENSORBOARD_LOGGER, "lightning.pytorch.loggers.TensorBoardLogger")
 
 
+# Every callback of fit and validate, in one place. Those with options get a section of the config, named
+# here (--checkpoint.*, ...): `checkpoint` keeps the best model by validation loss, saved after each
+# validation; `last_checkpoint` owns last.ckpt, the one to resume from.
+CALLBACK_SECTIONS: dict[str, type[Callback]] = {
+    "checkpoint": ModelCheckpoint,
+    "last_checkpoint": LastCheckpoint,
+    "sample": TextSampleLogger,
+    "task_scores": TaskScores,
+    "progress_bar": TQDMProgressBar,
+}
+
+
+def always_on_callbacks() -> list[Callback]:
+    """The callbacks without options, in every fit and validate."""
+    return [FinalValidation(), LossChartLayout(), TokenThroughput()]
+
+
 class GPTLightningCLI(LightningCLI):
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
         super().__init__(
@@ -56,11 +73,7 @@ class GPTLightningCLI(LightningCLI):
                     "class_path": TENSORBOARD_LOGGER,
                     "init_args": {"save_dir": "runs", "name": "gpt", "default_hp_metric": False},
                 },
-                "callbacks": [
-                    FinalValidation(),
-                    LossChartLayout(),
-                    TokenThroughput(),
-                ],
+                "callbacks": always_on_callbacks(),
                 "check_val_every_n_epoch": None,  # the training stream is endless: validate by steps
                 "gradient_clip_val": 1.0,
             },
@@ -75,15 +88,10 @@ class GPTLightningCLI(LightningCLI):
         return {"fit": lightning["fit"], "validate": lightning["validate"]}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-        parser.add_lightning_class_args(TextSampleLogger, "sample")
-        parser.add_lightning_class_args(TaskScores, "task_scores")
-        parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
+        for section, callback in CALLBACK_SECTIONS.items():
+            parser.add_lightning_class_args(callback, section)
         # Redrawing the bar (and reading the loss for it) every step costs 3% of a CPU-recipe step.
         parser.set_defaults({"progress_bar.refresh_rate": 10})
-        # `checkpoint` keeps the best model by validation loss, saved after each validation;
-        # `last_checkpoint` owns last.ckpt, the one to resume from.
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.filename": "best-{step}"})
         # Fine-tuning takes vocabulary and block size from the same checkpoint as the weights.
         parser.link_arguments("model.init_from", "data.init_from", apply_on="parse")
@@ -93,8 +101,10 @@ class GPTLightningCLI(LightningCLI):
         parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        # Private LightningCLI calls (_get, _parser, _instantiate_trainer): it has no public way to leave out a
+        # configured callback, which validate (no checkpoints) and a run without a progress bar need.
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        keys = self._parser(self.subcommand).callback_keys
+        keys = list(CALLBACK_SECTIONS)
         if config.get("enable_progress_bar") is False:
             # Cluster jobs turn the bar off to keep tqdm out of their logs; Lightning refuses a bar then.
             keys = [key for key in keys if key != "progress_bar"]
@@ -107,10 +117,21 @@ class GPTLightningCLI(LightningCLI):
             self.save_config_callback = None
         return self._instantiate_trainer(config, [self._get(self.config_init, key) for key in keys])
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI then parses a checkpoint's saved hyperparameters over the command line whenever ckpt_path
+        # names a file, with no switch to turn it off. Ours describe themselves (see `_prepare_resume`), and what
+        # the user passes must win (a resumed run may raise max_steps): the path waits outside the config.
+        subcommand = self.config.get("subcommand")
+        self._ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if self._ckpt_path is not None:
+            self.config[subcommand].ckpt_path = None
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:  # built, not run (run=False): the caller fits
             return
         config = self.config[self.subcommand]
+        config.ckpt_path = self._ckpt_path
         if config.get("weights_only") is None:
             config.weights_only = True  # our checkpoints hold tensors and plain types only: never unpickle code
         if self.subcommand == "fit":
@@ -193,23 +214,14 @@ class GPTLightningCLI(LightningCLI):
         if self.config.fit.model.init_from is not None and self.trainer.is_global_zero:
             self.datamodule.warn_of_overlap()
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand != "validate":
-            return super()._run_subcommand(subcommand)
-        with warnings.catch_warnings():
-            # Validation reads the checkpoint's weights; the training callbacks it saved have nothing to restore.
-            warnings.filterwarnings("ignore", "Be aware that when using `ckpt_path`, callbacks used to create")
-            super()._run_subcommand(subcommand)
+    def before_validate(self) -> None:
+        # Validation reads the checkpoint's weights; the training callbacks it saved have nothing to restore.
+        # (main's clean_console restores the warning filters afterwards.)
+        warnings.filterwarnings("ignore", "Be aware that when using `ckpt_path`, callbacks used to create")
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             print(fit_summary(self.trainer), file=sys.stderr)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI would overwrite the config with the checkpoint's saved hyperparameters. Ours
-        # describe themselves (see `_prepare_resume`), and what the user passes now must win: a resumed
-        # run may raise max_steps, and sampling settings are never model hyperparameters.
-        return
 
 
 def fit_summary(trainer: L.Trainer) -> str:

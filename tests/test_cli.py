@@ -3,12 +3,13 @@
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from gpt_lightning.sources import load_checkpoint, open_source
-from tests.conftest import ROOT, assert_ok, cli, main_in_process, make_play, scalars, text_samples, tiny_fit
+from tests.conftest import ROOT, assert_ok, cli, fit_args, main_in_process, make_play, scalars, text_samples, tiny_fit
 
 pytestmark = pytest.mark.slow
 
@@ -131,3 +132,17 @@ def test_every_option_of_a_command_says_what_it_does(command: list[str]):
     files = ("--help", "--config", "--print_config", "--trainer")  # jsonargparse's own, and a group's config file
     bare = [name for name, text in options.items() if name not in files and "type: " not in text]
     assert bare == [], f"options without help: {bare}"
+
+
+def test_a_resume_takes_the_options_given_now_over_the_checkpoints_hyperparameters(
+    pretrained: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # LightningCLI would parse the checkpoint's saved hyperparameters (learning_rate=1e-2) over the command line.
+    from gpt_lightning.cli import GPTLightningCLI
+
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    ckpt = pretrained / "checkpoints" / "last.ckpt"
+    args = fit_args(text_file, tmp_path, f"--ckpt_path={ckpt}", "--model.learning_rate=5e-3", "--trainer.max_steps=40")
+    resumed = GPTLightningCLI(args=args)  # at its last step already: nothing to train
+    assert resumed.model.hparams["learning_rate"] == 5e-3
+    assert resumed.config.fit.ckpt_path == str(ckpt)
