@@ -176,6 +176,16 @@ def tiny_fit(text_file: Path, runs: Path, *args: str, name: str = "run", **kwarg
     return cli(*fit_args(text_file, runs, *args, name=name), **kwargs)
 
 
+def finetune(pretrained: Path, text_file: Path, runs: Path, *args: str, in_process: bool = True):
+    """`fit` with configs/finetune.yaml on the CPU preset, LoRA rank 8 (`--model.lora.rank=0`: full fine-tuning),
+    on `text_file`, logging to runs/finetune/version_N. The start (`--model.init_from`) is the caller's."""
+    configs = ["--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml")]
+    return cli("fit", *configs, f"--data.path={text_file}", "--data.speakers=null",
+               f"--data.cache_dir={runs}/token_cache", f"--trainer.logger.init_args.save_dir={runs}",
+               "--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false", "--model.lora.rank=8",
+               *args, in_process=in_process)  # fmt: skip
+
+
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of a TensorBoard run folder as {tag: [(step, value), ...]}, as TensorBoard shows them:
     the events of a tag orphaned by a restart are purged, the resumed run's steps replace them.

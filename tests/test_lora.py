@@ -15,7 +15,7 @@ from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.lora import LoRAConfig, LoRALinear, add_lora, merged_state_dict
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.sources import load_model
-from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, text_samples
+from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, finetune, text_samples
 from tests.test_resume import EXACT, assert_same_run
 
 CONFIG = GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=True)
@@ -92,14 +92,6 @@ def test_lora_with_muon_is_a_clear_error():
 
 
 # -- end to end: the fine-tune of the issue, on a tiny pre-trained checkpoint ------------------------------
-
-
-def finetune(pretrained: Path, text_file: Path, runs: Path, *args: str, in_process: bool = True):
-    configs = ["--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml")]
-    return cli("fit", *configs, f"--data.path={text_file}", "--data.speakers=null",
-               f"--data.cache_dir={runs}/token_cache", f"--trainer.logger.init_args.save_dir={runs}",
-               "--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false", "--model.lora.rank=8",
-               *args, in_process=in_process)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -186,16 +178,3 @@ def test_exporting_a_merged_checkpoint_never_overwrites(pretrained: Path, tmp_pa
                  in_process=True)  # fmt: skip
     assert_clean_error(result, "taken.ckpt exists: export into a new file")
     assert taken.read_text() == "mine"
-
-
-@pytest.mark.slow
-def test_a_lora_fine_tune_without_model_dropout_resumes_bit_exactly(pretrained: Path, text_file: Path, tmp_path: Path):
-    # LoRA's own dropout draws from the global RNG too: a resumed run must draw its masks as the straight run did,
-    # with the model's dropout off (the CPU recipe's), where nothing else reseeds the RNG per micro-batch.
-    start = f"--model.init_from={pretrained / 'checkpoints' / 'last.ckpt'}"
-    exact = [*EXACT, "--model.dropout=0.0", "--model.lora.dropout=0.1", "--trainer.log_every_n_steps=1"]
-    assert_ok(finetune(pretrained, text_file, tmp_path / "a", start, *exact, "--trainer.max_steps=8"))
-    assert_ok(finetune(pretrained, text_file, tmp_path / "b", start, *exact, "--trainer.max_steps=5"))
-    assert_ok(finetune(pretrained, text_file, tmp_path / "b", "--model.init_from=null", "--ckpt_path=last",
-                       *exact, "--trainer.max_steps=8"))  # fmt: skip
-    assert_same_run(tmp_path / "a" / "finetune" / "version_0", tmp_path / "b" / "finetune" / "version_0", 8)
