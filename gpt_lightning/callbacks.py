@@ -1,5 +1,6 @@
 """Only what Lightning lacks: text samples and task scores in TensorBoard, last.ckpt on a step cadence and on
-exit, a validation after the last step, token throughput, and a TensorBoard logger without epochs."""
+exit, a validation after the last step, token throughput, a TensorBoard logger without epochs, and a progress
+bar that reads the loss on logging steps only."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -165,6 +166,42 @@ class StepTensorBoardLogger(TensorBoardLogger):
         super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
         if step is not None and step == self.write_through_step:
             self.save()
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, with train/loss as of the latest logging step.
+
+    A metric logged with prog_bar=True is turned into a float by Lightning after every batch, whether it was
+    logged at that step or not: on a GPU a host-device sync per step, which keeps the host from queueing
+    kernels ahead (tests/test_host_syncs.py). This bar reads the logged loss once per logging step instead."""
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
+        """
+        Args:
+            refresh_rate: Redraw the bar every n batches; 0 turns it off.
+            process_position: Line offset of the bar, for several trainings at once.
+            leave: Keep the bar of each finished epoch on screen.
+        """
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        self._loss: float | None = None
+        self._read_at_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._read_at_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        step = trainer.global_step  # the optimizer steps done: the last micro-batch of a step has taken it
+        if step > self._read_at_step and is_logging_step(trainer, step - 1):
+            self._read_at_step = step
+            loss = trainer.callback_metrics.get("train/loss")
+            self._loss = None if loss is None else float(loss)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict]:
+        metrics = super().get_metrics(trainer, pl_module)
+        return metrics if self._loss is None else {"train/loss": self._loss, **metrics}
 
 
 class LossChartLayout(Callback):

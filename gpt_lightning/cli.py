@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,6 +27,7 @@ from gpt_lightning.callbacks import (
     FinalValidation,
     LastCheckpoint,
     LossChartLayout,
+    LossProgressBar,
     TaskScores,
     TextSampleLogger,
     TokenThroughput,
@@ -50,7 +51,7 @@ CALLBACK_SECTIONS: dict[str, type[Callback]] = {
     "last_checkpoint": LastCheckpoint,
     "sample": TextSampleLogger,
     "task_scores": TaskScores,
-    "progress_bar": TQDMProgressBar,
+    "progress_bar": LossProgressBar,
 }
 
 

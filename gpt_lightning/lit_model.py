@@ -152,8 +152,9 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         if self._is_logging_step():
-            # The mean over ranks (one all-reduce, on logging steps only), not rank 0's own batch.
-            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+            # The mean over ranks (one all-reduce, on logging steps only), not rank 0's own batch. Not prog_bar:
+            # Lightning would read it back after every later batch too (callbacks.LossProgressBar shows it).
+            self.log("train/loss", loss, sync_dist=True)
             self.log_dict(self._learning_rates())
         return loss
 

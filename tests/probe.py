@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import traceback
 from pathlib import Path
 
 import lightning as L
@@ -111,3 +112,78 @@ class KillAtStep(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Tensor methods that read a value back to Python: on a GPU each waits for the queue of kernels (a host-device
+# sync). Printing a tensor reads it too.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__repr__",
+              "__format__")  # fmt: skip
+
+
+class CountHostReads(Callback):
+    """Records every Python-side read of a tensor during training (HOST_READS) with the optimizer step under way
+    (counted from 0; with gradient accumulation, the step its micro-batches build; -1 before the first), as
+    `<out_dir>/reads.json`: [[step, method, the innermost frames, as "file:line < file:line ..."], ...].
+
+    Two kinds of read are left out, as no sync on a GPU either: inside the data loader (host tensors, before
+    they move to the device), and torch's optimizers reading the step counters they keep on the host
+    (torch.optim.optimizer._get_value; a fused AdamW, the GPU's, reads none)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.reads: list[tuple[int, str, str]] = []
+        self._step = -1
+        self._originals: dict[str, object] = {}
+
+    def _record(self, method: str) -> None:
+        frames = traceback.extract_stack(limit=40)[:-2]  # without this method and the wrapper
+        if any("torch/utils/data" in f.filename for f in frames) or frames[-1].name == "_get_value":
+            return
+        while len(frames) > 1 and "/torch/" in frames[-1].filename:  # from the caller of torch's own methods
+            frames.pop()
+        self.reads.append((self._step, method, " < ".join(f"{Path(f.filename).name}:{f.lineno}"
+                                                          for f in frames[::-1][:8])))  # fmt: skip
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name in HOST_READS:
+            original = self._originals[name] = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                self._record(_name)
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._step = trainer.global_step
+
+    def _uninstall(self) -> None:
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)
+        self._originals = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._uninstall()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"reads{trainer.global_rank}.json").write_text(json.dumps(self.reads))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._uninstall()
+
+
+class SyncErrorOnQuietSteps(Callback):
+    """On a GPU, makes any host-device sync an error (torch.cuda.set_sync_debug_mode) from the start of each step
+    that logs nothing to the start of the next one: its hooks, Lightning's bookkeeping after it and the next
+    batch's copy to the device. The first step (which creates the optimizer's state) is left alone."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        from gpt_lightning.lit_model import is_logging_step
+
+        step = trainer.global_step
+        torch.cuda.set_sync_debug_mode("error" if step > 0 and not is_logging_step(trainer, step) else "default")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        torch.cuda.set_sync_debug_mode("default")
