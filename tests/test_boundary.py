@@ -29,6 +29,7 @@ PLAIN = [
         ".evaluation.metrics",
         ".evaluation.run",
         ".commands",
+        ".instruct",
     )
 ]
 
