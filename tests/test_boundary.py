@@ -30,6 +30,7 @@ PLAIN = [
         ".evaluation.run",
         ".commands",
         ".instruct",
+        ".synthetic_tasks",
     )
 ]
 
