@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 from gpt_lightning.data import read_text
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer
@@ -297,3 +298,48 @@ def collate(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> TaskBatch:
     for row, (x, y) in enumerate(pairs):
         inputs[row, : x.numel()], targets[row, : y.numel()] = x, y
     return TaskBatch(inputs, targets, lengths)
+
+
+class ExampleBatches(IterableDataset):
+    """An endless stream of training batches of examples, each padded to its longest (`collate`). The examples
+    are taken in a fresh random order each epoch, shared by all ranks: batch i of rank r of a world of w
+    processes holds the examples at positions (i * w + r) * batch_size onwards of the epochs' orders, so the
+    ranks take different examples, every example is seen once an epoch, and batch i depends only on (seed, r,
+    w, i): a run resumed at batch i takes exactly what an uninterrupted run would have."""
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+    ) -> None:
+        if not pairs:
+            raise ValueError("no training examples.")
+        self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            if len(self._orders) > 1:
+                self._orders.pop(min(self._orders))
+            generator = torch.Generator().manual_seed(hash((self.seed, epoch)) & (2**63 - 1))
+            self._orders[epoch] = torch.randperm(len(self.pairs), generator=generator)
+        return self._orders[epoch]
+
+    def batch(self, index: int) -> TaskBatch:
+        first = (index * self.world_size + self.rank) * self.batch_size
+        n = len(self.pairs)
+        rows = [int(self._order(p // n)[p % n]) for p in range(first, first + self.batch_size)]
+        return collate([self.pairs[row] for row in rows])
+
+    def __iter__(self) -> Iterator[TaskBatch]:
+        info = get_worker_info()  # DataLoader workers take turns: worker k of K serves batches k, k + K, ...
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        index = self.start + worker
+        while True:
+            yield self.batch(index)
+            index += workers
