@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt_lightning.evaluation import evaluate
 from gpt_lightning.instruct import IGNORE_INDEX, TEMPLATES, ExampleBatches, TaskDataError
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.sources import metadata
 from gpt_lightning.task_datamodule import TaskDataModule
 from gpt_lightning.tokenizer import CharTokenizer
-from tests.conftest import make_play
+from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, make_play, scalars
 
 SHAKESPEARE = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tiny Shakespeare's 65
 
@@ -80,3 +81,79 @@ def test_training_batches_depend_only_on_seed_rank_and_index_and_cover_every_exa
     assert not torch.equal(
         ExampleBatches(pairs, 2, seed=2).batch(0).inputs, ExampleBatches(pairs, 2, 1).batch(0).inputs
     )
+
+
+# -- end to end ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny pre-training on play-shaped text that holds the plain template's characters (Q, A, :, $), and
+    that text: (its last.ckpt, the text file)."""
+    folder = tmp_path_factory.mktemp("plain")
+    text = folder / "play.txt"
+    text.write_text(make_play(300) + "\nQUEEN:\nAh, $!\n")
+    result = cli(
+        "fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"), f"--data.path={text}",
+        f"--data.cache_dir={folder}/token_cache", f"--trainer.logger.init_args.save_dir={folder}",
+        "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=16", "--data.block_size=24", "--data.batch_size=4",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false", "--sample.every_n_validations=0",
+        in_process=True,
+    )  # fmt: skip
+    assert_ok(result)
+    return folder / "pretrain_cpu" / "version_0" / "checkpoints" / "last.ckpt", text
+
+
+def finetune(start: Path, text: Path, runs: Path, *args: str, in_process: bool = False):
+    """The shipped configs/finetune_task.yaml with the CPU trainer, shrunk: 64 problems, batches of 4."""
+    return cli(
+        "fit", "--config", str(ROOT / "configs/finetune_task.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml"),
+        f"--model.init_from={start}", f"--data.task=reverse-words:{text}", "--data.task_examples=64",
+        "--data.batch_size=4", f"--trainer.logger.init_args.save_dir={runs}", "--trainer.log_every_n_steps=1",
+        "--trainer.val_check_interval=3", "--last_checkpoint.every_n_train_steps=3", "--progress_bar.refresh_rate=0",
+        "--trainer.enable_model_summary=false", "--sample.max_new_tokens=4",
+        f"--task_scores.tasks=[reverse-words:{text}]", "--task_scores.limit=4", "--task_scores.max_new_tokens=6",
+        *args, in_process=in_process,
+    )  # fmt: skip
+
+
+def test_finetune_task_config_trains_on_answers_and_generate_answers_in_the_template(
+    plain_pretrained: tuple[Path, Path], tmp_path: Path
+):
+    start, text = plain_pretrained
+    assert_ok(finetune(start, text, tmp_path, "--trainer.max_steps=3"))  # a subprocess, as a user runs it
+    run = tmp_path / "finetune_task" / "version_0"
+    logged = scalars(run)
+    assert [step for step, _ in logged["train/padding"]] == [0, 1, 2]
+    assert all(0 <= value < 1 for _, value in logged["train/padding"]) and "val/loss" in logged
+    [(step, accuracy)] = logged["val/reverse-words/exact_match"]  # greedy answers to 4 held-out test words
+    assert [step] == [s for s, _ in logged["val/loss"]] and 0 <= accuracy <= 1
+    ckpt = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["gpt_lightning"]
+    assert saved["template"] == TEMPLATES["plain"].to_dict()
+    assert saved["data"]["task"] == f"reverse-words:{text}"
+    assert 0 < saved["data"]["examples"]["train"] <= 64  # at most task_examples: the text has few words
+    assert saved["tokenizer"] == torch.load(start, weights_only=True)["gpt_lightning"]["tokenizer"]
+
+    answered = cli("generate", f"--ckpt_path={ckpt}", "--prompt=hello", "--temperature=0", "--max_new_tokens=6")
+    assert_ok(answered)
+    assert answered.stdout.startswith("Q: hello\nA: ")  # the template applied
+    assert "$" not in answered.stdout  # generation stops at the end marker, never shows it
+    raw = cli("generate", f"--ckpt_path={ckpt}", "--prompt=hello", "--raw=true", "--max_new_tokens=3", in_process=True)
+    assert_ok(raw)
+    assert raw.stdout.startswith("hello") and not raw.stdout.startswith("Q: ")
+    base = cli("generate", f"--ckpt_path={start}", "--prompt=hello", "--max_new_tokens=3", in_process=True)
+    assert_ok(base)  # a base model has no template: its prompt is continued as it is
+    assert base.stdout.startswith("hello") and len(base.stdout) == len("hello") + 3 + 1
+
+    result = evaluate(str(ckpt), [f"reverse-words:{text}"], limit=2, max_new_tokens=6)
+    [task] = result["tasks"]
+    assert task["name"] == "reverse-words" and task["metrics"]["exact_match"]["n"] == 2
+
+
+def test_a_fine_tune_that_the_vocabulary_cannot_read_stops_with_the_missing_list(tmp_path: Path):
+    ckpt = char_checkpoint(tmp_path / "shakespeare.ckpt", SHAKESPEARE)
+    result = finetune(ckpt, tmp_path, tmp_path, "--data.task=addition-2", "--task_scores.tasks=[]",
+                      "--trainer.max_steps=1", in_process=True)  # fmt: skip
+    assert_clean_error(result, r"10 character\(s\) of the task data .* '0' \(addition-2 train item \d+\)")
