@@ -157,3 +157,28 @@ def test_a_fine_tune_that_the_vocabulary_cannot_read_stops_with_the_missing_list
     result = finetune(ckpt, tmp_path, tmp_path, "--data.task=addition-2", "--task_scores.tasks=[]",
                       "--trainer.max_steps=1", in_process=True)  # fmt: skip
     assert_clean_error(result, r"10 character\(s\) of the task data .* '0' \(addition-2 train item \d+\)")
+
+
+def test_generate_stops_at_the_templates_end_marker_and_a_base_models_generate_runs_to_the_limit(tmp_path: Path):
+    # A model that always predicts the end marker: ln_f outputs its bias (ones), and only $'s head row reads it.
+    config = GPTConfig(vocab_size=len(SHAKESPEARE), block_size=32, n_layer=1, n_head=1, n_embd=8, bias=True,
+                       tie_embeddings=False)  # fmt: skip
+    gpt = GPT(config)
+    with torch.no_grad():
+        gpt.ln_f.weight.zero_()
+        gpt.ln_f.bias.fill_(1.0)
+        gpt.lm_head.weight.zero_()
+        gpt.lm_head.weight[SHAKESPEARE.index("$")] = 10.0
+    state = {f"gpt.{k}": v for k, v in gpt.state_dict().items()}
+    tokenizer = CharTokenizer(SHAKESPEARE)
+    for name, template in (("tuned", TEMPLATES["plain"]), ("base", None)):
+        described = metadata(config, tokenizer, template=template)
+        torch.save({"state_dict": state, "gpt_lightning": described}, tmp_path / f"{name}.ckpt")
+    tuned = cli("generate", f"--ckpt_path={tmp_path / 'tuned.ckpt'}", "--prompt=hello", "--temperature=0",
+                "--max_new_tokens=5", in_process=True)  # fmt: skip
+    assert_ok(tuned)
+    assert tuned.stdout == "Q: hello\nA: \n"  # the template applied; the first token was the end marker
+    base = cli("generate", f"--ckpt_path={tmp_path / 'base.ckpt'}", "--prompt=hello", "--temperature=0",
+               "--max_new_tokens=5", in_process=True)  # fmt: skip
+    assert_ok(base)
+    assert base.stdout == "hello$$$$$\n"  # no template: the prompt as it is, and no stop
