@@ -26,6 +26,7 @@ from gpt_lightning.evaluation.run import resolve_task, score_task
 from gpt_lightning.evaluation.scoring import encode_text
 from gpt_lightning.evaluation.tasks import ChoiceItem, GenerationItem, GenerationTask, MultipleChoiceTask
 from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptions, check_prompt, stream_text
+from gpt_lightning.instruct import Template, render_prompt
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.nan_guard import is_logging_step
 
@@ -44,7 +45,8 @@ class TextSampleLogger(Callback):
         """Writes a sample of generated text to TensorBoard's Text tab after validation (rank 0 only).
 
         Args:
-            prompt: Text the sample continues; every character must be in the vocabulary.
+            prompt: Text the sample continues; every character must be in the vocabulary. A model fine-tuned on task
+                data answers it in its template, up to its end marker.
             max_new_tokens: Characters to generate per sample (shorter than generate's: one sample per validation).
             every_n_validations: Sample after every n-th validation; 0 turns sampling off.
             temperature: Sampling temperature; 0 is greedy.
@@ -62,8 +64,10 @@ class TextSampleLogger(Callback):
             # Rank 0 alone cannot run a sharded model: every rank would have to gather each layer's weights.
             rank_zero_warn("sampling during training is off under FSDP: sample the checkpoint with `generate`.")
             self.every_n_validations = 0
+        self._text = render_prompt(pl_module.template, self.prompt)
+        self._stop = () if pl_module.template is None else (pl_module.template.end,)
         if self.every_n_validations > 0:
-            check_prompt(pl_module.tokenizer, self.prompt, what="sample.prompt")  # fail now, not at the first sample
+            check_prompt(pl_module.tokenizer, self._text, what="sample.prompt")  # fail now, not at the first sample
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: GPTModule) -> None:  # type: ignore[override]
@@ -76,7 +80,8 @@ class TextSampleLogger(Callback):
         if not loggers:
             return
         with trainer.precision_plugin.forward_context():
-            text = self.prompt + "".join(stream_text(pl_module.gpt, pl_module.tokenizer, self.prompt, self.options))
+            sampled = stream_text(pl_module.gpt, pl_module.tokenizer, self._text, self.options, stop=self._stop)
+            text = self._text + "".join(sampled)
         # Indented by four spaces, TensorBoard's Markdown shows the text verbatim, line breaks included.
         markdown = "\n".join("    " + line for line in text.split("\n"))
         for logger in loggers:
@@ -98,8 +103,10 @@ class TaskScores(Callback):
         of the items.
 
         Args:
-            tasks: Built-in task names (spelling, next-word, next-line, who-speaks) or multiple-choice and
-                generation task files. Unset: none (no cost). Text for bits per byte is val/loss's job already.
+            tasks: Built-in task names (spelling, next-word, next-line, who-speaks; addition-2, addition-3,
+                reverse-words[:PATH], whose test problems a fine-tune on the task never trains on) or
+                multiple-choice and generation task files. Unset: none (no cost). Text for bits per byte is
+                val/loss's job already. A model fine-tuned on task data reads generation prompts in its template.
             limit: Score the first `limit` items of each task (all: null). 200 items give a standard error of
                 about 3 points of accuracy, at a cost near a validation's on the CPU recipe.
             batch_size: Choices per forward pass.
@@ -128,7 +135,7 @@ class TaskScores(Callback):
                     "give multiple-choice or generation tasks, or score the text with `evaluate`."
                 )
             for item in task.items[: self.limit]:
-                for text, what in _texts_of(item):
+                for text, what in _texts_of(item, pl_module.template):
                     encode_text(pl_module.tokenizer, text, f"task_scores.tasks: {what}")
             self.tasks.append(task)
 
@@ -138,18 +145,18 @@ class TaskScores(Callback):
         for task in self.tasks:
             with trainer.precision_plugin.forward_context():
                 metrics = score_task(pl_module.gpt, pl_module.tokenizer, task, self.limit, self.batch_size,
-                                     self.max_new_tokens)  # fmt: skip
+                                     self.max_new_tokens, template=pl_module.template)  # fmt: skip
             for metric in metrics:
                 # Every process holds the same value (score_task gathers the items); syncing averages equals.
                 pl_module.log(f"val/{task.name}/{metric.name}", metric.value, sync_dist=True)
 
 
-def _texts_of(item: ChoiceItem | GenerationItem) -> list[tuple[str, str]]:
+def _texts_of(item: ChoiceItem | GenerationItem, template: Template | None) -> list[tuple[str, str]]:
     if isinstance(item, ChoiceItem):
         return [(item.context, f"{item.where}: the context")] + [
             (item.delimiter + choice, f"{item.where}: choice {i}") for i, choice in enumerate(item.choices)
         ]
-    return [(item.prompt, f"{item.where}: the prompt")]
+    return [(render_prompt(template, item.prompt), f"{item.where}: the prompt")]
 
 
 class StepTensorBoardLogger(TensorBoardLogger):

@@ -34,6 +34,7 @@ from gpt_lightning.callbacks import (
 )
 from gpt_lightning.commands import COMMANDS
 from gpt_lightning.datamodule import ShakespeareDataModule
+from gpt_lightning.instruct import Template
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.nan_guard import NonFiniteLossError
 from gpt_lightning.sources import open_source
@@ -64,7 +65,10 @@ class GPTLightningCLI(LightningCLI):
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
         super().__init__(
             GPTModule,
-            ShakespeareDataModule,
+            # --data names the data module by class: ShakespeareDataModule (text, the default) or TaskDataModule
+            # (prompt/response examples, configs/finetune_task.yaml)
+            L.LightningDataModule,
+            subclass_mode_data=True,
             # A fixed default seed: a resumed run must draw the same data and dropout as the original.
             seed_everything_default=1337,
             # configure_optimizers is the module's own (AdamW groups, warm-up + cosine).
@@ -94,12 +98,14 @@ class GPTLightningCLI(LightningCLI):
         # Redrawing the bar (and reading the loss for it) every step costs 3% of a CPU-recipe step.
         parser.set_defaults({"progress_bar.refresh_rate": 10})
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.filename": "best-{step}"})
+        parser.set_defaults({"data": {"class_path": f"{ShakespeareDataModule.__module__}.ShakespeareDataModule"}})
         # Fine-tuning takes vocabulary and block size from the same checkpoint as the weights.
-        parser.link_arguments("model.init_from", "data.init_from", apply_on="parse")
-        parser.link_arguments("data.data_dir", "task_scores.data_dir", apply_on="parse")
+        parser.link_arguments("model.init_from", "data.init_args.init_from", apply_on="parse")
+        parser.link_arguments("data.init_args.data_dir", "task_scores.data_dir", apply_on="parse")
         # Derived from the data, written once.
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
+        parser.link_arguments("data.template", "model.template", compute_fn=_template_state, apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         # Private LightningCLI calls (_get, _parser, _instantiate_trainer): it has no public way to leave out a
@@ -151,11 +157,12 @@ class GPTLightningCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path {ckpt} is the run's only source: model.init_from {config.model.init_from} "
                            "is ignored")  # fmt: skip
             config.model.init_from = None
-        config.data.init_from = str(ckpt)  # its vocabulary and block size
-        settings, replaced = source.settings_replacing(config.model, config.data.get("block_size"))
+        data = config.data.init_args
+        data.init_from = str(ckpt)  # its vocabulary and block size
+        settings, replaced = source.settings_replacing(config.model, data.get("block_size"))
         for option, value in settings.items():
             config.model[option] = Namespace(**value) if option == "lora" else value
-        config.data.block_size = None
+        data.block_size = None
         if replaced:
             rank_zero_info(f"{ckpt} defines the architecture: {', '.join(replaced)}")
 
@@ -212,8 +219,9 @@ class GPTLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         # A new run from weights (a fine-tune) measures its overlap with the checkpoint's training split:
         # one pass over the text, on the process that prints the warning.
-        if self.config.fit.model.init_from is not None and self.trainer.is_global_zero:
-            self.datamodule.warn_of_overlap()
+        warn_of_overlap = getattr(self.datamodule, "warn_of_overlap", None)  # text's: task data has no split to overlap
+        if self.config.fit.model.init_from is not None and self.trainer.is_global_zero and warn_of_overlap:
+            warn_of_overlap()
 
     def before_validate(self) -> None:
         # Validation reads the checkpoint's weights; the training callbacks it saved have nothing to restore.
@@ -223,6 +231,10 @@ class GPTLightningCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             print(fit_summary(self.trainer), file=sys.stderr)
+
+
+def _template_state(template: Template | None) -> dict[str, str] | None:
+    return None if template is None else template.to_dict()
 
 
 def fit_summary(trainer: L.Trainer) -> str:

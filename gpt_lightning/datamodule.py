@@ -30,6 +30,7 @@ from gpt_lightning.data import (
     record_failure,
     validation_start,
 )
+from gpt_lightning.instruct import Template
 from gpt_lightning.sources import ModelSource, open_source
 from gpt_lightning.token_cache import (
     Selection,
@@ -45,6 +46,8 @@ DEFAULT_BLOCK_SIZE = 256
 
 
 class ShakespeareDataModule(L.LightningDataModule):
+    template: Template | None = None  # plain text has no template: a model of it continues text (cf. TaskDataModule)
+
     def __init__(
         self,
         data_dir: str = "data",

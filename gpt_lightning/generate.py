@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -187,21 +188,30 @@ def stream_text(
     generator: torch.Generator | None = None,
     use_kv_cache: bool = True,
     cancelled: Callable[[], bool] = lambda: False,
+    stop: Sequence[str] = (),
 ) -> Iterator[str]:
     """The text that continues `prompt`, piece by piece as it is sampled: never a split character (a BPE
     token can end inside one; the decoder holds it back until it is whole). Stops early when `cancelled()`
-    says so, which is asked before each token. The generator is seeded from `options` unless one is given (to
-    draw several samples in a row). `generate`, `serve` and the TensorBoard sampler all print through this."""
+    says so, which is asked before each token, and before the first of the `stop` strings (a fine-tune's end
+    marker), which is never yielded: text that may begin one is held back until it is known not to. The
+    generator is seeded from `options` unless one is given (to draw several samples in a row). `generate`,
+    `serve` and the TensorBoard sampler all print through this."""
     device = next(model.parameters()).device
     idx = tokenizer.encode(prompt)[None].to(device)  # (1, T)
     decoder = StreamDecoder(tokenizer)
     tokens = generate_tokens(model, idx, options.max_new_tokens, options.temperature, options.top_k, options.top_p,
                              options.generator() if generator is None else generator, use_kv_cache)  # fmt: skip
-    while not cancelled():
-        token = next(tokens, None)
-        if token is None:
-            if text := decoder.flush():
+    held = ""  # decoded, not yet yielded: it may be the start of a stop string
+    with contextlib.closing(tokens):
+        while not cancelled():
+            token = next(tokens, None)
+            held += decoder.flush() if token is None else decoder.push(token.tolist())
+            cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=None)
+            if cut is not None or token is None:
+                if text := held[:cut]:
+                    yield text
+                return
+            keep = max((k for s in stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+            if text := held[: len(held) - keep]:
                 yield text
-            return
-        if text := decoder.push(token.tolist()):
-            yield text
+                held = held[len(text) :]

@@ -16,11 +16,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.utils import clip_grad_norm_
 from torchmetrics import MeanMetric
 
+from gpt_lightning.instruct import IGNORE_INDEX, TaskBatch, Template
 from gpt_lightning.lora import LoRAConfig
 from gpt_lightning.nan_guard import NonFiniteLossGuard, is_logging_step
 from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, WarmupCosine, build_optimizer
 from gpt_lightning.sources import METADATA_KEY, build_network, metadata, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
+
+# (inputs, targets) windows of text, or a TaskBatch of padded examples (inputs, targets, lengths)
+Batch = tuple[torch.Tensor, torch.Tensor] | TaskBatch
 
 
 class GPTModule(L.LightningModule):
@@ -49,6 +53,7 @@ class GPTModule(L.LightningModule):
         muon_momentum: float = 0.95,
         muon_precision: MuonPrecision = "auto",
         compile: bool = False,
+        template: dict[str, str] | None = None,
     ) -> None:
         """A GPT trained with AdamW (or Muon and AdamW) and a warm-up + cosine LR schedule.
 
@@ -92,6 +97,8 @@ class GPTModule(L.LightningModule):
                 step; fp32 is the same update in float32, far faster on CPUs without native bfloat16 (AVX2).
                 auto: bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, else fp32. The state is the same.
             compile: Compile the network with torch.compile (in place, so checkpoint keys are unchanged).
+            template: Linked from the data module: how task data's prompts became model input (instruct.Template's
+                fields), recorded in checkpoints so that generate and evaluate apply it. None for plain text.
         """
         super().__init__()
         # A BPE tokenizer's JSON (1.3 MB for GPT-2's) stays out of hparams.yaml; the checkpoint keeps it.
@@ -107,6 +114,7 @@ class GPTModule(L.LightningModule):
         if muon_precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {muon_precision!r}.")
         self.muon_precision = muon_precision
+        self.template = None if template is None else Template.from_dict(template)
         self.tokenizer: Tokenizer = CharTokenizer(vocab) if isinstance(vocab, str) else tokenizer_from_dict(vocab)
         if lora.enabled and optimizer != "adamw":
             raise ValueError("LoRA trains its low-rank updates with AdamW: drop model.optimizer muon (or "
@@ -137,10 +145,12 @@ class GPTModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)  # (B, T, vocab_size)
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        """The mean loss over the batch's targets; a target of IGNORE_INDEX (a prompt's token, padding) is left
+        out of the mean and of the gradient."""
+        x, y = batch[0], batch[1]
         logits = self.gpt(x)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
 
     def _is_logging_step(self) -> bool:
         """Whether this batch's optimizer step writes step metrics (call before the step is taken).
@@ -149,23 +159,28 @@ class GPTModule(L.LightningModule):
         logging every step cost the CPU recipe 7% of its throughput (docs/recipes-and-benchmarks.md, Performance)."""
         return is_logging_step(self.trainer, self.global_step)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         if self._is_logging_step():
             # The mean over ranks (one all-reduce, on logging steps only), not rank 0's own batch. Not prog_bar:
             # Lightning would read it back after every later batch too (callbacks.LossProgressBar shows it).
             self.log("train/loss", loss, sync_dist=True)
             self.log_dict(self._learning_rates())
+            if isinstance(batch, TaskBatch):  # examples padded to the longest of their batch
+                self.log("train/padding", 1.0 - batch.lengths.sum() / batch.inputs.numel(), sync_dist=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        losses = F.cross_entropy(self.gpt(x).flatten(0, 1), y.flatten(), reduction="none")  # (B * T,) in nats
-        # Windows may differ in count per batch and rank: the means are weighted by tokens and characters.
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y = batch[0], batch[1].flatten()
+        # (B * T,) in nats, 0 where the target is IGNORE_INDEX: only learned targets are scored
+        losses = F.cross_entropy(self.gpt(x).flatten(0, 1), y, ignore_index=IGNORE_INDEX, reduction="none")
+        # Windows and examples differ in count per batch and rank: the means are weighted by tokens and characters.
         if self._characters_per_token.device != y.device:
             self._characters_per_token = self._characters_per_token.to(y.device)
-        characters = self._characters_per_token[y].sum()
-        self.val_loss.update(losses.mean(), y.numel())
+        scored = y != IGNORE_INDEX
+        tokens = scored.sum()
+        characters = (self._characters_per_token[y.clamp(min=0)] * scored).sum()
+        self.val_loss.update(losses.sum() / tokens, tokens)
         self.val_bpc.update(losses.sum() / math.log(2) / characters, characters)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/bpc", self.val_bpc)
@@ -270,4 +285,4 @@ class GPTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         describe = getattr(getattr(self._trainer, "datamodule", None), "describe", None)
         data = describe() if callable(describe) else None  # what the run trains on, when a data module says
-        checkpoint[METADATA_KEY] = metadata(self.config, self.tokenizer, data, self.lora)
+        checkpoint[METADATA_KEY] = metadata(self.config, self.tokenizer, data, self.lora, self.template)

@@ -24,6 +24,7 @@ import torch
 from gpt_lightning.data import atomic_write_bytes
 from gpt_lightning.hf import config_of_hf_gpt2, cropped, is_hf_gpt2, load_hf_gpt2_weights, tokenizer_of_hf_folder
 from gpt_lightning.hub import hf_gpt2_folder
+from gpt_lightning.instruct import Template
 from gpt_lightning.lora import LoRAConfig, add_lora, merged_state_dict, plain_state_of
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
@@ -37,13 +38,20 @@ DECIDED_BY_CHECKPOINT = tuple(f.name for f in dataclasses.fields(GPTConfig) if f
 
 
 def metadata(
-    config: GPTConfig, tokenizer: Tokenizer, data: dict[str, Any] | None = None, lora: LoRAConfig | None = None
+    config: GPTConfig,
+    tokenizer: Tokenizer,
+    data: dict[str, Any] | None = None,
+    lora: LoRAConfig | None = None,
+    template: Template | None = None,
 ) -> dict[str, Any]:
     """The checkpoint's own description: model config, vocabulary, the LoRA updates its weights include (if
-    any) and, where known, the training data (its source, sha256, selection and validation split)."""
+    any), the template of a fine-tune on task data (if any) and, where known, the training data (its source,
+    sha256, selection and validation split; or its task)."""
     described = {"format": 1, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer.to_dict()}
     if lora is not None and lora.enabled:
         described["lora"] = dataclasses.asdict(lora)
+    if template is not None:
+        described["template"] = template.to_dict()
     return described if data is None else {**described, "data": data}
 
 
@@ -64,6 +72,7 @@ class ModelSource:
     best_val_loss: float | None = None  # the best validation loss its run's ModelCheckpoint recorded
     described: dict[str, Any] = dataclasses.field(default_factory=dict)  # a checkpoint's own description, as saved
     lightning_version: str | None = None  # of the Lightning that wrote it
+    template: Template | None = None  # how a fine-tune on task data reads prompts; None for a model of plain text
 
     def config_for(self, given: Mapping[str, Any], dropout: float = 0.0) -> GPTConfig:
         """The config of a model built from this source, given the settings the user gave ({option: value},
@@ -171,6 +180,7 @@ def _open_checkpoint(resolved: Path, mtime_ns: int, size: int, path: Path) -> Mo
         global_step=int(checkpoint.get("global_step", 0)),
         lora=None if described.get("lora") is None else LoRAConfig(**described["lora"]),
         resumable="optimizer_states" in checkpoint,  # what an export leaves out
+        template=None if described.get("template") is None else Template.from_dict(described["template"]),
         best_val_loss=min(scores) if scores else None,
         described=dict(described),
         lightning_version=checkpoint.get("pytorch-lightning_version"),

@@ -62,7 +62,8 @@ def test_a_benchmark_preset_is_its_recipe_as_the_cli_reads_it(preset: str, capsy
     parsed = yaml.safe_load(capsys.readouterr().out)
     model = parsed["model"]  # what the recipe leaves unset is None here: GPTConfig's default
     shape = {f.name: model[f.name] for f in dataclasses.fields(GPTConfig) if model.get(f.name) is not None}
-    assert recipe_model(preset) == GPTConfig(**{**shape, "vocab_size": 65, "block_size": parsed["data"]["block_size"]})
+    block_size = parsed["data"]["init_args"]["block_size"]
+    assert recipe_model(preset) == GPTConfig(**{**shape, "vocab_size": 65, "block_size": block_size})
     settings = recipe_settings(recipe_files(preset))
     assert settings["trainer"]["val_check_interval"] == parsed["trainer"]["val_check_interval"]
 

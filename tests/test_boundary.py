@@ -29,6 +29,8 @@ PLAIN = [
         ".evaluation.metrics",
         ".evaluation.run",
         ".commands",
+        ".instruct",
+        ".synthetic_tasks",
     )
 ]
 

@@ -65,14 +65,15 @@ def test_recipes_build_their_presets(configs, preset, capsys, monkeypatch):
     model = result["model"]
     assert (model["n_layer"], model["n_head"], model["n_embd"], model["bias"]) == (
         expected.n_layer, expected.n_head, expected.n_embd, expected.bias)  # fmt: skip
-    assert result["data"]["block_size"] == expected.block_size
+    assert result["data"]["init_args"]["block_size"] == expected.block_size
 
 
 def test_pretrain_recipe_is_nanogpts_shakespeare_char(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     result = parsed(capsys, "fit", "--config", "configs/pretrain.yaml")
     model, trainer = result["model"], result["trainer"]
-    assert result["data"]["batch_size"] == 64 and trainer["max_steps"] == 5000
+    assert result["data"]["class_path"] == "gpt_lightning.datamodule.ShakespeareDataModule"  # text, by default
+    assert result["data"]["init_args"]["batch_size"] == 64 and trainer["max_steps"] == 5000
     assert (model["learning_rate"], model["min_lr"], model["warmup_steps"]) == (1e-3, 1e-4, 100)
     assert (model["betas"], model["weight_decay"], trainer["gradient_clip_val"]) == ([0.9, 0.99], 0.1, 1.0)
     assert trainer["precision"] == "bf16-mixed" and model["dropout"] == 0.2
@@ -84,3 +85,13 @@ def test_finetune_config_is_a_small_diff(capsys, monkeypatch):
     assert len([line for line in text.splitlines() if line.strip() and not line.startswith("#")]) <= 20
     result = parsed(capsys, "fit", "--config", "configs/pretrain_cpu.yaml", "--config", "configs/finetune.yaml")
     assert result["model"]["init_from"] and result["model"]["learning_rate"] < 1e-3
+
+
+def test_the_task_fine_tune_is_a_small_diff_that_reads_task_data(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    text = Path(ROOT / "configs/finetune_task.yaml").read_text()
+    assert len([line for line in text.splitlines() if line.strip() and not line.startswith("#")]) <= 25
+    result = parsed(capsys, "fit", "--config", "configs/finetune_task.yaml", "--config", "configs/trainer/cpu.yaml")
+    data = result["data"]
+    assert data["class_path"] == "gpt_lightning.task_datamodule.TaskDataModule"
+    assert data["init_args"]["task"] == "reverse-words" and data["init_args"]["template"] == "plain"

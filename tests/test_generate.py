@@ -154,3 +154,19 @@ def test_stream_text_is_the_decoded_tokens_and_stops_when_cancelled(model):
     questions = itertools.count(1)
     stopped = stream_text(model, tokenizer, prompt, options, cancelled=lambda: next(questions) > 7)
     assert len(list(stopped)) == 7  # asked before each token: 7 tokens, then the 8th question stops it
+
+
+def test_stream_text_stops_before_a_stop_string_and_never_shows_it(model):
+    from gpt_lightning.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer([chr(97 + i) for i in range(model.config.vocab_size)])
+    prompt = tokenizer.decode([1, 2, 3])
+    options = SamplingOptions(max_new_tokens=60, seed=5)
+    whole = "".join(stream_text(model, tokenizer, prompt, options))
+    stop = whole[20:23]  # three characters the sample holds: it ends just before their first occurrence
+    pieces = list(stream_text(model, tokenizer, prompt, options, stop=[stop]))
+    assert "".join(pieces) == whole[: whole.find(stop)]
+    assert all(stop not in piece for piece in pieces)
+    # text that only begins a stop string is held back, then shown once it is known not to be one
+    almost = next(whole[30:32] + c for c in tokenizer.vocab if whole[30:32] + c not in whole)
+    assert "".join(stream_text(model, tokenizer, prompt, options, stop=[almost])) == whole

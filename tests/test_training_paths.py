@@ -191,7 +191,7 @@ def test_generate_honours_the_trainer_precision(tmp_path, text_file, monkeypatch
 
     def spy(model, idx, *args, **kwargs):
         seen["dtype"], seen["autocast"] = model.lm_head.weight.dtype, torch.is_autocast_enabled("cpu")
-        return iter([])
+        yield from ()  # a generator, as generate_tokens is: stream_text closes it when it stops early
 
     # The sampler stream_text runs (the package's `generate` name is the function, so the module by import).
     monkeypatch.setattr(importlib.import_module("gpt_lightning.generate"), "generate_tokens", spy)

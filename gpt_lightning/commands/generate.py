@@ -8,7 +8,8 @@ from pathlib import Path
 from gpt_lightning.commands.device import AUTO_FLOAT32, DeviceAndPrecision
 from gpt_lightning.data import read_text
 from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptions, check_prompt, stream_text
-from gpt_lightning.sources import load_model
+from gpt_lightning.instruct import render_prompt
+from gpt_lightning.sources import load_model, open_source
 
 
 def generate(
@@ -22,6 +23,7 @@ def generate(
     num_samples: int = 1,
     seed: int = DEFAULT_SAMPLING.seed,
     use_kv_cache: bool = True,
+    raw: bool = False,
     trainer: DeviceAndPrecision = AUTO_FLOAT32,
 ) -> list[str]:
     """Sample text from a checkpoint, streaming it to stdout as it is generated.
@@ -39,6 +41,8 @@ def generate(
         num_samples: Samples to draw, one after another.
         seed: Seed of the sampler, from 0 to 2**64 - 1: the same seed gives the same text.
         use_kv_cache: Reuse attention keys and values between steps; the output is the same either way.
+        raw: Feed the prompt as it is, even to a model fine-tuned on task data. Off: such a model's template
+            turns the prompt into its input (plain: `Q: PROMPT` and `A: `), and a sample ends at its end marker.
         trainer: Where the model runs, with the names of fit's --trainer options.
 
     Returns:
@@ -50,7 +54,12 @@ def generate(
     if prompt_file is not None:
         prompt = read_text(Path(prompt_file), "prompt_file")
     plain, tokenizer = load_model(ckpt_path)
-    check_prompt(tokenizer, prompt, what="the prompt")
+    template = None if raw else open_source(ckpt_path).template  # None for a model of plain text
+    prompt = render_prompt(template, prompt)
+    stop = () if template is None else (template.end,)
+    check_prompt(
+        tokenizer, prompt, what="the prompt" if template is None else f"the prompt in template {template.name}"
+    )
     gpt, precision = trainer.place(plain)
     generator = options.generator()  # one for all samples: each continues where the last left it
     out = sys.stdout  # the text alone: messages go to stderr
@@ -61,7 +70,7 @@ def generate(
         out.write(prompt)
         text = [prompt]
         with precision:
-            for piece in stream_text(gpt, tokenizer, prompt, options, generator, use_kv_cache):
+            for piece in stream_text(gpt, tokenizer, prompt, options, generator, use_kv_cache, stop=stop):
                 text.append(piece)
                 out.write(piece)
                 out.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -16,9 +17,19 @@ from gpt_lightning.data import VAL_FRACTION, atomic_write_bytes, sha256_of
 from gpt_lightning.evaluation.builtin import BUILTIN_TASKS, builtin_task
 from gpt_lightning.evaluation.metrics import DESCRIPTIONS, Metric, choice_metrics, generation_metrics, text_metrics
 from gpt_lightning.evaluation.scoring import encode_text, score_choices, score_generations, score_windows, text_windows
-from gpt_lightning.evaluation.tasks import GenerationTask, MultipleChoiceTask, Task, read_task, split_kind
+from gpt_lightning.evaluation.tasks import (
+    DEFAULT_STOP,
+    GenerationItem,
+    GenerationTask,
+    MultipleChoiceTask,
+    Task,
+    read_task,
+    split_kind,
+)
+from gpt_lightning.instruct import Template, render_prompt
 from gpt_lightning.model import GPT
 from gpt_lightning.sources import load_model, open_source
+from gpt_lightning.synthetic_tasks import TEST_EXAMPLES, is_synthetic, synthetic_task
 from gpt_lightning.tokenizer import BPETokenizer, Tokenizer
 
 RESULT_FORMAT = 1
@@ -30,12 +41,26 @@ def resolve_task(spec: str, data_dir: str = "data", seed: int = 1337) -> Task:
     `KIND:PATH`, see `tasks`)."""
     if spec in BUILTIN_TASKS:
         return builtin_task(spec, data_dir, seed)
+    if is_synthetic(spec):
+        return synthetic_test_task(spec, data_dir, seed)
     _, path = split_kind(spec)
     if not path.is_file():
         raise FileNotFoundError(
             f"task {spec} is neither a built-in task ({', '.join(BUILTIN_TASKS)}) nor a file: check the path."
         )
     return read_task(spec)
+
+
+def synthetic_test_task(spec: str, data_dir: str = "data", seed: int = 1337) -> GenerationTask:
+    """The test split of a built-in synthetic task (synthetic_tasks: addition-2, addition-3, reverse-words[:PATH]),
+    TEST_EXAMPLES problems at most, none of which its training and validation splits hold."""
+    task = synthetic_task(spec, data_dir)
+    examples = task.examples("test", TEST_EXAMPLES, seed)
+    items = [GenerationItem(e.messages[0].content, e.messages[1].content, DEFAULT_STOP, e.where) for e in examples]
+    items_json = json.dumps([dataclasses.asdict(item) for item in items], ensure_ascii=False)
+    source = {"synthetic": spec, "split": "test", "seed": seed,
+              "items_sha256": hashlib.sha256(items_json.encode()).hexdigest()}  # fmt: skip
+    return GenerationTask(spec.partition(":")[0], items, source)
 
 
 def evaluate(
@@ -58,7 +83,8 @@ def evaluate(
         ckpt_path: The model: one of our checkpoints (a LoRA fine-tune's too), a Hugging Face GPT-2 folder, or a
             hub name such as `gpt2`.
         tasks: What to score, in order: built-in tasks by name (spelling, next-word, next-line, who-speaks:
-            multiple choice made from the corpus's held-out split), JSONL task files (multiple choice in
+            multiple choice made from the corpus's held-out split; addition-2, addition-3, reverse-words[:PATH]:
+            the test split of a task to fine-tune on, exact match), JSONL task files (multiple choice in
             HellaSwag's or the generic format, or generation with exact match; the kind is read from the
             fields), any other file as text for bits per byte, or `KIND:PATH` with KIND one of multiple_choice,
             generation, lm. Under torchrun, each process scores its share of every task's items.
@@ -113,6 +139,7 @@ def _evaluate(
     max_new_tokens: int, device: str, data_dir: str, seed: int, ignore_case: bool, stride: int | None,
 ) -> dict[str, Any]:  # fmt: skip
     model, tokenizer = load_model(ckpt_path, merge_lora=True)
+    template = open_source(ckpt_path).template  # a fine-tune on task data answers in its template
     model.to(device)
     first_process = _rank_and_world_size()[0] == 0
     record_warnings = _held_out_warnings(ckpt_path, resolved)
@@ -122,7 +149,7 @@ def _evaluate(
     scored = []
     for task in resolved:
         started = time.perf_counter()
-        metrics = score_task(model, tokenizer, task, limit, batch_size, max_new_tokens, ignore_case, stride)
+        metrics = score_task(model, tokenizer, task, limit, batch_size, max_new_tokens, ignore_case, stride, template)
         scored.append({
             "name": task.name, "kind": task.kind, "source": task.source, "n": metrics[0].n,
             "seconds": round(time.perf_counter() - started, 3),
@@ -143,9 +170,10 @@ def _evaluate(
 
 def score_task(
     model: GPT, tokenizer: Tokenizer, task: Task, limit: int | None = None, batch_size: int = 8,
-    max_new_tokens: int = 32, ignore_case: bool = False, stride: int | None = None,
+    max_new_tokens: int = 32, ignore_case: bool = False, stride: int | None = None, template: Template | None = None,
 ) -> list[Metric]:  # fmt: skip
-    """The metrics of one task on one model (the first `limit` items or windows).
+    """The metrics of one task on one model (the first `limit` items or windows). With a `template` (a fine-tune
+    on task data), a generation item's prompt is rendered in it and its answer ends at the end marker too.
 
     In a torch.distributed process group (torchrun, a DDP run), each of the W processes scores every W-th item
     (or window) from its rank on, and every process returns the metrics of all of them, put back in order:
@@ -158,6 +186,9 @@ def score_task(
         return choice_metrics(_in_order(choices, len(items), world_size))
     if isinstance(task, GenerationTask):
         prompts = task.items[:limit]
+        if template is not None:
+            prompts = [dataclasses.replace(item, prompt=render_prompt(template, item.prompt),
+                                           stop=(*item.stop, template.end)) for item in prompts]  # fmt: skip
         generations = score_generations(model, tokenizer, prompts[rank::world_size], max_new_tokens, ignore_case)
         return generation_metrics(_in_order(generations, len(prompts), world_size))
     tokens = encode_text(tokenizer, task.text, f"task {task.name}")

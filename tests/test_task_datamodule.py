@@ -1,0 +1,184 @@
+"""The task data module: its vocabulary (or the refusal of a checkpoint's), splits, block size and batches; and a
+task fine-tune end to end: fit configs/finetune_task.yaml, generate in the template, evaluate, LoRA, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt_lightning.evaluation import evaluate
+from gpt_lightning.instruct import IGNORE_INDEX, TEMPLATES, ExampleBatches, TaskDataError
+from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.sources import metadata
+from gpt_lightning.task_datamodule import TaskDataModule
+from gpt_lightning.tokenizer import CharTokenizer
+from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, make_play, scalars
+
+SHAKESPEARE = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tiny Shakespeare's 65
+
+
+def char_checkpoint(path: Path, vocab: str, block_size: int = 32) -> Path:
+    """A checkpoint of ours with random weights and a character vocabulary: enough to start a fine-tune from."""
+    config = GPTConfig(vocab_size=len(vocab), block_size=block_size, n_layer=1, n_head=1, n_embd=8)
+    state = {f"gpt.{k}": v for k, v in GPT(config).state_dict().items()}
+    torch.save({"state_dict": state, "gpt_lightning": metadata(config, CharTokenizer(vocab))}, path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_pre_trained_character_vocabulary_without_digits_refuses_addition_with_the_missing_list(tmp_path: Path):
+    ckpt = char_checkpoint(tmp_path / "shakespeare.ckpt", SHAKESPEARE)
+    data = TaskDataModule(task="addition-2", task_examples=100, init_from=str(ckpt))
+    with pytest.raises(ValueError) as error:
+        data.vocab  # noqa: B018 (the CLI asks for it first)
+    message = str(error.value)
+    assert message.startswith("10 character(s) of the task data or the template plain are not in the 65-character")
+    for char in "012456789+":
+        assert repr(char) in message
+    assert "'3'" not in message  # tiny Shakespeare has a 3
+    assert "(addition-2 train item 0)" in message and "drop model.init_from" in message
+    # the same vocabulary reads a task in its characters, and the chat template's markers are refused too
+    words = tmp_path / "words.txt"
+    words.write_text(make_play(50))
+    assert TaskDataModule(task=f"reverse-words:{words}", init_from=str(ckpt)).tokenizer.vocab == SHAKESPEARE
+    with pytest.raises(ValueError, match=r"the template chat .* '<' \(template chat\)"):
+        TaskDataModule(task=f"reverse-words:{words}", template="chat", init_from=str(ckpt)).tokenizer  # noqa: B018
+
+
+def test_from_scratch_the_vocabulary_is_the_datas_and_the_templates_and_the_block_size_the_longest(tmp_path: Path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"p{i}", "completion": "x" * i} for i in range(1, 21)])
+    data = TaskDataModule(train_file=str(train), template="chat", val_fraction=0.25, seed=3)
+    assert set(data.vocab) == set("p0123456789x") | set(TEMPLATES["chat"].markers)
+    assert len(data.splits["val"]) == 5 and len(data.splits["train"]) == 15
+    again = TaskDataModule(train_file=str(train), template="chat", val_fraction=0.25, seed=3)
+    assert [e.where for e in again.splits["val"]] == [e.where for e in data.splits["val"]]  # a fixed seed
+    longest = max(x.numel() for pairs in data.encoded.values() for x, _ in pairs)
+    assert data.block_size == longest
+    with pytest.raises(TaskDataError, match=r"20 example\(s\) are longer than the block size of 8 tokens"):
+        TaskDataModule(train_file=str(train), block_size=8).encoded  # noqa: B018
+    val = write_jsonl(tmp_path / "v.jsonl", [{"prompt": "p1", "completion": "x"}])
+    assert len(TaskDataModule(train_file=str(train), val_file=str(val)).splits["val"]) == 1
+    with pytest.raises(ValueError, match="one of them"):
+        TaskDataModule()
+    with pytest.raises(ValueError, match="one of them"):
+        TaskDataModule(train_file=str(train), task="addition-2")
+
+
+def test_training_batches_depend_only_on_seed_rank_and_index_and_cover_every_example_each_epoch():
+    pairs = [(torch.tensor([i, i]), torch.tensor([IGNORE_INDEX, i])) for i in range(10)]
+    first = [ExampleBatches(pairs, 2, seed=1, rank=r, world_size=2) for r in range(2)]
+    epoch = [int(x) for i in range(3) for batches in first for x in batches.batch(i).inputs[:, 0]][:10]
+    assert sorted(epoch) == list(range(10))  # the two ranks share each epoch's order: each example once
+    resumed = ExampleBatches(pairs, 2, seed=1, rank=1, world_size=2, start=4)
+    assert torch.equal(next(iter(resumed)).inputs, first[1].batch(4).inputs)
+    assert not torch.equal(
+        ExampleBatches(pairs, 2, seed=2).batch(0).inputs, ExampleBatches(pairs, 2, 1).batch(0).inputs
+    )
+
+
+# -- end to end ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny pre-training on play-shaped text that holds the plain template's characters (Q, A, :, $), and
+    that text: (its last.ckpt, the text file)."""
+    folder = tmp_path_factory.mktemp("plain")
+    text = folder / "play.txt"
+    text.write_text(make_play(300) + "\nQUEEN:\nAh, $!\n")
+    result = cli(
+        "fit", "--config", str(ROOT / "configs/pretrain_cpu.yaml"), f"--data.path={text}",
+        f"--data.cache_dir={folder}/token_cache", f"--trainer.logger.init_args.save_dir={folder}",
+        "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=16", "--data.block_size=24", "--data.batch_size=4",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false", "--sample.every_n_validations=0",
+        in_process=True,
+    )  # fmt: skip
+    assert_ok(result)
+    return folder / "pretrain_cpu" / "version_0" / "checkpoints" / "last.ckpt", text
+
+
+def finetune(start: Path, text: Path, runs: Path, *args: str, in_process: bool = False):
+    """The shipped configs/finetune_task.yaml with the CPU trainer, shrunk: 64 problems, batches of 4."""
+    return cli(
+        "fit", "--config", str(ROOT / "configs/finetune_task.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml"),
+        f"--model.init_from={start}", f"--data.task=reverse-words:{text}", "--data.task_examples=64",
+        "--data.batch_size=4", f"--trainer.logger.init_args.save_dir={runs}", "--trainer.log_every_n_steps=1",
+        "--trainer.val_check_interval=3", "--last_checkpoint.every_n_train_steps=3", "--progress_bar.refresh_rate=0",
+        "--trainer.enable_model_summary=false", "--sample.max_new_tokens=4",
+        f"--task_scores.tasks=[reverse-words:{text}]", "--task_scores.limit=4", "--task_scores.max_new_tokens=6",
+        *args, in_process=in_process,
+    )  # fmt: skip
+
+
+def test_finetune_task_config_trains_on_answers_and_generate_answers_in_the_template(
+    plain_pretrained: tuple[Path, Path], tmp_path: Path
+):
+    start, text = plain_pretrained
+    assert_ok(finetune(start, text, tmp_path, "--trainer.max_steps=3"))  # a subprocess, as a user runs it
+    run = tmp_path / "finetune_task" / "version_0"
+    logged = scalars(run)
+    assert [step for step, _ in logged["train/padding"]] == [0, 1, 2]
+    assert all(0 <= value < 1 for _, value in logged["train/padding"]) and "val/loss" in logged
+    [(step, accuracy)] = logged["val/reverse-words/exact_match"]  # greedy answers to 4 held-out test words
+    assert [step] == [s for s, _ in logged["val/loss"]] and 0 <= accuracy <= 1
+    ckpt = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["gpt_lightning"]
+    assert saved["template"] == TEMPLATES["plain"].to_dict()
+    assert saved["data"]["task"] == f"reverse-words:{text}"
+    assert 0 < saved["data"]["examples"]["train"] <= 64  # at most task_examples: the text has few words
+    assert saved["tokenizer"] == torch.load(start, weights_only=True)["gpt_lightning"]["tokenizer"]
+
+    answered = cli("generate", f"--ckpt_path={ckpt}", "--prompt=hello", "--temperature=0", "--max_new_tokens=6")
+    assert_ok(answered)
+    assert answered.stdout.startswith("Q: hello\nA: ")  # the template applied
+    assert "$" not in answered.stdout  # generation stops at the end marker, never shows it
+    raw = cli("generate", f"--ckpt_path={ckpt}", "--prompt=hello", "--raw=true", "--max_new_tokens=3", in_process=True)
+    assert_ok(raw)
+    assert raw.stdout.startswith("hello") and not raw.stdout.startswith("Q: ")
+    base = cli("generate", f"--ckpt_path={start}", "--prompt=hello", "--max_new_tokens=3", in_process=True)
+    assert_ok(base)  # a base model has no template: its prompt is continued as it is
+    assert base.stdout.startswith("hello") and len(base.stdout) == len("hello") + 3 + 1
+
+    result = evaluate(str(ckpt), [f"reverse-words:{text}"], limit=2, max_new_tokens=6)
+    [task] = result["tasks"]
+    assert task["name"] == "reverse-words" and task["metrics"]["exact_match"]["n"] == 2
+
+
+def test_a_fine_tune_that_the_vocabulary_cannot_read_stops_with_the_missing_list(tmp_path: Path):
+    ckpt = char_checkpoint(tmp_path / "shakespeare.ckpt", SHAKESPEARE)
+    result = finetune(ckpt, tmp_path, tmp_path, "--data.task=addition-2", "--task_scores.tasks=[]",
+                      "--trainer.max_steps=1", in_process=True)  # fmt: skip
+    assert_clean_error(result, r"10 character\(s\) of the task data .* '0' \(addition-2 train item \d+\)")
+
+
+def test_generate_stops_at_the_templates_end_marker_and_a_base_models_generate_runs_to_the_limit(tmp_path: Path):
+    # A model that always predicts the end marker: ln_f outputs its bias (ones), and only $'s head row reads it.
+    config = GPTConfig(vocab_size=len(SHAKESPEARE), block_size=32, n_layer=1, n_head=1, n_embd=8, bias=True,
+                       tie_embeddings=False)  # fmt: skip
+    gpt = GPT(config)
+    with torch.no_grad():
+        gpt.ln_f.weight.zero_()
+        gpt.ln_f.bias.fill_(1.0)
+        gpt.lm_head.weight.zero_()
+        gpt.lm_head.weight[SHAKESPEARE.index("$")] = 10.0
+    state = {f"gpt.{k}": v for k, v in gpt.state_dict().items()}
+    tokenizer = CharTokenizer(SHAKESPEARE)
+    for name, template in (("tuned", TEMPLATES["plain"]), ("base", None)):
+        described = metadata(config, tokenizer, template=template)
+        torch.save({"state_dict": state, "gpt_lightning": described}, tmp_path / f"{name}.ckpt")
+    tuned = cli("generate", f"--ckpt_path={tmp_path / 'tuned.ckpt'}", "--prompt=hello", "--temperature=0",
+                "--max_new_tokens=5", in_process=True)  # fmt: skip
+    assert_ok(tuned)
+    assert tuned.stdout == "Q: hello\nA: \n"  # the template applied; the first token was the end marker
+    base = cli("generate", f"--ckpt_path={tmp_path / 'base.ckpt'}", "--prompt=hello", "--temperature=0",
+               "--max_new_tokens=5", in_process=True)  # fmt: skip
+    assert_ok(base)
+    assert base.stdout == "hello$$$$$\n"  # no template: the prompt as it is, and no stop
