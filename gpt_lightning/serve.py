@@ -45,6 +45,7 @@ import torch
 
 from gpt_lightning.data import CORPUS_SHA256
 from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptionError, SamplingOptions, check_prompt, stream_text
+from gpt_lightning.instruct import render_prompt
 from gpt_lightning.model import GPT
 from gpt_lightning.sources import load_model, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer
@@ -162,6 +163,7 @@ def describe_model(ckpt_path: str, limits: Limits | None = None) -> dict[str, An
         "steps": facts.global_step,
         "val_loss": None,
         "lora": None if facts.lora is None else dataclasses.asdict(facts.lora),
+        "template": None if facts.template is None else facts.template.name,  # applied to every prompt
         "defaults": (limits or Limits()).defaults(),
     }
     if facts.hf_folder is not None:
@@ -190,6 +192,7 @@ class GPTStreamAPI(LitAPI):
         # traceback. The main process stops it (see `serve`).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.gpt, self.tokenizer = load_model(self.ckpt_path)
+        self.template = open_source(self.ckpt_path).template  # a fine-tune's on task data, as generate applies it
         self.device = torch.device(device)
         self.gpt.to(self.device)
 
@@ -202,8 +205,9 @@ class GPTStreamAPI(LitAPI):
         options = SamplingOptions(**{option: request[option] for option in OPTIONS})
         produced, pending, sent_at = 0, "", -math.inf
         # Seeded from the options, as `python main.py generate` seeds its sampler: the same options, the same text.
-        texts = stream_text(self.gpt, self.tokenizer, request["prompt"], options,
-                            cancelled=lambda: mark.exists() or stopping.exists())  # fmt: skip
+        stop = () if self.template is None else (self.template.end,)
+        texts = stream_text(self.gpt, self.tokenizer, render_prompt(self.template, request["prompt"]), options,
+                            cancelled=lambda: mark.exists() or stopping.exists(), stop=stop)  # fmt: skip
         try:
             for text in texts:
                 produced += len(text)

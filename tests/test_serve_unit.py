@@ -84,7 +84,7 @@ def worker(tokenizer: Tokenizer, cancel_dir: Path) -> GPTStreamAPI:
     torch.manual_seed(0)
     api = GPTStreamAPI(ckpt_path="(a tiny random model)", cancel_dir=str(cancel_dir))
     api.gpt = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
-    api.tokenizer, api.device = tokenizer, torch.device("cpu")
+    api.tokenizer, api.device, api.template = tokenizer, torch.device("cpu"), None
     return api
 
 
@@ -261,3 +261,24 @@ def test_the_queue_slot_is_released_on_every_path(client, status, tmp_path):
     after = Client([b'{"prompt": "KING"}'])
     asyncio.run(call(the_gate, after))
     assert after.status == 200
+
+
+def test_a_fine_tunes_streams_answer_in_its_template_and_end_at_its_marker(tmp_path):
+    # A model that always predicts "$", the plain template's end marker: ln_f outputs its bias, and only the
+    # head row of "$" reads it. A fine-tune's stream stops before the marker at once; a base model's runs on.
+    from gpt_lightning.instruct import TEMPLATES
+
+    tokenizer = CharTokenizer("\n $:ABQaehlo")
+    api = worker(tokenizer, tmp_path)
+    api.gpt = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=8,
+                            bias=True, tie_embeddings=False)).eval()  # fmt: skip
+    with torch.no_grad():
+        api.gpt.ln_f.weight.zero_()
+        api.gpt.ln_f.bias.fill_(1.0)
+        api.gpt.lm_head.weight.zero_()
+        api.gpt.lm_head.weight[tokenizer.encode("$")[0]] = 10.0
+    request = {**SamplingOptions(max_new_tokens=5, temperature=0).__dict__, "prompt": "hello"}
+    assert "".join(m["text"] for m in stream(api, request)) == "$$$$$"
+    api.template = TEMPLATES["plain"]
+    messages = stream(api, request)
+    assert messages[-1]["done"] and messages[-1]["characters"] == 0  # the answer ended where it began
