@@ -123,6 +123,12 @@ QUICK = ["--model.warmup_steps=1", "--data.batch_size=4", "--data.val_batch_size
          "--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false",
          "--sample.max_new_tokens=4"]  # fmt: skip
 CPU_FINETUNE = ["--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml")]
+TASK_FINETUNE = [
+    "--config",
+    str(ROOT / "configs/finetune_task.yaml"),
+    "--config",
+    str(ROOT / "configs/trainer/cpu.yaml"),
+]
 GPT2_FINETUNE = ["--config", str(ROOT / "configs/finetune_gpt2.yaml"), "--trainer.accelerator=cpu",
                  "--trainer.precision=32-true"]  # fmt: skip
 
@@ -135,6 +141,7 @@ class Written:
     path: Path
     recipe: list[str]
     configs: list[str]
+    data: list[str] | None = None  # its data arguments, where they are not the text's
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +169,12 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Written
 
     kinds: dict[str, Written] = {}
 
-    def fit(kind: str, configs: list[str], *args: str) -> None:
+    def fit(kind: str, configs: list[str], *args: str, own_data: list[str] | None = None) -> None:
         runs = root / kind
-        recipe = [*configs, *data, *args]
+        recipe = [*configs, *(data if own_data is None else own_data), *args]
         assert_ok(cli("fit", *recipe, *QUICK, f"--trainer.logger.init_args.save_dir={runs}", in_process=True))
         [last] = runs.glob("*/version_0/checkpoints/last.ckpt")
-        kinds[kind] = Written(last, recipe, configs)
+        kinds[kind] = Written(last, recipe, configs, own_data)
 
     pretrain = ["--config", str(ROOT / "configs/pretrain_cpu.yaml")]
     fit("character", pretrain, *SMALL)
@@ -177,15 +184,24 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Written
     base.write_bytes(kinds["character"].path.read_bytes())
     fit("LoRA", CPU_FINETUNE, "--model.lora.rank=2", f"--model.init_from={base}")
     fit("from a GPT-2 folder", GPT2_FINETUNE, "--data.block_size=16", f"--model.init_from={gpt2}")
+    # A task fine-tune of the BPE model (a character vocabulary of this text lacks the template's Q and $).
+    bpe_base = root / "bpe_base.ckpt"
+    bpe_base.write_bytes(kinds["BPE"].path.read_bytes())
+    fit("task fine-tune", TASK_FINETUNE, f"--model.init_from={bpe_base}", "--task_scores.limit=4",
+        own_data=[f"--data.task=reverse-words:{text}", "--data.task_examples=200",
+                  f"--task_scores.tasks=[reverse-words:{text}]"])  # fmt: skip
     merged = root / "merged.ckpt"
     assert_ok(cli("export", f"--ckpt_path={kinds['LoRA'].path}", f"--output={merged}", in_process=True))
     kinds["merged export"] = Written(merged, kinds["LoRA"].recipe, CPU_FINETUNE)
     base.unlink()
+    bpe_base.unlink()
     shutil.rmtree(gpt2)
     return kinds, data
 
 
-@pytest.mark.parametrize("kind", ["character", "BPE", "padded BPE", "LoRA", "merged export", "from a GPT-2 folder"])
+@pytest.mark.parametrize(
+    "kind", ["character", "BPE", "padded BPE", "LoRA", "merged export", "from a GPT-2 folder", "task fine-tune"]
+)
 def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_fine_tune(
     written, kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
@@ -193,8 +209,11 @@ def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_
     from gpt_lightning.sources import load_model, open_source
 
     caplog.set_level(logging.INFO)
-    kinds, data = written
+    from gpt_lightning.instruct import render_prompt
+
+    kinds, text_data = written
     ckpt, recipe = kinds[kind].path, kinds[kind].recipe
+    data = kinds[kind].data or text_data
     facts = open_source(ckpt)
     # Resumed with the recipe as it was run: the run's own checkpoint is the only source, the start is not read.
     resumed = cli("fit", *recipe, *QUICK, f"--ckpt_path={ckpt}", f"--trainer.max_steps={facts.global_step + 1}",
@@ -221,7 +240,9 @@ def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_
     request = {"prompt": "KING", "max_new_tokens": 6, "temperature": 0.8, "top_k": None, "top_p": None, "seed": 2,
                "stream_id": "s"}  # fmt: skip
     served = list(api.predict(request))
-    assert served[-1]["done"] and "KING" + "".join(m["text"] for m in served) + "\n" == sampled.stdout
+    # A fine-tune on task data reads the prompt in its template, in both.
+    assert served[-1]["done"]
+    assert render_prompt(facts.template, "KING") + "".join(m["text"] for m in served) + "\n" == sampled.stdout
 
     ours, tokenizer = load_model(ckpt)
     ids = tokenizer.encode("KING ARTHUR:")[None]
@@ -231,7 +252,7 @@ def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_
         with torch.no_grad():
             assert torch.allclose(exported(ids), ours(ids), atol=1e-5, rtol=0)
 
-    started = cli("fit", *CPU_FINETUNE, *data, *QUICK, f"--model.init_from={ckpt}", "--trainer.max_steps=1",
+    started = cli("fit", *CPU_FINETUNE, *text_data, *QUICK, f"--model.init_from={ckpt}", "--trainer.max_steps=1",
                   f"--trainer.logger.init_args.save_dir={tmp_path / 'fine-tune'}", in_process=True)  # fmt: skip
     assert_ok(started)
     [start] = (tmp_path / "fine-tune").glob("*/version_0/checkpoints/last.ckpt")
