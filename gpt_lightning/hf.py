@@ -78,11 +78,12 @@ def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in theirs.items()}
 
 
-def export_hf_gpt2(model: GPT, tokenizer: Tokenizer, output: str | Path) -> Path:
+def export_hf_gpt2(model: GPT, tokenizer: Tokenizer, output: str | Path, chat_template: str | None = None) -> Path:
     """Writes `output` as a Hugging Face GPT-2 folder of the weights `model` computes with (a LoRA model's
     updates merged), whole or not at all: an existing folder with files in it is never overwritten. A BPE
     tokenizer goes to `tokenizer.json`; characters go to `vocab.json` ({character: id}), so that text maps to
-    ids without our code: `ids = [vocab[c] for c in text]`."""
+    ids without our code: `ids = [vocab[c] for c in text]`. A fine-tune's `chat_template` (Jinja) goes to
+    `tokenizer_config.json`, where transformers' `apply_chat_template` reads it."""
     try:
         from safetensors.torch import save_file
     except ImportError as err:
@@ -102,6 +103,12 @@ def export_hf_gpt2(model: GPT, tokenizer: Tokenizer, output: str | Path) -> Path
             vocab = {char: i for i, char in enumerate(tokenizer.vocab)}
             vocab_json = json.dumps(vocab, ensure_ascii=False, indent=1) + "\n"
             (staging / "vocab.json").write_text(vocab_json, encoding="utf-8")
+        if chat_template is not None:
+            described: dict[str, str] = {"chat_template": chat_template}
+            if isinstance(tokenizer, BPETokenizer):  # what AutoTokenizer builds from tokenizer.json
+                described["tokenizer_class"] = "PreTrainedTokenizerFast"
+            text = json.dumps(described, ensure_ascii=False, indent=2) + "\n"
+            (staging / "tokenizer_config.json").write_text(text, encoding="utf-8")
         if output.exists():
             output.rmdir()  # empty, checked above
         os.replace(staging, output)

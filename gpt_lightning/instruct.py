@@ -243,6 +243,30 @@ def render_prompt(template: Template | None, prompt: str | Sequence[Message | Ma
     return text + template.separator + template.assistant
 
 
+def chat_template(template: Template) -> str:
+    """The template as a Hugging Face chat template (Jinja): `tokenizer.apply_chat_template(messages,
+    add_generation_prompt=True)` on an exported folder gives `render_prompt(template, messages)`."""
+
+    def text(value: str) -> str:  # markers written verbatim, whatever they hold
+        return "{% raw %}" + value + "{% endraw %}" if value else ""
+
+    content = "{{ message['content'] }}"
+    turns = {
+        "assistant": text(template.assistant) + content + text(template.end),
+        "system": text(template.system) + content + text(template.turn_end),
+        "user": text(template.user) + content + text(template.turn_end),
+    }
+    return "".join([
+        "{% for message in messages %}",
+        "{% if not loop.first %}", text(template.separator), "{% endif %}",
+        "{% if message['role'] == 'assistant' %}", turns["assistant"],
+        "{% elif message['role'] == 'system' %}", turns["system"],
+        "{% else %}", turns["user"], "{% endif %}",
+        "{% endfor %}",
+        "{% if add_generation_prompt %}", text(template.separator + template.assistant), "{% endif %}",
+    ])  # fmt: skip
+
+
 # -- tokens ----------------------------------------------------------------------------------------------------
 
 

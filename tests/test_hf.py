@@ -427,3 +427,28 @@ def test_one_table_names_every_weight_of_ours_and_of_gpt2(tie_embeddings: bool):
     assert {our for our, _, transposed in names if transposed} == {
         f"h.{i}.{name}.weight" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
+
+
+@pytest.mark.parametrize("name", ["plain", "chat"])
+def test_an_exported_task_fine_tune_carries_its_template_as_a_chat_template(tmp_path: Path, name: str):
+    # transformers' tokenizer renders a conversation from the folder alone as generate and serve do.
+    import lightning
+
+    transformers = pytest.importorskip("transformers", reason="the dev extra installs transformers")
+    from gpt_lightning.commands.export import export
+    from gpt_lightning.instruct import TEMPLATES, render_prompt
+    from gpt_lightning.sources import METADATA_KEY, metadata
+
+    tokenizer = BPETokenizer.from_file(train_bpe(tmp_path / "bpe.json"))
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    template = TEMPLATES[name]
+    state = {f"gpt.{k}": v for k, v in GPT(config).state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 1, "pytorch-lightning_version": lightning.__version__,
+                METADATA_KEY: metadata(config, tokenizer, template=template)}, tmp_path / "tuned.ckpt")  # fmt: skip
+    export(str(tmp_path / "tuned.ckpt"), str(tmp_path / "hf"))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "KING?"},
+                    {"role": "assistant", "content": "Ay."}, {"role": "user", "content": "And then"}]  # fmt: skip
+    for messages in (conversation, conversation[1:2]):
+        rendered = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert rendered == render_prompt(template, messages)
