@@ -118,6 +118,7 @@ def finetune(start: Path, text: Path, runs: Path, *args: str, in_process: bool =
     )  # fmt: skip
 
 
+@pytest.mark.slow  # a fit and a generate in subprocesses
 def test_finetune_task_config_trains_on_answers_and_generate_answers_in_the_template(
     plain_pretrained: tuple[Path, Path], tmp_path: Path
 ):
