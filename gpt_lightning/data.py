@@ -236,6 +236,28 @@ def ensure_corpus(
     return path
 
 
+def brief(value: object) -> str:
+    """A value of a JSON line as an error message shows it: as JSON, cut to 60 characters."""
+    shown = json.dumps(value, ensure_ascii=False)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def json_objects(text: str, name: str, error: type[Exception], each: str) -> Iterator[tuple[str, dict]]:
+    """(where, object) for each non-blank line of a JSONL text, `where` naming `name` and the line; a line that
+    is not a JSON object raises `error` saying so (one `each` a line)."""
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        where = f"{name} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{where}: not a JSON object ({err.msg}, column {err.colno}).") from None
+        if not isinstance(row, dict):
+            raise error(f"{where}: not a JSON object but a JSON {type(row).__name__}: one {each} a line.")
+        yield where, row
+
+
 def read_text(path: str | Path, what: str = "text file") -> str:
     """Reads a UTF-8 text file, failing with a message that says what is wrong and how to fix it."""
     path = Path(path)

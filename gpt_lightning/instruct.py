@@ -21,7 +21,6 @@ targets of every other token are IGNORE_INDEX, which the loss leaves out, so the
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from gpt_lightning.data import read_text
+from gpt_lightning.data import brief, json_objects, read_text
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer
 
 IGNORE_INDEX = -100  # the target of a token that is not learned (a prompt's, padding): cross_entropy's default
@@ -70,16 +69,7 @@ def parse_examples(text: str, name: str, form: Format = "auto") -> list[Example]
         raise TaskDataError(f"data.format must be auto, {', '.join(FORMAT_FIELDS)}; got {form!r}.")
     examples = []
     found: str | None = None if form == "auto" else form
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        where = f"{name} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskDataError(f"{where}: not a JSON object ({err.msg}, column {err.colno}).") from None
-        if not isinstance(row, dict):
-            raise TaskDataError(f"{where}: not a JSON object but a JSON {type(row).__name__}: one example a line.")
+    for where, row in json_objects(text, name, TaskDataError, "example"):
         found = found or detect_format(row, where)
         examples.append(parse_example(row, found, where))
     if not examples:
@@ -115,18 +105,18 @@ def parse_example(row: Mapping[str, Any], form: str, where: str) -> Example:
 def _messages(value: Any, where: str) -> tuple[Message, ...]:
     if not isinstance(value, list) or not value:
         raise TaskDataError(f"{where}: messages must be a non-empty list of {{role, content}} objects, "
-                            f"got {_short(value)}.")  # fmt: skip
+                            f"got {brief(value)}.")  # fmt: skip
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise TaskDataError(f"{where}: message {i} must be an object with role and content, got {_short(message)}.")
+            raise TaskDataError(f"{where}: message {i} must be an object with role and content, got {brief(message)}.")
         role = message["role"]
         if role not in ROLES:
-            raise TaskDataError(f"{where}: message {i} has role {_short(role)}: one of {', '.join(ROLES)}.")
+            raise TaskDataError(f"{where}: message {i} has role {brief(role)}: one of {', '.join(ROLES)}.")
         if role == "system" and i > 0:
             raise TaskDataError(f"{where}: message {i} is a system message: only the first message may be one.")
         if not isinstance(message["content"], str):
-            raise TaskDataError(f"{where}: message {i}'s content must be a string, got {_short(message['content'])}.")
+            raise TaskDataError(f"{where}: message {i}'s content must be a string, got {brief(message['content'])}.")
         messages.append(Message(role, message["content"]))
     if messages[-1].role != "assistant":
         raise TaskDataError(f"{where}: the last message is the {messages[-1].role}'s: an example ends with the "
@@ -137,7 +127,7 @@ def _messages(value: Any, where: str) -> tuple[Message, ...]:
 def _string(row: Mapping[str, Any], field: str, where: str) -> str:
     value = row[field]
     if not isinstance(value, str):
-        raise TaskDataError(f"{where}: {field} must be a string, got {_short(value)}.")
+        raise TaskDataError(f"{where}: {field} must be a string, got {brief(value)}.")
     return value
 
 
@@ -147,11 +137,6 @@ def _fields(row: Mapping[str, Any]) -> str:
 
 def _expected() -> str:
     return "; or ".join(f"{', '.join(fields)} ({form})" for form, fields in FORMAT_FIELDS.items())
-
-
-def _short(value: Any) -> str:
-    shown = json.dumps(value, ensure_ascii=False)
-    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 # -- templates -------------------------------------------------------------------------------------------------

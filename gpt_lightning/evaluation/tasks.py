@@ -20,12 +20,11 @@ with KIND one of multiple_choice, generation or lm (`lm:file.jsonl` models the J
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from gpt_lightning.data import read_text, sha256_of
+from gpt_lightning.data import brief, json_objects, read_text, sha256_of
 
 MULTIPLE_CHOICE, GENERATION, LANGUAGE_MODELLING = "multiple_choice", "generation", "language_modelling"
 KIND_PREFIXES = {"multiple_choice": MULTIPLE_CHOICE, "generation": GENERATION, "lm": LANGUAGE_MODELLING}
@@ -123,16 +122,7 @@ def parse_jsonl(text: str, name: str, kind: str | None = None) -> list[ChoiceIte
     the first item's (or the first of `kind`'s formats that it fits)."""
     items: list[Any] = []
     found: _Format | None = None
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        where = f"{name} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskFormatError(f"{where}: not a JSON object ({err.msg}, column {err.colno}).") from None
-        if not isinstance(row, dict):
-            raise TaskFormatError(f"{where}: not a JSON object but a JSON {type(row).__name__}: one item a line.")
+    for where, row in json_objects(text, name, TaskFormatError, "item"):
         if found is None:
             found = _format_of(row, where, kind)
         items.append(_parse(row, found, where))
@@ -165,19 +155,19 @@ def _parse(row: dict[str, Any], form: _Format, where: str) -> ChoiceItem | Gener
     if form.kind == GENERATION:
         prompt, answer = _text(row, "prompt", where), row["answer"]
         if not isinstance(answer, str):
-            raise TaskFormatError(f"{where}: answer must be a string, got {_short(answer)}.")
+            raise TaskFormatError(f"{where}: answer must be a string, got {brief(answer)}.")
         return GenerationItem(prompt, answer, _stop(row.get("stop", list(DEFAULT_STOP)), where), where)
     context_field, choices_field, _ = form.fields
     context, choices = _text(row, context_field, where), row[choices_field]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise TaskFormatError(
-            f"{where}: {choices_field} must be a list of at least 2 non-empty strings, got {_short(choices)}."
+            f"{where}: {choices_field} must be a list of at least 2 non-empty strings, got {brief(choices)}."
         )
     label = row["label"]
     if isinstance(label, str) and label.isdigit():
         label = int(label)
     if not isinstance(label, int) or isinstance(label, bool):
-        raise TaskFormatError(f"{where}: label must be an integer, the index of the right choice, got {_short(label)}.")
+        raise TaskFormatError(f"{where}: label must be an integer, the index of the right choice, got {brief(label)}.")
     if not 0 <= label < len(choices):
         raise TaskFormatError(
             f"{where}: label {label} is not the index of one of its {len(choices)} choices (0 to {len(choices) - 1})."
@@ -188,7 +178,7 @@ def _parse(row: dict[str, Any], form: _Format, where: str) -> ChoiceItem | Gener
 def _text(row: dict[str, Any], field: str, where: str) -> str:
     value = row[field]
     if not isinstance(value, str) or not value:
-        raise TaskFormatError(f"{where}: {field} must be a non-empty string, got {_short(value)}.")
+        raise TaskFormatError(f"{where}: {field} must be a non-empty string, got {brief(value)}.")
     return value
 
 
@@ -197,11 +187,6 @@ def _stop(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise TaskFormatError(
             f"{where}: stop must be a non-empty string or a list of them ([] stops at the token limit only), "
-            f"got {_short(value)}."
+            f"got {brief(value)}."
         )
     return tuple(stops)
-
-
-def _short(value: Any) -> str:
-    shown = json.dumps(value, ensure_ascii=False)
-    return shown if len(shown) <= 60 else shown[:57] + "..."
