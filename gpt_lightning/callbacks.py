@@ -29,6 +29,7 @@ from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptions, check_prom
 from gpt_lightning.instruct import Template, render_prompt
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.nan_guard import is_logging_step
+from gpt_lightning.task_datamodule import TaskDataModule
 
 
 class TextSampleLogger(Callback):
@@ -97,6 +98,7 @@ class TaskScores(Callback):
         max_new_tokens: int = 32,
         data_dir: str = "data",
         seed: int = 1337,
+        data_task: bool = True,
     ) -> None:
         """Scores tasks at every validation and logs `val/<task>/<metric>` (acc, acc_norm, exact_match, ...)
         next to val/loss, as `evaluate` scores them (docs/evaluation.md). Under DDP each process scores its share
@@ -114,20 +116,26 @@ class TaskScores(Callback):
             data_dir: The folder that holds tinyshakespeare/input.txt, for the built-in tasks (linked from the
                 data's data_dir).
             seed: Seed of the built-in tasks' items.
+            data_task: Score the built-in task that the data trains on (TaskDataModule's `task`) as well, on its
+                held-out test problems: a fine-tune on reverse-words:PATH is scored on the words of PATH.
         """
         self.specs = list(tasks or [])
         self.limit, self.batch_size, self.max_new_tokens = limit, batch_size, max_new_tokens
-        self.data_dir, self.seed = data_dir, seed
+        self.data_dir, self.seed, self.data_task = data_dir, seed, data_task
         self.tasks: list[MultipleChoiceTask | GenerationTask] = []
 
     def setup(self, trainer: L.Trainer, pl_module: GPTModule, stage: str) -> None:  # type: ignore[override]
-        if not self.specs:
+        specs = list(self.specs)
+        data = trainer.datamodule
+        if self.data_task and isinstance(data, TaskDataModule) and data.task is not None and data.task not in specs:
+            specs.insert(0, data.task)
+        self.tasks = []
+        if not specs:
             return
         if isinstance(trainer.strategy, FSDPStrategy):
             rank_zero_warn("task scores during training are off under FSDP: score the checkpoint with `evaluate`.")
-            self.specs = []
             return
-        for spec in self.specs:  # every item checked now, not at the first validation
+        for spec in specs:  # every item checked now, not at the first validation
             task = resolve_task(spec, self.data_dir, self.seed)
             if not isinstance(task, MultipleChoiceTask | GenerationTask):
                 raise ValueError(

@@ -112,9 +112,8 @@ def finetune(start: Path, text: Path, runs: Path, *args: str, in_process: bool =
         f"--model.init_from={start}", f"--data.task=reverse-words:{text}", "--data.task_examples=64",
         "--data.batch_size=4", f"--trainer.logger.init_args.save_dir={runs}", "--trainer.log_every_n_steps=1",
         "--trainer.val_check_interval=3", "--last_checkpoint.every_n_train_steps=3", "--progress_bar.refresh_rate=0",
-        "--trainer.enable_model_summary=false", "--sample.max_new_tokens=4",
-        f"--task_scores.tasks=[reverse-words:{text}]", "--task_scores.limit=4", "--task_scores.max_new_tokens=6",
-        *args, in_process=in_process,
+        "--trainer.enable_model_summary=false", "--sample.max_new_tokens=4", "--task_scores.limit=4",
+        "--task_scores.max_new_tokens=6", *args, in_process=in_process,
     )  # fmt: skip
 
 
@@ -151,6 +150,25 @@ def test_finetune_task_config_trains_on_answers_and_generate_answers_in_the_temp
     result = evaluate(str(ckpt), [f"reverse-words:{text}"], limit=2, max_new_tokens=6)
     [task] = result["tasks"]
     assert task["name"] == "reverse-words" and task["metrics"]["exact_match"]["n"] == 2
+
+
+def test_a_task_fine_tune_scores_its_own_task_on_your_text_with_no_corpus_at_hand(
+    plain_pretrained: tuple[Path, Path], tmp_path: Path
+):
+    # data.task reverse-words:PATH, and nothing said of task_scores: the held-out words scored are PATH's, and
+    # the corpus (data/, absent here and offline) is never asked for.
+    start, text = plain_pretrained
+    result = finetune(start, text, tmp_path, "--trainer.max_steps=3", f"--data.data_dir={tmp_path / 'no_corpus'}",
+                      in_process=True)  # fmt: skip
+    assert_ok(result)
+    logged = scalars(tmp_path / "finetune_task" / "version_0")
+    assert [step for step, _ in logged["val/reverse-words/exact_match"]] == [2]
+    assert not (tmp_path / "no_corpus").exists()
+    # a task named in task_scores.tasks as well is scored once
+    again = finetune(start, text, tmp_path, "--trainer.max_steps=3", f"--task_scores.tasks=[reverse-words:{text}]",
+                     in_process=True)  # fmt: skip
+    assert_ok(again)
+    assert len(scalars(tmp_path / "finetune_task" / "version_1")["val/reverse-words/exact_match"]) == 1
 
 
 def test_a_fine_tune_that_the_vocabulary_cannot_read_stops_with_the_missing_list(tmp_path: Path):
