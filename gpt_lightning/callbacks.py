@@ -126,7 +126,7 @@ class TaskScores(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: GPTModule, stage: str) -> None:  # type: ignore[override]
         specs = list(self.specs)
-        data = trainer.datamodule
+        data = getattr(trainer, "datamodule", None)  # a property Lightning sets up at fit, untyped
         if self.data_task and isinstance(data, TaskDataModule) and data.task is not None and data.task not in specs:
             specs.insert(0, data.task)
         self.tasks = []
