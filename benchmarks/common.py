@@ -1,6 +1,6 @@
 """What the benchmarks share: where the checkout and its recipes are, the recipes as `main.py fit --config`
-reads them from configs/, the project's CLI built but not run, device syncs and memory readings, a fresh
-process for a measurement, and a byte-level BPE trained on a text.
+reads them from configs/, the project's CLI built but not run, a run's TensorBoard scalars, device syncs and
+memory readings, a fresh process for a measurement, and a byte-level BPE trained on a text.
 
 Run a benchmark from the checkout's root as a module: `python -m benchmarks.<name> --help`.
 
@@ -95,6 +95,29 @@ def callbacks_of(trainer: Trainer) -> list[Callback]:
     """The trainer's callbacks, to add to or look up: Lightning sets them outside `Trainer.__init__`, where mypy
     cannot see them."""
     return trainer.callbacks  # type: ignore[attr-defined]
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard run folder as {tag: [(step, value), ...]}, as TensorBoard shows them:
+    the events of a tag orphaned by a restart are purged, the resumed run's steps replace them.
+
+    The event files are read in the order they were written (their first event's wall time), not by name:
+    two fits in one process and one second get names that sort by a counter as a string ("10" before "9")."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    def written_at(path: Path) -> float:
+        return next(iter(EventFileLoader(str(path)).Load())).wall_time
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(run_dir).glob("events.out.tfevents.*"), key=written_at):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            events = [(e.step, e.value) for e in acc.Scalars(tag)]
+            resumed_at = events[0][0]  # TensorBoard purges each tag from the step where it restarts
+            curves[tag] = [(step, value) for step, value in curves.get(tag, []) if step < resumed_at] + events
+    return curves
 
 
 def sync(device: torch.device | str) -> None:

@@ -13,13 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+from benchmarks.common import scalars
 
 
 def main() -> None:

@@ -40,8 +40,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.common import ROOT, callbacks_of, child_env, config_args, recipe_cli, recipe_files, recipe_settings
-from benchmarks.plot_run import scalars
+from benchmarks.common import (
+    ROOT,
+    callbacks_of,
+    child_env,
+    config_args,
+    recipe_cli,
+    recipe_files,
+    recipe_settings,
+    scalars,
+)
 from gpt_lightning.data import atomic_write_bytes
 from gpt_lightning.tokenizer import BPETokenizer
 from gpt_lightning.tokenizer_training import Compression, measure, select_text, train_tokenizer

@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RECIPES, ROOT, config_args, recipe_files, recipe_settings
-from benchmarks.plot_run import scalars
+from benchmarks.common import RECIPES, ROOT, config_args, recipe_files, recipe_settings, scalars
 from gpt_lightning.evaluation import BUILTIN_TASKS, evaluate
 
 CHANCE = 0.25

@@ -16,6 +16,8 @@ from unittest import mock
 import pytest
 import torch
 
+from benchmarks.common import scalars  # noqa: F401 (the tests read runs as the benchmarks do)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"  # the verified corpus copy beside the checkout, where there is one
 SHARED_CORPUS = SHARED_DATA / "tinyshakespeare" / "input.txt"
@@ -184,29 +186,6 @@ def finetune(pretrained: Path, text_file: Path, runs: Path, *args: str, in_proce
                f"--data.cache_dir={runs}/token_cache", f"--trainer.logger.init_args.save_dir={runs}",
                "--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false", "--model.lora.rank=8",
                *args, in_process=in_process)  # fmt: skip
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a TensorBoard run folder as {tag: [(step, value), ...]}, as TensorBoard shows them:
-    the events of a tag orphaned by a restart are purged, the resumed run's steps replace them.
-
-    The event files are read in the order they were written (their first event's wall time), not by name:
-    two fits in one process and one second get names that sort by a counter as a string ("10" before "9")."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    def written_at(path: Path) -> float:
-        return next(iter(EventFileLoader(str(path)).Load())).wall_time
-
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(Path(run_dir).glob("events.out.tfevents.*"), key=written_at):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            events = [(e.step, e.value) for e in acc.Scalars(tag)]
-            resumed_at = events[0][0]  # TensorBoard purges each tag from the step where it restarts
-            curves[tag] = [(step, value) for step, value in curves.get(tag, []) if step < resumed_at] + events
-    return curves
 
 
 def text_samples(run_dir: Path) -> list[str]:

@@ -258,3 +258,19 @@ def test_tokenizer_sweep_calibrates_trains_and_prints_a_row_and_a_sample_per_voc
     assert (tmp_path / "sweep.png").stat().st_size > 0
     again = run_benchmark("tokenizer_sweep.py", *args)  # finished runs and the calibration are reused
     assert "calibration reused from" in "\n".join(again) and not any(line.startswith("training ") for line in again)
+
+
+def test_the_benchmarks_read_a_resumed_runs_event_files_in_the_order_they_were_written(tmp_path: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from benchmarks.plot_run import scalars
+
+    # A run, then its resume from step 5, whose file names sort the other way round ("10" before "9"), as two
+    # fits in one process and one second name them.
+    for value, (first, last), name in ((1.0, (0, 10), "9"), (2.0, (5, 15), "10")):
+        with SummaryWriter(str(tmp_path / "writing")) as writer:
+            for step in range(first, last):
+                writer.add_scalar("val/loss", value, step)
+        [written] = (tmp_path / "writing").iterdir()
+        written.rename(tmp_path / f"events.out.tfevents.1700000000.host.{name}.0")
+    assert scalars(tmp_path)["val/loss"] == [(s, 1.0) for s in range(5)] + [(s, 2.0) for s in range(5, 15)]
