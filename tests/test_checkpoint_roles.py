@@ -190,6 +190,10 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Written
     fit("task fine-tune", TASK_FINETUNE, f"--model.init_from={bpe_base}", "--task_scores.limit=4",
         own_data=[f"--data.task=reverse-words:{text}", "--data.task_examples=200",
                   f"--task_scores.tasks=[reverse-words:{text}]"])  # fmt: skip
+    fit("task LoRA fine-tune", TASK_FINETUNE, f"--model.init_from={bpe_base}", "--task_scores.limit=4",
+        "--model.lora.rank=2", own_data=[f"--data.task=reverse-words:{text}", "--data.task_examples=200"])  # fmt: skip
+    fit("task fine-tune of a GPT-2 folder", TASK_FINETUNE, f"--model.init_from={gpt2}", "--task_scores.limit=4",
+        own_data=[f"--data.task=reverse-words:{text}", "--data.task_examples=200"])  # fmt: skip
     merged = root / "merged.ckpt"
     assert_ok(cli("export", f"--ckpt_path={kinds['LoRA'].path}", f"--output={merged}", in_process=True))
     kinds["merged export"] = Written(merged, kinds["LoRA"].recipe, CPU_FINETUNE)
@@ -200,8 +204,10 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Written
 
 
 @pytest.mark.parametrize(
-    "kind", ["character", "BPE", "padded BPE", "LoRA", "merged export", "from a GPT-2 folder", "task fine-tune"]
-)
+    "kind",
+    ["character", "BPE", "padded BPE", "LoRA", "merged export", "from a GPT-2 folder", "task fine-tune",
+     "task LoRA fine-tune", "task fine-tune of a GPT-2 folder"],
+)  # fmt: skip
 def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_fine_tune(
     written, kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):

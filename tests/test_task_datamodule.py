@@ -201,3 +201,29 @@ def test_generate_stops_at_the_templates_end_marker_and_a_base_models_generate_r
                "--max_new_tokens=5", in_process=True)  # fmt: skip
     assert_ok(base)
     assert base.stdout == "hello$$$$$\n"  # no template: the prompt as it is, and no stop
+
+
+@pytest.mark.slow  # three fits, and the DDP one in subprocesses
+def test_a_task_lora_fine_tune_resumes_bit_exactly_after_sigterm_and_trains_under_ddp(
+    plain_pretrained: tuple[Path, Path], tmp_path: Path
+):
+    from tests.test_resume import assert_same_run
+
+    start, text = plain_pretrained
+    lora = ["--model.lora.rank=2", "--model.lora.dropout=0.1", "--model.learning_rate=1e-2"]  # LoRA's own dropout
+
+    def fit(runs: Path, *more: str):
+        return finetune(start, text, runs, *lora, "--trainer.max_steps=8", "--task_scores.data_task=false", *more,
+                        in_process=True)  # fmt: skip
+
+    assert_ok(fit(tmp_path / "a"))
+    stopped = fit(tmp_path / "b", "--trainer.callbacks+=tests.probe.StopAfterBatch", "--trainer.callbacks.batch=4")
+    assert stopped.returncode != 0 and "last.ckpt" in stopped.stderr, stopped.stderr[-2000:]
+    assert_ok(fit(tmp_path / "b", "--ckpt_path=last", "--model.init_from=null"))
+    assert_same_run(tmp_path / "a" / "finetune_task" / "version_0", tmp_path / "b" / "finetune_task" / "version_0", 8)
+
+    ddp = finetune(start, text, tmp_path / "ddp", *lora, "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"),
+                   "--trainer.max_steps=3")  # fmt: skip
+    assert_ok(ddp)
+    logged = scalars(tmp_path / "ddp" / "finetune_task" / "version_0")
+    assert [step for step, _ in logged["val/reverse-words/exact_match"]] == [2] and "val/loss" in logged
