@@ -7,7 +7,7 @@ finally `GPT`, which stacks them. Nothing here knows about Lightning; `lit_model
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -207,6 +207,29 @@ class GPT(nn.Module):
             KVCache(batch_size, c.n_head, c.block_size, c.head_size, weight.device, weight.dtype)
             for _ in range(c.n_layer)
         ]
+
+    @torch.no_grad()
+    def grow_vocab(self, known: int, tokens: int) -> None:
+        """Gives ids `known`..`tokens - 1`, which a tokenizer appended to the vocabulary, rows of their own (in
+        place): the token embedding (and an untied head) grow to `tokens` rows if they have fewer, and each new
+        id's rows start as the mean of the `known` ids' rows. Every other row keeps its value, so every old id
+        keeps its meaning. A new token starts as an average token: its logit is the mean of the old tokens'
+        logits, never an outlier, so its probability is at most the old tokens' average (Jensen): k new tokens
+        beside n old ones raise the loss on old text by at most ln(1 + k/n), 0.14 nats for 10 beside 65
+        (Hewitt, 2021, "Initializing new word embeddings for pretrained language models"; Hugging Face's
+        resize_token_embeddings draws the rows close to the same mean). The new rows are alike at first; the
+        targets that name each token tell them apart as they train."""
+        vocab_size = max(self.config.vocab_size, tokens)
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:  # (V, C) -> (vocab_size, C)
+            rows = torch.cat([weight, weight.new_empty(vocab_size - len(weight), weight.shape[1])])
+            rows[known:tokens] = weight[:known].float().mean(0).to(weight.dtype)
+            return nn.Parameter(rows)
+
+        self.wte.weight = grown(self.wte.weight)
+        self.lm_head.weight = self.wte.weight if self.config.tie_embeddings else grown(self.lm_head.weight)
+        self.wte.num_embeddings = self.lm_head.out_features = vocab_size
+        self.config = replace(self.config, vocab_size=vocab_size)
 
     def num_parameters(self, exclude_position_embedding: bool = False) -> int:
         """Parameters the model trains, each counted once (a tied head is the token embedding)."""

@@ -33,7 +33,8 @@ METADATA_KEY = "gpt_lightning"
 MODEL_PREFIX = "gpt."  # the LightningModule keeps the network in `self.gpt`
 # What a checkpoint decides about a model built from it, fine-tuned (init_from), resumed or validated
 # (--ckpt_path): every field of its config (architecture, vocabulary size, context) but dropout, which a
-# fine-tune may change. Derived from GPTConfig, so that a new field cannot be left out.
+# fine-tune may change. Derived from GPTConfig, so that a new field cannot be left out. (A fine-tune's
+# vocabulary may grow past the checkpoint's by characters appended to it: data.grow_vocab, build_network.)
 DECIDED_BY_CHECKPOINT = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
 
 
@@ -124,6 +125,19 @@ class ModelSource:
             )
         return self.tokenizer
 
+    def tokens_added_by(self, tokenizer: Tokenizer) -> int:
+        """How many characters `tokenizer` appends to this source's vocabulary (data.grow_vocab): 0 for the
+        source's own tokenizer. Any other tokenizer is an error: the model reads only the ids it was trained with."""
+        if tokenizer == self.tokenizer:
+            return 0
+        if isinstance(tokenizer, CharTokenizer) and tokenizer.extends(self.tokenizer):
+            return tokenizer.vocab_size - self.tokenizer.vocab_size
+        raise ValueError(
+            f"the run's tokenizer ({_described(tokenizer)}) is not the tokenizer of {self.source} "
+            f"({_described(self.tokenizer)}), nor its vocabulary with characters appended (data.grow_vocab): a "
+            "model reads only the ids of the tokenizer it was trained with. Use the checkpoint's tokenizer."
+        )
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """A checkpoint's GPT weights, without the LightningModule's attribute prefix (LoRA's A and B included)."""
         return model_state_dict(load_checkpoint(self.source))
@@ -198,15 +212,27 @@ def build_network(
     """The network a run trains, and the one place it is made (nanoGPT's `init_from` block): fresh, of
     GPTConfig's defaults with the `architecture` settings given ({GPTConfig field: value}, None for unset), or
     with the weights and architecture of `source`, which a differing given setting contradicts (`config_for`).
-    LoRA's low-rank updates are added last, the weights beneath them frozen."""
+    A `tokenizer` that appends characters to the source's (data.grow_vocab) gets rows for them, each the mean
+    of the old rows (`GPT.grow_vocab`). LoRA's low-rank updates are added last, the weights beneath them frozen."""
     if source is None:
         defaults = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, dropout=dropout)
         config = dataclasses.replace(defaults, **{k: v for k, v in architecture.items() if v is not None})
         gpt = GPT(config)
     else:
+        added = source.tokens_added_by(tokenizer)
+        if added and lora is not None and lora.enabled:
+            raise ValueError(
+                f"data.grow_vocab added {added} character(s) to the vocabulary of {source.source}, but LoRA freezes "
+                "the token embedding (and the head tied to it): their rows would stay the mean of the others, so the "
+                "model could never tell them apart or write them. Fine-tune every weight (model.lora.rank 0) to grow "
+                "the vocabulary."
+            )
         given = {**{f"model.{k}": v for k, v in architecture.items()}, "data.block_size": block_size}
         config = source.config_for(given, dropout)
         gpt = source.load_weights_into(GPT(config))
+        if added:
+            gpt.grow_vocab(source.tokenizer.vocab_size, tokenizer.vocab_size)
+            config = gpt.config
     if config.vocab_size < tokenizer.vocab_size:
         tokens = tokenizer.vocab_size
         raise ValueError(f"model.vocab_size {config.vocab_size} is less than the tokenizer's {tokens} tokens: "

@@ -29,7 +29,7 @@ from gpt_lightning.instruct import (
 )
 from gpt_lightning.sources import ModelSource, open_source
 from gpt_lightning.synthetic_tasks import synthetic_task
-from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_spec
+from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_spec
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -43,6 +43,7 @@ class TaskDataModule(L.LightningDataModule):
         train_on_prompt: bool = False,
         task_examples: int = 10000,
         tokenizer: str | None = None,
+        grow_vocab: bool = False,
         data_dir: str = "data",
         block_size: int | None = None,
         batch_size: int = 64,
@@ -73,7 +74,13 @@ class TaskDataModule(L.LightningDataModule):
                 val_fraction times as many validation examples.
             tokenizer: Training from scratch: char (the data's own characters and the template's) or a BPE (gpt2,
                 or a tokenizer.json). Unset: the `init_from` checkpoint's, else char. A character checkpoint whose
-                vocabulary lacks characters of the data or the template is refused with the list.
+                vocabulary lacks characters of the data or the template is refused with the list (or grown).
+            grow_vocab: Fine-tuning a character checkpoint whose vocabulary lacks characters of the data or the
+                template: append them (sorted) to its vocabulary rather than refuse, so that every old id keeps
+                its character, and give each an embedding row that starts as the mean of the old rows (an
+                average token: `GPT.grow_vocab`). The checkpoints record the grown vocabulary. With full
+                fine-tuning only: LoRA freezes the embedding. A BPE tokenizer has nothing to grow: it encodes
+                any text.
             data_dir: Where the corpus is (tiny Shakespeare, downloaded once) for `task: reverse-words`.
             block_size: Context length in tokens: every example must fit in block_size + 1. Unset: the `init_from`
                 checkpoint's, else the longest example's.
@@ -107,6 +114,14 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"data.tokenizer is {tokenizer}, but a fine-tune reads with the tokenizer of "
                              f"{init_from}: drop data.tokenizer.")  # fmt: skip
         self._bpe = None if tokenizer is None else tokenizer_from_spec(tokenizer)
+        bpe = tokenizer if self._bpe is not None else None
+        if self._source is not None and isinstance(self._source.tokenizer, BPETokenizer):
+            bpe = f"{init_from}'s"
+        if grow_vocab and bpe is not None:
+            raise ValueError(f"data.grow_vocab adds characters to a character vocabulary, but the tokenizer ({bpe}) is "
+                             "a byte-level BPE, which encodes any text (a character it has no token for is written as "
+                             "its UTF-8 bytes): there is nothing to add, drop data.grow_vocab.")  # fmt: skip
+        self.grow_vocab = grow_vocab
         self._block_size = block_size
 
     # -- the examples ------------------------------------------------------------------------------------------
@@ -133,14 +148,22 @@ class TaskDataModule(L.LightningDataModule):
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        """The checkpoint's when fine-tuning (refused when it lacks characters of the data or template); else a
-        BPE's, or the characters of the data, the template and a built-in task's alphabet."""
+        """The checkpoint's when fine-tuning (refused when it lacks characters of the data or template, or, with
+        grow_vocab, with them appended); else a BPE's, or the characters of the data, the template and a built-in
+        task's alphabet."""
         examples = [*self.splits["train"], *self.splits["val"]]
         if self._source is not None:
             tokenizer = self._source.tokenizer
             missing = missing_characters(tokenizer, self.template, examples)
-            if missing:
+            if missing and not self.grow_vocab:
                 raise ValueError(self._refusal(tokenizer, missing))
+            if missing:
+                assert isinstance(tokenizer, CharTokenizer)  # a BPE lacks nothing
+                grown = tokenizer.grown("".join(missing))
+                added = grown.vocab[tokenizer.vocab_size :]
+                rank_zero_info(f"data.grow_vocab: {len(added)} character(s) appended to the {tokenizer.vocab_size} "
+                               f"of {self.init_from}, ids {tokenizer.vocab_size} on: {added!r}")  # fmt: skip
+                return grown
             return tokenizer
         if self._bpe is not None:
             return self._bpe
@@ -155,7 +178,8 @@ class TaskDataModule(L.LightningDataModule):
             f"{len(missing)} character(s) of the task data or the template {self.template.name} are not in the "
             f"{tokenizer.vocab_size}-character vocabulary of {self.init_from}, which has no embedding for them: "
             f"{shown}{more} (where each first occurs). Fine-tune from scratch instead (drop model.init_from: the "
-            "vocabulary is then the data's), start from a BPE model such as gpt2, or replace these characters."
+            "vocabulary is then the data's), start from a BPE model such as gpt2, replace these characters, or set "
+            "data.grow_vocab true to add them."
         )
 
     @cached_property

@@ -38,6 +38,19 @@ class CharTokenizer:
     def unknown_chars(self, text: str) -> list[str]:
         return sorted(set(text) - self._id_of.keys())
 
+    def grown(self, text: str) -> CharTokenizer:
+        """This vocabulary with the characters of `text` it lacks appended, sorted: every old id keeps its
+        character, and the new ones come after them (data.grow_vocab)."""
+        return CharTokenizer(self.vocab + "".join(self.unknown_chars(text)))
+
+    def extends(self, other: Tokenizer) -> bool:
+        """Whether this vocabulary is `other`'s with more characters appended (what `grown` makes)."""
+        return (
+            isinstance(other, CharTokenizer)
+            and len(self.vocab) > len(other.vocab)
+            and self.vocab.startswith(other.vocab)
+        )
+
     def check(self, text: str, what: str = "text") -> None:
         """Raises a ValueError that lists the characters of `text` the vocabulary lacks."""
         unknown = self.unknown_chars(text)

@@ -11,20 +11,27 @@ import torch
 
 from gpt_lightning.evaluation import evaluate
 from gpt_lightning.instruct import IGNORE_INDEX, TEMPLATES, ExampleBatches, TaskDataError
+from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.lora import LoRAConfig
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.sources import metadata
+from gpt_lightning.sources import load_model, metadata
 from gpt_lightning.task_datamodule import TaskDataModule
-from gpt_lightning.tokenizer import CharTokenizer
+from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, make_play, scalars
+from tests.test_hf import train_bpe
+from tests.test_resume import assert_same_run
 
 SHAKESPEARE = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tiny Shakespeare's 65
 
 
-def char_checkpoint(path: Path, vocab: str, block_size: int = 32) -> Path:
-    """A checkpoint of ours with random weights and a character vocabulary: enough to start a fine-tune from."""
-    config = GPTConfig(vocab_size=len(vocab), block_size=block_size, n_layer=1, n_head=1, n_embd=8)
-    state = {f"gpt.{k}": v for k, v in GPT(config).state_dict().items()}
-    torch.save({"state_dict": state, "gpt_lightning": metadata(config, CharTokenizer(vocab))}, path)
+def char_checkpoint(path: Path, vocab: str, block_size: int = 32, tokenizer: Tokenizer | None = None, **config) -> Path:
+    """A checkpoint of ours with random weights and a character vocabulary (or `tokenizer`): enough to start a
+    fine-tune from. `config`: GPTConfig fields (vocab_size, tie_embeddings) instead of the tiny defaults."""
+    tokenizer = tokenizer or CharTokenizer(vocab)
+    shape = {"vocab_size": tokenizer.vocab_size, "n_layer": 1, "n_head": 1, "n_embd": 8, **config}
+    gpt_config = GPTConfig(block_size=block_size, **shape)
+    state = {f"gpt.{k}": v for k, v in GPT(gpt_config).state_dict().items()}
+    torch.save({"state_dict": state, "gpt_lightning": metadata(gpt_config, tokenizer)}, path)
     return path
 
 
@@ -44,12 +51,94 @@ def test_a_pre_trained_character_vocabulary_without_digits_refuses_addition_with
         assert repr(char) in message
     assert "'3'" not in message  # tiny Shakespeare has a 3
     assert "(addition-2 train item 0)" in message and "drop model.init_from" in message
+    assert "or set data.grow_vocab true to add them" in message  # the opt-in, named as a fix
     # the same vocabulary reads a task in its characters, and the chat template's markers are refused too
     words = tmp_path / "words.txt"
     words.write_text(make_play(50))
     assert TaskDataModule(task=f"reverse-words:{words}", init_from=str(ckpt)).tokenizer.vocab == SHAKESPEARE
     with pytest.raises(ValueError, match=r"the template chat .* '<' \(template chat\)"):
         TaskDataModule(task=f"reverse-words:{words}", template="chat", init_from=str(ckpt)).tokenizer  # noqa: B018
+
+
+DIGITS_AND_PLUS = "+012456789"  # what addition-2 needs beyond tiny Shakespeare's 65, sorted
+
+
+def test_grow_vocab_appends_the_missing_characters_sorted_so_every_old_id_keeps_its_character(tmp_path: Path):
+    ckpt = char_checkpoint(tmp_path / "shakespeare.ckpt", SHAKESPEARE)
+    data = TaskDataModule(task="addition-2", task_examples=100, init_from=str(ckpt), grow_vocab=True)
+    assert data.vocab == SHAKESPEARE + DIGITS_AND_PLUS
+    # nothing missing, nothing added: a resumed grown run reads its own checkpoint's vocabulary as it is
+    words = tmp_path / "words.txt"
+    words.write_text(make_play(50))
+    assert TaskDataModule(task=f"reverse-words:{words}", init_from=str(ckpt), grow_vocab=True).vocab == SHAKESPEARE
+
+
+def test_grow_vocab_on_a_bpe_model_is_an_error_saying_its_bytes_read_any_text(tmp_path: Path):
+    bpe = BPETokenizer.from_file(train_bpe(tmp_path / "tokenizer.json"))
+    ckpt = char_checkpoint(tmp_path / "bpe.ckpt", "", tokenizer=bpe)
+    with pytest.raises(ValueError, match=r"data.grow_vocab .* BPE, which encodes any text .* drop data.grow_vocab"):
+        TaskDataModule(task="addition-2", init_from=str(ckpt), grow_vocab=True)
+    with pytest.raises(ValueError, match=r"data.grow_vocab .* BPE"):
+        TaskDataModule(task="addition-2", tokenizer=str(tmp_path / "tokenizer.json"), grow_vocab=True)
+
+
+@pytest.mark.parametrize("shape", [{}, {"tie_embeddings": False}, {"vocab_size": 128}])
+def test_a_grown_vocabulary_keeps_the_checkpoints_rows_and_starts_the_new_ones_at_their_mean(tmp_path: Path, shape):
+    ckpt = char_checkpoint(tmp_path / "shakespeare.ckpt", SHAKESPEARE, **shape)
+    base, _ = load_model(ckpt)
+    grown = GPTModule(vocab=SHAKESPEARE + DIGITS_AND_PLUS, block_size=32, init_from=str(ckpt)).gpt.eval()
+    old, new = len(SHAKESPEARE), len(SHAKESPEARE) + len(DIGITS_AND_PLUS)
+    assert grown.config.vocab_size == max(new, shape.get("vocab_size", 0))  # a padded table has room already
+    for name in ("wte", "lm_head"):
+        before, after = getattr(base, name).weight, getattr(grown, name).weight
+        assert after.shape == (grown.config.vocab_size, 8)
+        assert torch.equal(after[:old], before[:old])  # every old id keeps its row
+        assert torch.equal(after[old:new], before[:old].mean(0).expand(new - old, -1))  # an average token
+        assert torch.equal(after[new:], before[new:])  # padding beyond the tokenizer's ids is left as it was
+    assert (grown.lm_head.weight is grown.wte.weight) == shape.get("tie_embeddings", True)
+    ids = CharTokenizer(SHAKESPEARE).encode("KING:\nGood lord")[None]
+    with torch.no_grad():  # old text's old-token logits are the checkpoint's
+        assert torch.allclose(grown(ids)[..., :old], base(ids)[..., :old], atol=1e-6, rtol=0)
+
+
+def test_a_tokenizer_that_does_not_extend_the_checkpoints_and_growing_under_lora_are_errors(tmp_path: Path):
+    ckpt = char_checkpoint(tmp_path / "shakespeare.ckpt", SHAKESPEARE)
+    with pytest.raises(ValueError, match=r"not the tokenizer of .*shakespeare.ckpt.* nor its vocabulary with"):
+        GPTModule(vocab=SHAKESPEARE[::-1], block_size=32, init_from=str(ckpt))
+    with pytest.raises(ValueError, match=r"LoRA freezes the token embedding .*\(model.lora.rank 0\)"):
+        GPTModule(vocab=SHAKESPEARE + "0", block_size=32, init_from=str(ckpt), lora=LoRAConfig(rank=2))
+
+
+def test_a_grown_fine_tune_on_addition_trains_writes_its_digits_and_records_its_vocabulary(tmp_path: Path):
+    ckpt = char_checkpoint(tmp_path / "shakespeare.ckpt", SHAKESPEARE)
+    result = finetune(ckpt, tmp_path, tmp_path, "--data.task=addition-2", "--data.grow_vocab=true",
+                      "--task_scores.tasks=[addition-2]", "--trainer.max_steps=3", in_process=True)  # fmt: skip
+    assert_ok(result)
+    run = tmp_path / "finetune_task" / "version_0"
+    assert "val/addition-2/exact_match" in scalars(run)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["gpt_lightning"]
+    assert saved["tokenizer"] == {"type": "char", "vocab": SHAKESPEARE + DIGITS_AND_PLUS}
+    assert saved["model_config"]["vocab_size"] == len(SHAKESPEARE + DIGITS_AND_PLUS)
+    answered = cli("generate", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--prompt=12+34",
+                   "--max_new_tokens=4", "--seed=1", in_process=True)  # fmt: skip
+    assert_ok(answered)
+    assert answered.stdout.startswith("Q: 12+34\nA: ")
+    lora = finetune(ckpt, tmp_path, tmp_path / "lora", "--data.task=addition-2", "--data.grow_vocab=true",
+                    "--model.lora.rank=2", "--trainer.max_steps=1", in_process=True)  # fmt: skip
+    assert_clean_error(lora, r"LoRA freezes the token embedding")
+
+
+def test_a_grown_fine_tune_resumes_bit_exactly(tmp_path: Path):
+    ckpt = char_checkpoint(tmp_path / "shakespeare.ckpt", SHAKESPEARE)
+    grow = ["--data.task=addition-2", "--data.grow_vocab=true", "--task_scores.tasks=[]", "--model.dropout=0.1"]
+    assert_ok(finetune(ckpt, tmp_path, tmp_path / "a", *grow, "--trainer.max_steps=6", "--model.lr_decay_steps=6",
+                       in_process=True))  # fmt: skip
+    assert_ok(finetune(ckpt, tmp_path, tmp_path / "b", *grow, "--trainer.max_steps=3", "--model.lr_decay_steps=6",
+                       in_process=True))  # fmt: skip
+    # a resume reads its checkpoint's grown vocabulary and shape: nothing is missing, nothing grows again
+    assert_ok(finetune(ckpt, tmp_path, tmp_path / "b", *grow, "--trainer.max_steps=6", "--model.lr_decay_steps=6",
+                       "--ckpt_path=last", "--model.init_from=null", in_process=True))  # fmt: skip
+    assert_same_run(tmp_path / "a" / "finetune_task" / "version_0", tmp_path / "b" / "finetune_task" / "version_0", 6)
 
 
 def test_from_scratch_the_vocabulary_is_the_datas_and_the_templates_and_the_block_size_the_longest(tmp_path: Path):
