@@ -285,11 +285,14 @@ def missing_characters(tokenizer: Tokenizer, template: Template, examples: Itera
 
 
 class TaskBatch(NamedTuple):
-    """A batch of examples padded to its longest: inputs and targets (B, T), and each row's length (B,)."""
+    """A batch of examples: inputs and targets (B, T), and each row's real tokens (B,), the rest padding. A row
+    holds one example (`collate`), or several (`pack`), whose `segments` (B, T) say which: the example's index
+    in the batch, -1 for padding."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     lengths: torch.Tensor
+    segments: torch.Tensor | None = None
 
     @property
     def padding(self) -> float:
@@ -309,12 +312,67 @@ def collate(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> TaskBatch:
     return TaskBatch(inputs, targets, lengths)
 
 
+def first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Rows of at most `width` tokens that hold examples of these lengths, as indices into `lengths`: the
+    longest first, each into the first row with room (first-fit decreasing, within 11/9 of the fewest rows).
+    Ties keep their order, so the rows depend on the lengths and their order alone."""
+    rows: list[list[int]] = []
+    room: list[int] = []  # each row's free tokens
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > width:
+            raise ValueError(f"an example of {lengths[i]} tokens is longer than the rows of {width} to pack it in.")
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """`first_fit` rows of at most `width` tokens for examples of these lengths, at the row width that leaves the
+    fewest padded positions. The widest rows are not always best: every row is padded to the fullest, so one full
+    row of short examples pads rows of a few long ones that leave room no example fits. Tried: the total of the
+    k longest examples for k = 1, 2, ... up to `width`; the first, the longest example's, never pads more than
+    one example a row (`collate`)."""
+    longest_first, widths = sorted(lengths, reverse=True), []
+    for k in range(1, len(lengths) + 1):
+        widths.append(min(width, sum(longest_first[:k])))
+        if widths[-1] == width:
+            break
+    packings = [first_fit(lengths, w) for w in widths]
+    return min(packings, key=lambda rows: len(rows) * max(sum(lengths[i] for i in row) for row in rows))
+
+
+def pack(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int) -> TaskBatch:
+    """Packs (inputs, targets) pairs into rows of at most `width` tokens (`pack_rows`), padded to the fullest
+    row. `segments` names each position's pair (its index in `pairs`), and the model reads each pair as if
+    alone (model.packed_attention): the batch's loss is `collate`'s, over fewer positions. Padding, -1, is a
+    segment of its own that no example sees."""
+    rows = pack_rows([x.numel() for x, _ in pairs], width)
+    lengths = [sum(pairs[i][0].numel() for i in row) for row in rows]
+    shape = (len(rows), max(lengths))
+    inputs = torch.zeros(shape, dtype=torch.long)
+    targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            x, y = pairs[i]
+            end = start + x.numel()
+            inputs[r, start:end], targets[r, start:end], segments[r, start:end] = x, y, i
+            start = end
+    return TaskBatch(inputs, targets, torch.tensor(lengths), segments)
+
+
 class ExampleBatches(IterableDataset):
-    """An endless stream of training batches of examples, each padded to its longest (`collate`). The examples
-    are taken in a fresh random order each epoch, shared by all ranks: batch i of rank r of a world of w
-    processes holds the examples at positions (i * w + r) * batch_size onwards of the epochs' orders, so the
-    ranks take different examples, every example is seen once an epoch, and batch i depends only on (seed, r,
-    w, i): a run resumed at batch i takes exactly what an uninterrupted run would have."""
+    """An endless stream of training batches of examples, each padded to its longest (`collate`) or, given a
+    `width`, packed into rows of that many tokens (`pack`). The examples are taken in a fresh random order each
+    epoch, shared by all ranks: batch i of rank r of a world of w processes holds the examples at positions
+    (i * w + r) * batch_size onwards of the epochs' orders, so the ranks take different examples, every example
+    is seen once an epoch, and batch i depends only on (seed, r, w, i): a run resumed at batch i takes exactly
+    what an uninterrupted run would have."""
 
     def __init__(
         self,
@@ -324,11 +382,12 @@ class ExampleBatches(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         start: int = 0,
+        width: int | None = None,
     ) -> None:
         if not pairs:
             raise ValueError("no training examples.")
         self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
-        self.rank, self.world_size, self.start = rank, world_size, start
+        self.rank, self.world_size, self.start, self.width = rank, world_size, start, width
         self._orders: dict[int, torch.Tensor] = {}
 
     def _order(self, epoch: int) -> torch.Tensor:
@@ -339,11 +398,28 @@ class ExampleBatches(IterableDataset):
             self._orders[epoch] = torch.randperm(len(self.pairs), generator=generator)
         return self._orders[epoch]
 
-    def batch(self, index: int) -> TaskBatch:
+    def examples(self, index: int) -> list[int]:
+        """The examples of batch `index`, as indices into the pairs."""
         first = (index * self.world_size + self.rank) * self.batch_size
         n = len(self.pairs)
-        rows = [int(self._order(p // n)[p % n]) for p in range(first, first + self.batch_size)]
-        return collate([self.pairs[row] for row in rows])
+        return [int(self._order(p // n)[p % n]) for p in range(first, first + self.batch_size)]
+
+    def batch(self, index: int) -> TaskBatch:
+        pairs = [self.pairs[i] for i in self.examples(index)]
+        return collate(pairs) if self.width is None else pack(pairs, self.width)
+
+    def padding(self, batches: int) -> float:
+        """The share of padded positions in the stream's first `batches` batches, from the examples' lengths
+        alone (no batch is built)."""
+        real = positions = 0
+        for index in range(self.start, self.start + batches):
+            lengths = [self.pairs[i][0].numel() for i in self.examples(index)]
+            rows = lengths  # each row's tokens: one example a row, or the pack's
+            if self.width is not None:
+                rows = [sum(lengths[i] for i in row) for row in pack_rows(lengths, self.width)]
+            real += sum(lengths)
+            positions += len(rows) * max(rows)  # each row padded to the longest
+        return 1 - real / positions
 
     def __iter__(self) -> Iterator[TaskBatch]:
         info = get_worker_info()  # DataLoader workers take turns: worker k of K serves batches k, k + K, ...

@@ -23,7 +23,7 @@ from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, WarmupCo
 from gpt_lightning.sources import METADATA_KEY, build_network, metadata, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
-# (inputs, targets) windows of text, or a TaskBatch of padded examples (inputs, targets, lengths)
+# (inputs, targets) windows of text, or a TaskBatch of examples, padded or packed (inputs, targets, lengths, segments)
 Batch = tuple[torch.Tensor, torch.Tensor] | TaskBatch
 
 
@@ -145,12 +145,15 @@ class GPTModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)  # (B, T, vocab_size)
 
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        segments = batch.segments if isinstance(batch, TaskBatch) else None  # examples packed into rows
+        return self.gpt(batch[0], segments=segments)  # (B, T, V)
+
     def _loss(self, batch: Batch) -> torch.Tensor:
         """The mean loss over the batch's targets; a target of IGNORE_INDEX (a prompt's token, padding) is left
         out of the mean and of the gradient."""
-        x, y = batch[0], batch[1]
-        logits = self.gpt(x)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+        logits = self._logits(batch)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(), ignore_index=IGNORE_INDEX)
 
     def _is_logging_step(self) -> bool:
         """Whether this batch's optimizer step writes step metrics (call before the step is taken).
@@ -166,14 +169,14 @@ class GPTModule(L.LightningModule):
             # Lightning would read it back after every later batch too (callbacks.LossProgressBar shows it).
             self.log("train/loss", loss, sync_dist=True)
             self.log_dict(self._learning_rates())
-            if isinstance(batch, TaskBatch):  # examples padded to the longest of their batch
+            if isinstance(batch, TaskBatch):  # examples padded to the longest of their batch, or packed
                 self.log("train/padding", 1.0 - batch.lengths.sum() / batch.inputs.numel(), sync_dist=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        x, y = batch[0], batch[1].flatten()
+        y = batch[1].flatten()
         # (B * T,) in nats, 0 where the target is IGNORE_INDEX: only learned targets are scored
-        losses = F.cross_entropy(self.gpt(x).flatten(0, 1), y, ignore_index=IGNORE_INDEX, reduction="none")
+        losses = F.cross_entropy(self._logits(batch).flatten(0, 1), y, ignore_index=IGNORE_INDEX, reduction="none")
         # Windows and examples differ in count per batch and rank: the means are weighted by tokens and characters.
         if self._characters_per_token.device != y.device:
             self._characters_per_token = self._characters_per_token.to(y.device)

@@ -97,7 +97,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -108,8 +110,8 @@ class CausalSelfAttention(nn.Module):
 
         # Queries at pos..pos+T see keys 0..their own position. From position 0 that is the usual
         # causal mask; one new token sees every cached key; a chunk after a prefix needs an offset mask.
-        mask = None
-        if pos > 0 and T > 1:
+        # A packed batch brings its own mask (packed_attention), causal within each example.
+        if mask is None and pos > 0 and T > 1:
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         y = F.scaled_dot_product_attention(
             q,
@@ -117,7 +119,7 @@ class CausalSelfAttention(nn.Module):
             v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=pos == 0 and T > 1,
+            is_causal=mask is None and T > 1,  # without a mask to read, the fused causal kernel
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -145,10 +147,25 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+def packed_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask for rows that each pack several examples, given as runs of equal ids in
+    segments (B, T). Each token's position counts from the start of its run, and it may attend only to earlier
+    tokens of its own run: a packed example reads exactly as it would alone, and no example sees another."""
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T) the first token of each run
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values  # (B, T) minus where its run starts
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T) query and key in one run
+    return positions, same.tril()[:, None]  # (B, 1, T, T): causal within the run, one mask for all heads
 
 
 class GPT(nn.Module):
@@ -181,11 +198,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        pos: int = 0,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Returns next-token logits (B, T, vocab_size) for token ids idx (B, T) at positions pos..pos+T.
 
         With `caches` (one per block, from `new_kv_caches`), keys and values of earlier calls are reused,
-        so incremental decoding passes only the new tokens.
+        so incremental decoding passes only the new tokens. With `segments` (B, T), each row packs several
+        examples, as runs of equal ids (instruct.pack): each is read as if alone (`packed_attention`).
         """
         B, T = idx.shape
         if pos + T > self.config.block_size:
@@ -193,10 +217,16 @@ class GPT(nn.Module):
                 f"cannot run a sequence of length {pos + T} through a model with block_size "
                 f"{self.config.block_size}: crop the context to its last {self.config.block_size} tokens."
             )
-        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)  # (T,)
+        mask = None
+        if segments is None:
+            positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)  # (T,)
+        elif caches is None and pos == 0:
+            positions, mask = packed_attention(segments)  # (B, T), (B, 1, T, T): built once, shared by every block
+        else:
+            raise ValueError("segments are for packed batches of whole examples: decode without them.")
         x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, None if caches is None else caches[i], pos)
+            x = block(x, None if caches is None else caches[i], pos, mask)
         x = self.ln_f(x)
         return self.lm_head(x)  # (B, T, vocab_size)
 

@@ -1,11 +1,12 @@
 """The LightningDataModule of task data: prompt/response examples from JSONL files or a built-in task, in batches
-padded to their longest example, with the loss on the responses only (instruct.py has the formats)."""
+padded to their longest example or packed into rows of the block size, with the loss on the responses only
+(instruct.py has the formats)."""
 
 from __future__ import annotations
 
 import math
 import random
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from gpt_lightning.instruct import (
     collate,
     encode_example,
     missing_characters,
+    pack,
     read_examples,
     template_named,
 )
@@ -48,6 +50,7 @@ class TaskDataModule(L.LightningDataModule):
         block_size: int | None = None,
         batch_size: int = 64,
         val_batch_size: int | None = None,
+        pack: bool = False,
         val_fraction: float = 0.1,
         seed: int = 1337,
         num_workers: int = 0,
@@ -84,8 +87,12 @@ class TaskDataModule(L.LightningDataModule):
             data_dir: Where the corpus is (tiny Shakespeare, downloaded once) for `task: reverse-words`.
             block_size: Context length in tokens: every example must fit in block_size + 1. Unset: the `init_from`
                 checkpoint's, else the longest example's.
-            batch_size: Examples per batch on each device, padded to the longest of them.
+            batch_size: Examples per batch on each device, padded to the longest of them (or packed: `pack`).
             val_batch_size: Examples per validation batch. Unset: 4 x batch_size.
+            pack: Pack each batch's examples several to a row of at most block_size tokens (first fit, the longest
+                first, at the row width that pads least) instead of one example a row padded to the longest. An
+                example still sees only itself, its positions counted from 0, so the loss is the same over fewer
+                padded positions: setup prints their share, train/padding logs it. Validation batches too.
             val_fraction: The share of train_file held out for validation when there is no val_file.
             seed: Seed of the training order and of a built-in task's draws: batch i on rank r depends only on
                 (seed, r, i), so a resumed run takes exactly the examples it would have taken.
@@ -106,7 +113,7 @@ class TaskDataModule(L.LightningDataModule):
         self.train_file, self.val_file, self.task, self.format = train_file, val_file, task, format
         self.template: Template = template_named(template)
         self.train_on_prompt, self.task_examples, self.data_dir = train_on_prompt, task_examples, data_dir
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or 4 * batch_size
+        self.batch_size, self.val_batch_size, self.pack = batch_size, val_batch_size or 4 * batch_size, pack
         self.val_fraction, self.seed = val_fraction, seed
         self.num_workers, self.pin_memory, self.init_from = num_workers, pin_memory, init_from
         self._source: ModelSource | None = None if init_from is None else open_source(init_from)
@@ -228,16 +235,28 @@ class TaskDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         encoded = self.encoded
         lengths = [x.numel() for x, _ in encoded["train"]]
+        padding = self.padding()
+        layout = f"packed into rows of {self.block_size} tokens" if self.pack else "padded to their longest"
         rank_zero_info(f"task data: {len(encoded['train']):,} training and {len(encoded['val']):,} validation "
                        f"examples of {min(lengths)} to {max(lengths)} tokens (block size {self.block_size}), "
-                       f"template {self.template.name}")  # fmt: skip
+                       f"template {self.template.name}; batches of {self.batch_size} {layout}: {100 * padding:.1f}% of "
+                       "their positions are padding (an epoch's)")  # fmt: skip
+
+    def padding(self) -> float:
+        """The share of padded positions in an epoch's training batches, all ranks' together (which are one
+        process's first epoch: ExampleBatches), from the examples' lengths."""
+        return self._train_batches().padding(math.ceil(len(self.encoded["train"]) / self.batch_size))
+
+    def _train_batches(self, rank: int = 0, world: int = 1, start: int = 0) -> ExampleBatches:
+        width = self.block_size if self.pack else None
+        return ExampleBatches(self.encoded["train"], self.batch_size, self.seed, rank, world, start, width)
 
     def train_dataloader(self) -> ExampleBatches | DataLoader:
         rank, world, start = 0, 1, 0
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches  # where a resumed run was
-        batches = ExampleBatches(self.encoded["train"], self.batch_size, self.seed, rank, world, start)
+        batches = self._train_batches(rank, world, start)
         if self.num_workers == 0 and not self.pin_memory:
             return batches
         return DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
@@ -251,5 +270,6 @@ class TaskDataModule(L.LightningDataModule):
                 raise ValueError(f"{len(pairs)} validation examples for {self.trainer.world_size} processes: add some.")
             sampler = UnrepeatedDistributedSampler(pairs, num_replicas=self.trainer.world_size,
                                                    rank=self.trainer.global_rank, shuffle=False)  # fmt: skip
-        return DataLoader(pairs, batch_size=self.val_batch_size, sampler=sampler, collate_fn=collate,  # type: ignore[arg-type]
+        batch = partial(pack, width=self.block_size) if self.pack else collate
+        return DataLoader(pairs, batch_size=self.val_batch_size, sampler=sampler, collate_fn=batch,  # type: ignore[arg-type]
                           num_workers=self.num_workers, pin_memory=self.pin_memory)  # fmt: skip

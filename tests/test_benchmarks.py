@@ -92,6 +92,21 @@ def test_validation_share_benchmark_scales_a_few_steps_to_the_recipes_interval(t
     assert re.fullmatch(tasks, lines[-1])
 
 
+def test_padding_benchmark_prints_each_tasks_padding_padded_and_packed(tmp_path: Path, capsys):
+    from benchmarks import padding
+
+    text = tmp_path / "play.txt"
+    text.write_text(make_play(100))
+    padding.main(["--tasks", "addition-2", f"reverse-words:{text}", "--task-examples=300"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "batches of 32 examples, rows of 64 tokens, an epoch of each task"  # the recipes' settings
+    row = r"\| ([\w-]+) \| [\d,]+ \| \d+ to \d+, mean [\d.]+ \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \|"
+    rows = [re.fullmatch(row, line) for line in lines[3:]]
+    assert all(rows) and [match.group(1) for match in rows if match] == ["addition-2", "reverse-words"], lines
+    for match in rows:  # packing never pads more than one example a row
+        assert match and float(match.group(3)) <= float(match.group(2)) and float(match.group(4)) <= 1
+
+
 def test_generation_benchmark_compares_sampling_with_and_without_the_kv_cache():
     lines = run_benchmark("generation.py", "--preset=cpu", "--max-new-tokens=8", "--rounds=1", "--threads=1")
     assert re.fullmatch(r"\s*cpu\s+64\s+[\d,]+\s+[\d,]+\s+[\d.]+x", lines[-1]), lines

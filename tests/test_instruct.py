@@ -1,4 +1,5 @@
-"""Task data: the three formats, errors that name the line, templates, masking of the prompt, and padding."""
+"""Task data: the three formats, errors that name the line, templates, masking of the prompt, padding and
+packing."""
 
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ from gpt_lightning.instruct import (
     TaskDataError,
     collate,
     encode_example,
+    first_fit,
     missing_characters,
+    pack,
+    pack_rows,
     parse_examples,
     read_examples,
     render_prompt,
 )
 from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.tokenizer import CharTokenizer
+from tests.probe import HOST_READS
 
 PLAIN, CHAT = TEMPLATES["plain"], TEMPLATES["chat"]
 VOCAB = "".join(sorted(set("\n !$:<>|ABQabcdefghijklmnopqrstuvwxyz0123456789+=")))
@@ -147,10 +152,14 @@ def tiny_module() -> GPTModule:
     return GPTModule(vocab=VOCAB, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
 
-def batch_of(*pairs: tuple[str, str], train_on_prompt: bool = False):
+def encoded(*pairs: tuple[str, str], train_on_prompt: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     tokenizer = CharTokenizer(VOCAB)
     examples = [Example((Message("user", p), Message("assistant", r)), "x") for p, r in pairs]
-    return collate([encode_example(tokenizer, PLAIN, e, train_on_prompt) for e in examples])
+    return [encode_example(tokenizer, PLAIN, e, train_on_prompt) for e in examples]
+
+
+def batch_of(*pairs: tuple[str, str], train_on_prompt: bool = False):
+    return collate(encoded(*pairs, train_on_prompt=train_on_prompt))
 
 
 def logit_gradients(module: GPTModule, batch) -> torch.Tensor:
@@ -222,3 +231,101 @@ def test_validation_scores_the_learned_tokens_only(monkeypatch: pytest.MonkeyPat
     assert module.val_loss.compute() == pytest.approx(expected.item(), rel=1e-6)
     assert module.val_bpc.compute() == pytest.approx(expected.item() / math.log(2), rel=1e-6)  # a character a token
     assert module.val_loss.weight == learned
+
+
+# -- packing ---------------------------------------------------------------------------------------------------
+
+SUMS = [("12+34", "46"), ("7+8", "15"), ("100+900", "1000"), ("5+5", "10"), ("99+1", "100"), ("3+4", "7")]
+
+
+def test_first_fit_packs_the_longest_first_loses_no_example_and_depends_on_the_lengths_alone():
+    assert first_fit([5, 4, 3, 2], 8) == [[0, 2], [1, 3]]  # 5, then 4 (no room beside 5), 3 beside 5, 2 beside 4
+    lengths = [int(n) for n in torch.randint(1, 30, (200,), generator=torch.Generator().manual_seed(0))]
+    rows = first_fit(lengths, 32)
+    assert sorted(i for row in rows for i in row) == list(range(200))  # every example once
+    assert all(sum(lengths[i] for i in row) <= 32 for row in rows)
+    assert sum(sum(lengths[i] for i in row) <= 16 for row in rows) <= 1  # first fit: one row half empty at most
+    assert first_fit(lengths, 32) == rows and first_fit([3, 3, 3], 6) == [[0, 1], [2]]  # ties keep their order
+    with pytest.raises(ValueError, match="longer than the rows"):
+        first_fit([5, 9], 8)
+
+
+def test_a_packed_batch_gives_the_padded_batchs_loss_per_token_losses_and_gradients():
+    module = tiny_module().eval()
+    pairs = encoded(*SUMS)
+    padded, packed = collate(pairs), pack(pairs, width=32)
+    assert packed.inputs.shape[0] < padded.inputs.shape[0] and packed.inputs.shape[1] <= 32
+    assert packed.padding < padded.padding
+    assert int(packed.lengths.sum()) == int(padded.lengths.sum()) == sum(x.numel() for x, _ in pairs)
+    losses = {}
+    for name, batch in (("padded", padded), ("packed", packed)):
+        module.zero_grad()
+        loss = module._loss(batch)
+        loss.backward()
+        logits = module.gpt(batch.inputs, segments=batch.segments)
+        each = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view_as(batch.targets)
+        losses[name] = (loss.detach(), each.detach(), {n: p.grad.clone() for n, p in module.named_parameters()})
+    (padded_loss, padded_each, padded_grads), (packed_loss, packed_each, packed_grads) = losses.values()
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=1e-6)
+    for i, (x, _) in enumerate(pairs):  # each example's tokens, where the pack put them
+        assert torch.equal(packed.inputs[packed.segments == i], x)
+        torch.testing.assert_close(packed_each[packed.segments == i], padded_each[i, : x.numel()], atol=1e-5, rtol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    # the test can fail: the same rows read as one text each (no segments) give another loss
+    assert not torch.allclose(module._loss(packed._replace(segments=None)), padded_loss, atol=1e-4)
+
+
+def test_changing_one_packed_example_changes_no_logit_of_the_others():
+    module = tiny_module().eval()
+    pairs = encoded(*SUMS)
+    packed = pack(pairs, width=32)
+    other = pack([*pairs[:2], *encoded(("100+901", "1001")), *pairs[3:]], width=32)  # example 2, as long, changed
+    assert torch.equal(other.segments, packed.segments)
+    changed = packed.segments == 2
+    a, b = module.gpt(packed.inputs, segments=packed.segments), module.gpt(other.inputs, segments=other.segments)
+    assert torch.equal(a[~changed], b[~changed]) and not torch.allclose(a[changed], b[changed])
+
+
+def positions(lengths: list[int], rows: list[list[int]]) -> int:
+    """A batch's positions: its rows, each padded to the fullest."""
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+
+def test_packing_chooses_the_row_width_that_pads_least_and_never_pads_more_than_one_example_a_row():
+    assert pack_rows([5, 4, 3, 2], 8) == [[0], [1], [2, 3]]  # 15 positions in rows of 5, where rows of 8 take 16
+    lengths = [17] * 6 + [16] * 4  # rows of 64: two of three 17s, padded to the 64 of the four 16s
+    assert positions(lengths, first_fit(lengths, 64)) == 192 and positions(lengths, pack_rows(lengths, 64)) == 170
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lengths = [int(n) for n in torch.randint(1, 30, (int(torch.randint(1, 40, (1,), generator=generator)),),
+                                                 generator=generator)]  # fmt: skip
+        rows = pack_rows(lengths, 64)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths))) and rows == pack_rows(lengths, 64)
+        assert positions(lengths, rows) <= len(lengths) * max(lengths)
+
+
+def test_packed_padding_is_its_own_segment_and_the_padding_fraction_counts_it():
+    pairs = [(torch.arange(n), torch.arange(n)) for n in (5, 4, 3, 2)]
+    batch = pack(pairs, width=8)
+    assert batch.segments.tolist() == [[0] * 5, [1] * 4 + [-1], [2] * 3 + [3] * 2]
+    assert batch.lengths.tolist() == [5, 4, 5] and batch.padding == pytest.approx(1 / 15)
+    assert batch.targets[1, 4:].tolist() == [IGNORE_INDEX] and batch.inputs[1, 4:].tolist() == [0]
+    assert collate(pairs).padding == pytest.approx(6 / 20)
+
+
+def test_a_training_step_on_a_packed_batch_reads_no_tensor_back(monkeypatch: pytest.MonkeyPatch):
+    module = tiny_module()
+    batch = pack(encoded(*SUMS), width=32)
+    reads: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(tensor, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    module._loss(batch).backward()  # the mask and positions are built on the device, from the segments
+    monkeypatch.undo()
+    assert reads == []

@@ -134,3 +134,51 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward():
     steps = [model(idx[:, t : t + 1], caches, pos=t) for t in range(6, 8)]
     chunk = model(idx[:, 8:], caches, pos=8)  # several tokens after a prefix: the offset mask
     torch.testing.assert_close(torch.cat([prefix, *steps, chunk], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def packed_row(lengths: list[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Examples of these lengths, alone (1, n) each, and packed into one row: (1, T) tokens and segment ids."""
+    examples = [torch.randint(TINY.vocab_size, (1, n)) for n in lengths]
+    segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    return examples, torch.cat(examples, dim=1), segments
+
+
+def test_a_packed_example_reads_as_it_does_alone_and_no_attention_crosses_into_another():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    examples, packed, segments = packed_row([5, 3, 4])
+    logits = model(packed, segments=segments)  # (1, 12, V)
+    start = 0
+    for example in examples:  # positions restart at each example, and it sees only itself
+        n = example.size(1)
+        torch.testing.assert_close(logits[:, start : start + n], model(example), atol=1e-5, rtol=1e-5)
+        start += n
+    changed = packed.clone()
+    changed[0, 5:8] = (changed[0, 5:8] + 1) % TINY.vocab_size  # the middle example's tokens
+    again = model(changed, segments=segments)
+    assert torch.equal(again[:, :5], logits[:, :5]) and torch.equal(again[:, 8:], logits[:, 8:])
+    assert not torch.allclose(again[:, 5:8], logits[:, 5:8])
+    # the test can fail: without segments the row is one text, whose later examples see the earlier ones
+    assert not torch.allclose(model(packed)[:, 5:], logits[:, 5:])
+    # one segment per row is the plain causal model
+    torch.testing.assert_close(model(packed, segments=torch.zeros_like(segments)), model(packed))
+    with pytest.raises(ValueError, match="segments"):
+        model(packed[:, :1], model.new_kv_caches(1), pos=0, segments=segments[:, :1])
+
+
+def test_without_segments_attention_builds_no_mask(monkeypatch: pytest.MonkeyPatch):
+    calls: list[tuple[object, bool]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = GPT(TINY)
+    model(torch.randint(TINY.vocab_size, (2, 7)))
+    assert calls == [(None, True)] * TINY.n_layer  # the fused causal kernel, as before packing existed
+    calls.clear()
+    _, packed, segments = packed_row([4, 3])
+    model(packed, segments=segments)
+    assert all(mask is not None and mask.shape == (1, 1, 7, 7) and not causal for mask, causal in calls)

@@ -4,6 +4,8 @@ task fine-tune end to end: fit configs/finetune_task.yaml, generate in the templ
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +174,35 @@ def test_training_batches_depend_only_on_seed_rank_and_index_and_cover_every_exa
     )
 
 
+def test_packed_batches_hold_the_padded_batches_examples_in_fewer_rows_and_setup_reports_the_padding(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    rows = [{"prompt": f"p{i}", "completion": "x" * (1 + i % 23)} for i in range(300)]  # 8 to 30 tokens
+    settings = {"train_file": str(write_jsonl(tmp_path / "t.jsonl", rows)), "batch_size": 16, "block_size": 64}
+    padded, packed = TaskDataModule(**settings), TaskDataModule(**settings, pack=True)
+    padded_batches, packed_batches = padded.train_dataloader(), packed.train_dataloader()
+    assert isinstance(padded_batches, ExampleBatches) and isinstance(packed_batches, ExampleBatches)
+    for i in range(3):
+        a, b = padded_batches.batch(i), packed_batches.batch(i)
+        assert a.segments is None and b.segments is not None
+        # the same examples, in the same order: example k of the batch is segment k of the pack
+        for k in range(16):
+            assert torch.equal(b.inputs[b.segments == k], a.inputs[k, : a.lengths[k]])
+            assert torch.equal(b.targets[b.segments == k], a.targets[k, : a.lengths[k]])
+        assert b.inputs.shape[0] < a.inputs.shape[0] and b.inputs.shape[1] <= 64 and b.padding < a.padding
+    [val] = list(packed.val_dataloader())  # 30 validation examples, one batch of at most 64
+    assert val.segments is not None and sorted(set(val.segments.flatten().tolist()) - {-1}) == list(range(30))
+    said: list[str] = []
+    monkeypatch.setattr("gpt_lightning.task_datamodule.rank_zero_info", said.append)
+    padded.setup("fit")
+    packed.setup("fit")
+    shares = [float(share) for share in re.findall(r"([\d.]+)% of their positions are padding", "\n".join(said))]
+    assert "padded to their longest" in said[0] and "packed into rows of 64 tokens" in said[1]
+    epoch = math.ceil(270 / 16)
+    assert shares == [pytest.approx(100 * b.padding(epoch), abs=0.05) for b in (padded_batches, packed_batches)]
+    assert shares[1] < shares[0]
+
+
 # -- end to end ------------------------------------------------------------------------------------------------
 
 
@@ -258,6 +289,36 @@ def test_a_task_fine_tune_scores_its_own_task_on_your_text_with_no_corpus_at_han
                      in_process=True)  # fmt: skip
     assert_ok(again)
     assert len(scalars(tmp_path / "finetune_task" / "version_1")["val/reverse-words/exact_match"]) == 1
+
+
+def test_a_packed_lora_fine_tune_trains_on_the_packed_batches_and_resumes_on_them(tmp_path: Path):
+    start = char_checkpoint(tmp_path / "start.ckpt", SHAKESPEARE, block_size=64)
+    text = tmp_path / "play.txt"
+    text.write_text(make_play(50))
+    args = ["--data.pack=true", "--model.lora.rank=2", "--task_scores.data_task=false"]
+    assert_ok(finetune(start, text, tmp_path, *args, "--trainer.max_steps=3", in_process=True))
+    assert_ok(finetune(start, text, tmp_path, *args, "--trainer.max_steps=5", "--ckpt_path=last", in_process=True))
+    logged = scalars(tmp_path / "finetune_task" / "version_0")["train/padding"]
+    data = TaskDataModule(task=f"reverse-words:{text}", task_examples=64, batch_size=4, pack=True, init_from=str(start))
+    batches = data.train_dataloader()
+    assert isinstance(batches, ExampleBatches)
+    # each step's padding is its packed batch's, the resumed steps' too
+    assert logged == [(i, pytest.approx(batches.batch(i).padding, abs=1e-6)) for i in range(5)]
+
+
+@pytest.mark.slow  # two processes
+def test_a_packed_fine_tune_under_ddp_on_cpu_ends_with_one_set_of_weights(tmp_path: Path):
+    start = char_checkpoint(tmp_path / "start.ckpt", SHAKESPEARE, block_size=64)
+    text = tmp_path / "play.txt"
+    text.write_text(make_play(50))
+    probe = tmp_path / "probe"
+    ddp = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), "--trainer.callbacks+=tests.probe.RecordRank",
+           f"--trainer.callbacks.out_dir={probe}"]  # fmt: skip
+    result = finetune(start, text, tmp_path, "--data.pack=true", "--task_scores.data_task=false",
+                      "--trainer.max_steps=3", *ddp)  # fmt: skip
+    assert_ok(result)
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["losses"] != ranks[1]["losses"]  # their own data
 
 
 def test_a_fine_tune_that_the_vocabulary_cannot_read_stops_with_the_missing_list(tmp_path: Path):
