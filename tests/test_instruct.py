@@ -222,3 +222,8 @@ def test_validation_scores_the_learned_tokens_only(monkeypatch: pytest.MonkeyPat
     assert module.val_loss.compute() == pytest.approx(expected.item(), rel=1e-6)
     assert module.val_bpc.compute() == pytest.approx(expected.item() / math.log(2), rel=1e-6)  # a character a token
     assert module.val_loss.weight == learned
+
+
+def test_a_template_that_marks_every_role_is_a_chat_template():
+    # serve answers /v1/chat/completions for a fine-tune in one: each turn of a conversation reads apart
+    assert CHAT.is_chat and not PLAIN.is_chat  # plain has no system marker: a system message would read as a user's
