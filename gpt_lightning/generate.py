@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -180,6 +180,15 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs: objec
     return torch.cat([idx, *(t[:, None] for t in new)], dim=1) if new else idx
 
 
+class StreamEnd(NamedTuple):
+    """How `stream_text` ended, its return value: before a stop string ("stop"), after max_new_tokens ("length")
+    or cancelled; with the tokens of the prompt and the tokens sampled."""
+
+    reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    tokens: int
+
+
 def stream_text(
     model: GPT,
     tokenizer: Tokenizer,
@@ -189,29 +198,32 @@ def stream_text(
     use_kv_cache: bool = True,
     cancelled: Callable[[], bool] = lambda: False,
     stop: Sequence[str] = (),
-) -> Iterator[str]:
+) -> Generator[str, None, StreamEnd]:
     """The text that continues `prompt`, piece by piece as it is sampled: never a split character (a BPE
     token can end inside one; the decoder holds it back until it is whole). Stops early when `cancelled()`
     says so, which is asked before each token, and before the first of the `stop` strings (a fine-tune's end
     marker), which is never yielded: text that may begin one is held back until it is known not to. The
-    generator is seeded from `options` unless one is given (to draw several samples in a row). `generate`,
-    `serve` and the TensorBoard sampler all print through this."""
+    generator is seeded from `options` unless one is given (to draw several samples in a row). It returns how it
+    ended (`StreamEnd`). `generate`, `serve` and the TensorBoard sampler all print through this."""
     device = next(model.parameters()).device
     idx = tokenizer.encode(prompt)[None].to(device)  # (1, T)
     decoder = StreamDecoder(tokenizer)
     tokens = generate_tokens(model, idx, options.max_new_tokens, options.temperature, options.top_k, options.top_p,
                              options.generator() if generator is None else generator, use_kv_cache)  # fmt: skip
     held = ""  # decoded, not yet yielded: it may be the start of a stop string
+    sampled = 0
     with contextlib.closing(tokens):
         while not cancelled():
             token = next(tokens, None)
+            sampled += token is not None
             held += decoder.flush() if token is None else decoder.push(token.tolist())
             cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=None)
             if cut is not None or token is None:
                 if text := held[:cut]:
                     yield text
-                return
+                return StreamEnd("length" if cut is None else "stop", idx.size(1), sampled)
             keep = max((k for s in stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
             if text := held[: len(held) - keep]:
                 yield text
                 held = held[len(text) :]
+    return StreamEnd("cancelled", idx.size(1), sampled)

@@ -161,6 +161,12 @@ class Template:
             raise ValueError(f"template {self.name}: the end marker must not be empty (generation stops at it).")
 
     @property
+    def is_chat(self) -> bool:
+        """Whether every role has a marker, so that each turn of a conversation reads apart: a model fine-tuned
+        in such a template is a chat model (`serve` answers /v1/chat/completions for it)."""
+        return all((self.system, self.user, self.assistant))
+
+    @property
     def markers(self) -> str:
         """Every character the template writes itself, for vocabulary checks."""
         return self.system + self.user + self.assistant + self.turn_end + self.end + self.separator

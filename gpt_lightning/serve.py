@@ -5,10 +5,12 @@
                      as it is generated, then {"done": true, ...}. The same options give the text that
                      `python main.py generate` prints.
     GET  /model     what the model is: parameters, vocabulary, context, what it was trained on, its loss.
-    GET  /          a page to try prompts: one HTML file, no build step, nothing fetched from elsewhere.
+    GET  /          a page to try prompts (or to chat, with a chat model): one HTML file, no build step, nothing
+                    fetched from elsewhere.
+    POST /v1/completions, POST /v1/chat/completions, GET /v1/models: OpenAI's API (serve_openai.py).
 
 LitServe runs the model in a worker process and answers HTTP in another. Two things it does not do are
-done here, in a small ASGI middleware in front of /predict (`RequestGate`):
+done here, in a small ASGI middleware in front of /predict and OpenAI's two endpoints (`RequestGate`):
 - Requests are checked before they are queued. A stream's status is sent before the worker reads its
   request, so a bad field found there could only end a "200 OK" stream; here it is a 4xx JSON error that
   names the field.
@@ -36,7 +38,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -44,11 +46,32 @@ from typing import Any
 import torch
 
 from gpt_lightning.data import CORPUS_SHA256
-from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptionError, SamplingOptions, check_prompt, stream_text
-from gpt_lightning.instruct import render_prompt
+from gpt_lightning.generate import SamplingOptions, StreamEnd, stream_text
+from gpt_lightning.instruct import Template
 from gpt_lightning.model import GPT
+from gpt_lightning.serve_openai import (
+    ROUTES,
+    error_body,
+    is_chat_model,
+    models_list,
+    not_a_chat_model,
+    parse_openai_request,
+    relayed,
+)
+from gpt_lightning.serve_requests import (
+    OPTIONS,
+    Limits,
+    Message,
+    Receive,
+    RequestError,
+    Scope,
+    Send,
+    model_input,
+    parse_request,
+    respond,
+)
 from gpt_lightning.sources import load_model, open_source
-from gpt_lightning.tokenizer import CharTokenizer, Tokenizer
+from gpt_lightning.tokenizer import CharTokenizer
 
 try:
     from litserve import LitAPI
@@ -56,10 +79,6 @@ except ImportError:  # the `serve` extra is not installed: serve() says how to i
     LitAPI = object  # type: ignore[assignment, misc]
 
 PAGE = Path(__file__).with_name("serve_page.html")
-OPTIONS = tuple(field.name for field in dataclasses.fields(SamplingOptions))
-FIELDS = ("prompt", *OPTIONS)
-# A body may hold, besides the prompt, every option at its longest, with whitespace.
-BODY_ROOM_BYTES = 4096
 # The mark in the cancel folder that tells the worker and the gate that the server is stopping (stream ids are hex).
 STOPPING = "stopping"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -71,78 +90,6 @@ STOP_TIMEOUT_S = 5
 # (python -m benchmarks.serve_load). 50 updates a second still read as a live stream.
 MESSAGE_INTERVAL_S = 0.02
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What one request may ask for, and how many may be in progress or waiting at once."""
-
-    max_prompt_chars: int = 4000
-    max_new_tokens: int = 2000
-    max_queue: int = 16
-
-    @property
-    def max_body_bytes(self) -> int:
-        """The largest body a request within these limits can need: 12 bytes of JSON for each character of the
-        prompt (one beyond the BMP, escaped as a surrogate pair, such as \\ud83d\\ude00), and room for the rest."""
-        return 12 * self.max_prompt_chars + BODY_ROOM_BYTES
-
-    def defaults(self) -> dict[str, Any]:
-        """A request's options when it names none: generate's, with max_new_tokens cut to the server's limit."""
-        return {**dataclasses.asdict(DEFAULT_SAMPLING),
-                "max_new_tokens": min(DEFAULT_SAMPLING.max_new_tokens, self.max_new_tokens)}  # fmt: skip
-
-
-class RequestError(ValueError):
-    """A request the server refuses, with the HTTP status and the field at fault."""
-
-    def __init__(self, status: int, field: str | None, message: str) -> None:
-        super().__init__(message)
-        self.status, self.field = status, field
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": str(self), "field": self.field}
-
-
-def parse_request(body: bytes, tokenizer: Tokenizer, limits: Limits) -> dict[str, Any]:
-    """The sampling request in `body`: its prompt and its options, checked as `generate` checks them (the same
-    `SamplingOptions` and `check_prompt`), within the server's limits, with the defaults filled in."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-        raise RequestError(400, None, f"the body is not JSON ({reason}): send an object such as "
-                                      '{"prompt": "ROMEO:", "max_new_tokens": 100}.') from None  # fmt: skip
-    if not isinstance(data, dict):
-        raise RequestError(400, None, f"the body must be a JSON object with a prompt, not a {type(data).__name__}.")
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        shown = ", ".join(repr(name if len(name) <= 40 else name[:37] + "...") for name in unknown[:5])
-        raise RequestError(422, unknown[0], f"unknown field(s) {shown}: the fields are {', '.join(FIELDS)}.")
-    prompt = data.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise RequestError(422, "prompt", "prompt must be a non-empty string: the text to continue.")
-    if len(prompt) > limits.max_prompt_chars:
-        raise RequestError(422, "prompt", f"prompt has {len(prompt):,} characters, more than the limit of "
-                                          f"{limits.max_prompt_chars:,}: shorten it.")  # fmt: skip
-    try:
-        check_prompt(tokenizer, prompt, what="prompt")
-    except ValueError as err:
-        raise RequestError(422, "prompt", str(err)) from None
-    try:
-        options = SamplingOptions(**{**limits.defaults(), **{k: v for k, v in data.items() if k != "prompt"}})
-    except SamplingOptionError as err:
-        raise RequestError(422, err.option, str(err)) from None
-    if not 1 <= options.max_new_tokens <= limits.max_new_tokens:
-        raise RequestError(422, "max_new_tokens", f"max_new_tokens must be an integer from 1 to "
-                                                  f"{limits.max_new_tokens:,} (--max_new_tokens_limit), got "
-                                                  f"{options.max_new_tokens}.")  # fmt: skip
-    return {"prompt": prompt, **dataclasses.asdict(options)}
 
 
 def describe_model(ckpt_path: str, limits: Limits | None = None) -> dict[str, Any]:
@@ -164,6 +111,7 @@ def describe_model(ckpt_path: str, limits: Limits | None = None) -> dict[str, An
         "val_loss": None,
         "lora": None if facts.lora is None else dataclasses.asdict(facts.lora),
         "template": None if facts.template is None else facts.template.name,  # applied to every prompt
+        "chat": is_chat_model(facts.template),  # answers /v1/chat/completions
         "defaults": (limits or Limits()).defaults(),
     }
     if facts.hf_folder is not None:
@@ -204,12 +152,21 @@ class GPTStreamAPI(LitAPI):
         mark, stopping = self.cancel_dir / request["stream_id"], self.cancel_dir / STOPPING
         options = SamplingOptions(**{option: request[option] for option in OPTIONS})
         produced, pending, sent_at = 0, "", -math.inf
+        # An answer in a fine-tune's template ends at its end marker; text read as it is (/v1/completions) ends
+        # where `generate --raw true` ends it, or at the request's own stop strings.
+        marker = () if self.template is None or "text" in request else (self.template.end,)
+        stop = (*request.get("stop", ()), *marker)
         # Seeded from the options, as `python main.py generate` seeds its sampler: the same options, the same text.
-        stop = () if self.template is None else (self.template.end,)
-        texts = stream_text(self.gpt, self.tokenizer, render_prompt(self.template, request["prompt"]), options,
+        texts = stream_text(self.gpt, self.tokenizer, model_input(self.template, request), options,
                             cancelled=lambda: mark.exists() or stopping.exists(), stop=stop)  # fmt: skip
+        end = StreamEnd("cancelled", 0, 0)
         try:
-            for text in texts:
+            while True:
+                try:
+                    text = next(texts)
+                except StopIteration as finished:
+                    end = finished.value
+                    break
                 produced += len(text)
                 pending += text
                 if time.monotonic() - sent_at >= MESSAGE_INTERVAL_S:  # the first piece goes at once
@@ -232,7 +189,8 @@ class GPTStreamAPI(LitAPI):
         if mark.exists():
             mark.unlink(missing_ok=True)
             log.info("stream %s stopped after %d characters: its client went away", request["stream_id"], produced)
-        yield {"text": "", "done": True, "characters": produced}
+        yield {"text": "", "done": True, "characters": produced, "finish_reason": end.reason,
+               "prompt_tokens": end.prompt_tokens, "completion_tokens": end.tokens}  # fmt: skip
 
     def encode_response(self, output):  # type: ignore[no-untyped-def]
         # Left unannotated: LitServe makes the annotation /predict's response model, and FastAPI could not
@@ -241,27 +199,43 @@ class GPTStreamAPI(LitAPI):
 
 
 class RequestGate:
-    """ASGI middleware in front of POST /predict: bounds the requests in progress or waiting and the size of a
-    body, checks each request before LitServe queues it, and marks the stream of a client that went away as
-    cancelled."""
+    """ASGI middleware in front of POST /predict, /v1/completions and /v1/chat/completions: bounds the requests in
+    progress or waiting (the three together) and the size of a body, checks each request before LitServe queues
+    it, and marks the stream of a client that went away as cancelled. OpenAI's requests reach the worker as
+    /predict's do, and its answer goes back through a `Relay`, in OpenAI's format."""
 
-    def __init__(self, app: Callable, tokenizer_state: dict[str, str], limits: Limits, cancel_dir: str) -> None:
+    def __init__(
+        self,
+        app: Callable,
+        tokenizer_state: dict[str, str],
+        limits: Limits,
+        cancel_dir: str,
+        template_state: dict[str, str] | None = None,
+        model: str = "gpt-lightning",
+    ) -> None:
         from gpt_lightning.tokenizer import tokenizer_from_dict
 
         self.app, self.limits, self.cancel_dir = app, limits, Path(cancel_dir)
         self.tokenizer = tokenizer_from_dict(tokenizer_state)
+        self.template = None if template_state is None else Template.from_dict(template_state)
+        self.model = model  # the name OpenAI's answers echo when a request names none
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
+        path = scope["path"] if scope["type"] == "http" and scope["method"] == "POST" else None
+        if path != "/predict" and path not in ROUTES:
             return await self.app(scope, receive, send)
-        if self.in_flight >= self.limits.max_queue:
-            busy = (f"the server is busy: {self.in_flight} requests are in progress or waiting (--max_queue). "
-                    "Try again shortly.")  # fmt: skip
-            return await _respond(send, 503, {"error": busy, "field": None})
-        if (self.cancel_dir / STOPPING).exists():
-            return await _respond(send, 503, {"error": "the server is stopping: try again once it is back.",
-                                              "field": None})  # fmt: skip
+        kind = ROUTES.get(path or "")  # None: /predict
+        try:
+            if kind == "chat" and not is_chat_model(self.template):
+                raise not_a_chat_model(self.template)
+            if self.in_flight >= self.limits.max_queue:
+                raise RequestError(503, None, f"the server is busy: {self.in_flight} requests are in progress or "
+                                              "waiting (--max_queue). Try again shortly.")  # fmt: skip
+            if (self.cancel_dir / STOPPING).exists():
+                raise RequestError(503, None, "the server is stopping: try again once it is back.")
+        except RequestError as err:
+            return await self._refuse(kind is not None, send, err)
         # The slot is taken before the body is read, and given back on every path: clients whose bodies come
         # slowly would otherwise all find the count at 0.
         self.in_flight += 1
@@ -271,7 +245,13 @@ class RequestGate:
             body = await self._read_body(scope, receive)
             if body is None:  # the client went away while sending
                 return
-            request = parse_request(body, self.tokenizer, self.limits)
+            answer = send
+            if kind is None:
+                request = parse_request(body, self.tokenizer, self.limits)
+            else:
+                openai = parse_openai_request(kind, body, self.tokenizer, self.template, self.limits, self.model)
+                stopping = (self.cancel_dir / STOPPING).exists
+                request, answer = openai.worker, relayed(openai, stream_id, send, stopping)
             forwarded = json.dumps({**request, "stream_id": stream_id}).encode()
             # Forwarded as the JSON it is, whatever content type the client named (curl -d says it sends a form).
             headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
@@ -290,16 +270,21 @@ class RequestGate:
                 nonlocal finished
                 if message["type"] == "http.response.body" and not message.get("more_body", False):
                     finished = True
-                await send(message)
+                await answer(message)
 
             forwarding = True
-            await self.app({**scope, "headers": headers}, receive_forwarded, send_watched)
+            predict = {**scope, "path": "/predict", "raw_path": b"/predict", "headers": headers}
+            await self.app(predict, receive_forwarded, send_watched)
         except RequestError as err:
-            await _respond(send, err.status, err.to_dict())
+            await self._refuse(kind is not None, send, err)
         finally:
             self.in_flight -= 1
             if forwarding and not finished:  # the client went away, or the stream broke: stop its generation
                 self._cancel(stream_id)
+
+    @staticmethod
+    async def _refuse(openai: bool, send: Send, err: RequestError) -> None:
+        await respond(send, err.status, error_body(err) if openai else err.to_dict())
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The body, read in chunks and joined once (linear time), and no further than the limit: a 413 past it."""
@@ -326,13 +311,6 @@ class RequestGate:
 
     def _cancel(self, stream_id: str) -> None:
         (self.cancel_dir / stream_id).touch()
-
-
-async def _respond(send: Send, status: int, content: dict[str, Any]) -> None:
-    body = json.dumps(content).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class StopSignals:
@@ -388,7 +366,10 @@ def serve(ckpt_path: str, host: str, port: int, limits: Limits, accelerator: str
     except ImportError as err:
         raise ImportError("serving needs LitServe: pip install -e '.[serve]'") from err
     description = describe_model(ckpt_path, limits)  # fails here, before any process starts, if the checkpoint is bad
-    tokenizer = open_source(ckpt_path).tokenizer
+    source = open_source(ckpt_path)
+    template = None if source.template is None else source.template.to_dict()
+    gate = {"tokenizer_state": source.tokenizer.to_dict(), "limits": limits, "template_state": template,
+            "model": str(ckpt_path)}  # fmt: skip
     cancel_dir = tempfile.mkdtemp(prefix="gpt-lightning-serve-")
     with StopSignals(on_stop=lambda: (Path(cancel_dir) / STOPPING).touch()) as stop:
         try:
@@ -400,17 +381,22 @@ def serve(ckpt_path: str, host: str, port: int, limits: Limits, accelerator: str
                 # LitServe's timeout limits only the time a request waits in its queue, and would end a stream
                 # that waited behind long ones with a 504 after its "200 OK": the queue is bounded instead.
                 timeout=False,
-                middlewares=[
-                    (RequestGate, {"tokenizer_state": tokenizer.to_dict(), "limits": limits, "cancel_dir": cancel_dir})
-                ],  # fmt: skip
+                # OpenAI's endpoints are the gate's, not LitServe's OpenAISpec: the spec serves /v1/chat/completions
+                # alone (no /v1/completions) from a LitAPI of its own (a second worker and copy of the model beside
+                # /predict's), refuses bad fields with FastAPI's 422s instead of OpenAI's errors, and ends every
+                # answer with finish_reason "stop". In the gate, both share /predict's worker, queue, checks and stop.
+                middlewares=[(RequestGate, {**gate, "cancel_dir": cancel_dir})],
             )
             server.uvicorn_graceful_timeout = STOP_TIMEOUT_S
             page = PAGE.read_text(encoding="utf-8")
             server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
             server.app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
             server.app.add_api_route("/model", lambda: JSONResponse(description), methods=["GET"])
-            print(f"serving {ckpt_path} on http://{host}:{port}/ (POST /predict streams JSON lines; GET /model "
-                  "describes the model; /docs lists the API). Ctrl-C stops it.", flush=True)  # fmt: skip
+            models = models_list(str(ckpt_path))
+            server.app.add_api_route("/v1/models", lambda: JSONResponse(models), methods=["GET"])
+            print(f"serving {ckpt_path} on http://{host}:{port}/ (POST /predict streams JSON lines; OpenAI's API is "
+                  "under /v1; GET /model describes the model; /docs lists the API). Ctrl-C stops it.",
+                  flush=True)  # fmt: skip
             # Warnings and errors only: uvicorn's and LitServe's start-up, access and shutdown lines tell the
             # user nothing that the line above and the one at the end do not.
             server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level="warning")

@@ -20,6 +20,8 @@ PLAIN = [
         ".hf",
         ".lora",
         ".serve",
+        ".serve_requests",
+        ".serve_openai",
         ".tokenizer_training",
         ".tokenizer_eval",
         ".evaluation",

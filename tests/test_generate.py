@@ -6,6 +6,7 @@ import torch
 from gpt_lightning.generate import (
     SamplingOptionError,
     SamplingOptions,
+    StreamEnd,
     check_prompt,
     generate,
     generate_tokens,
@@ -170,3 +171,29 @@ def test_stream_text_stops_before_a_stop_string_and_never_shows_it(model):
     # text that only begins a stop string is held back, then shown once it is known not to be one
     almost = next(whole[30:32] + c for c in tokenizer.vocab if whole[30:32] + c not in whole)
     assert "".join(stream_text(model, tokenizer, prompt, options, stop=[almost])) == whole
+
+
+def ended(texts) -> tuple[str, StreamEnd]:
+    """The text a stream yields and how it ended (its return value)."""
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(texts))
+        except StopIteration as end:
+            return "".join(pieces), end.value
+
+
+def test_stream_text_says_how_it_ended_and_how_many_tokens_it_read_and_sampled(model):
+    from gpt_lightning.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer([chr(97 + i) for i in range(model.config.vocab_size)])
+    prompt = tokenizer.decode([1, 2, 3])
+    options = SamplingOptions(max_new_tokens=40, seed=5)
+    whole, end = ended(stream_text(model, tokenizer, prompt, options))
+    assert end == StreamEnd("length", prompt_tokens=3, tokens=40)
+    stop = whole[20:23]
+    cut, end = ended(stream_text(model, tokenizer, prompt, options, stop=[stop]))
+    assert cut == whole[: whole.find(stop)] and end == StreamEnd("stop", 3, whole.find(stop) + 3)
+    questions = itertools.count(1)
+    _, end = ended(stream_text(model, tokenizer, prompt, options, cancelled=lambda: next(questions) > 7))
+    assert end == StreamEnd("cancelled", 3, 7)

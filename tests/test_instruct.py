@@ -233,6 +233,11 @@ def test_validation_scores_the_learned_tokens_only(monkeypatch: pytest.MonkeyPat
     assert module.val_loss.weight == learned
 
 
+def test_a_template_that_marks_every_role_is_a_chat_template():
+    # serve answers /v1/chat/completions for a fine-tune in one: each turn of a conversation reads apart
+    assert CHAT.is_chat and not PLAIN.is_chat  # plain has no system marker: a system message would read as a user's
+
+
 # -- packing ---------------------------------------------------------------------------------------------------
 
 SUMS = [("12+34", "46"), ("7+8", "15"), ("100+900", "1000"), ("5+5", "10"), ("99+1", "100"), ("3+4", "7")]

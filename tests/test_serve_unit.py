@@ -5,6 +5,7 @@ accepts streams text to its end or ends with an error line; whatever it refuses 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import uuid
@@ -20,8 +21,11 @@ from tests.conftest import make_play
 pytest.importorskip("litserve", reason="the serve extra installs LitServe: pip install -e '.[serve]'")
 
 from gpt_lightning.generate import SamplingOptions  # noqa: E402
+from gpt_lightning.instruct import TEMPLATES, render_prompt  # noqa: E402
 from gpt_lightning.model import GPT, GPTConfig  # noqa: E402
-from gpt_lightning.serve import FIELDS, GPTStreamAPI, Limits, RequestError, RequestGate, parse_request  # noqa: E402
+from gpt_lightning.serve import GPTStreamAPI, RequestGate  # noqa: E402
+from gpt_lightning.serve_openai import OpenAIRequest, Relay, error_body, parse_openai_request  # noqa: E402
+from gpt_lightning.serve_requests import FIELDS, Limits, RequestError, parse_request  # noqa: E402
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer  # noqa: E402
 
 LIMITS = Limits(max_prompt_chars=64, max_new_tokens=8, max_queue=4)
@@ -160,12 +164,12 @@ class Client:
     """One client of the gate: its body in chunks (each after `delay` seconds), and what the gate sent back."""
 
     def __init__(self, chunks: list[bytes], delay: float = 0.0, content_length: bool = True,
-                 disconnect: bool = False) -> None:  # fmt: skip
+                 disconnect: bool = False, path: str = "/predict") -> None:  # fmt: skip
         self.chunks, self.delay, self.disconnect = chunks, delay, disconnect
         length = [(b"content-length", str(sum(map(len, chunks))).encode())] if content_length else []
-        self.scope = {"type": "http", "path": "/predict", "method": "POST",
+        self.scope = {"type": "http", "path": path, "method": "POST",
                       "headers": [(b"content-type", b"application/json"), *length]}  # fmt: skip
-        self.reads, self.status, self.body = 0, 0, b""
+        self.reads, self.status, self.body, self.headers = 0, 0, b"", {}
 
     async def receive(self) -> dict[str, Any]:
         if self.reads < len(self.chunks):
@@ -180,7 +184,7 @@ class Client:
 
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
-            self.status = message["status"]
+            self.status, self.headers = message["status"], dict(message["headers"])
         else:
             self.body += message.get("body", b"")
 
@@ -282,3 +286,211 @@ def test_a_fine_tunes_streams_answer_in_its_template_and_end_at_its_marker(tmp_p
     api.template = TEMPLATES["plain"]
     messages = stream(api, request)
     assert messages[-1]["done"] and messages[-1]["characters"] == 0  # the answer ended where it began
+    assert messages[-1]["finish_reason"] == "stop"
+    conversation = stream(api, {**request, "messages": [{"role": "user", "content": "hello"}]})
+    assert conversation[-1]["characters"] == 0  # a conversation (/v1/chat/completions) is read in the template too
+    # Text read as it is (/v1/completions) runs on, as `generate --raw true` does, unless it names a stop.
+    assert "".join(m["text"] for m in stream(api, {**request, "text": "hello"})) == "$$$$$"
+    assert stream(api, {**request, "text": "hello", "stop": ["$"]})[-1]["characters"] == 0
+
+
+# -- OpenAI's API ---------------------------------------------------------------------------------------------
+
+CHAT = TEMPLATES["chat"]
+KING = [{"role": "user", "content": "KING"}]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer() -> CharTokenizer:
+    return CharTokenizer.from_text(make_play(50) + CHAT.markers)
+
+
+def openai_request(kind: str, body: dict | bytes, tokenizer: Tokenizer) -> OpenAIRequest:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_openai_request(kind, data, tokenizer, CHAT, LIMITS, "the served model")  # type: ignore[arg-type]
+
+
+def chat_worker(tokenizer: Tokenizer, cancel_dir: Path) -> GPTStreamAPI:
+    api = worker(tokenizer, cancel_dir)
+    api.template = CHAT
+    return api
+
+
+def test_an_openai_request_is_a_predict_request_with_predicts_checks_and_defaults(chat_tokenizer):
+    completion = openai_request("completions", {"model": "m", "prompt": ["KING"], "max_tokens": 3, "temperature": 0,
+                                                "seed": 5, "stop": "\n", "user": "u", "frequency_penalty": 0,
+                                                "logprobs": None, "n": 1}, chat_tokenizer)  # fmt: skip
+    assert completion.model == "m" and not completion.stream and not completion.include_usage
+    assert completion.worker == {"text": "KING", "stop": ["\n"],
+                                 **vars(SamplingOptions(max_new_tokens=3, temperature=0, seed=5))}  # fmt: skip
+    # Unset or null, an option takes /predict's default (Limits.defaults: generate's, within the server's limit).
+    system = {"role": "system", "content": "Be brief."}
+    parts = {"role": "user", "content": [{"type": "text", "text": "KI"}, {"type": "text", "text": "NG"}]}
+    chat = openai_request("chat", {"messages": [system, parts], "temperature": None, "stream": True,
+                                   "stream_options": {"include_usage": True}}, chat_tokenizer)  # fmt: skip
+    assert chat.model == "the served model" and chat.stream and chat.include_usage
+    predict = parse_request(b'{"prompt": "KING"}', chat_tokenizer, LIMITS)
+    assert chat.worker == {"messages": [system, *KING], **{k: v for k, v in predict.items() if k != "prompt"}}
+    assert openai_request("chat", {"messages": KING, "max_completion_tokens": 2}, chat_tokenizer).worker[
+        "max_new_tokens"] == 2  # fmt: skip
+
+
+LONG_CHAT = [{"role": "user", "content": "K" * 40}]  # 71 characters in the template: over LIMITS' 64
+
+
+@pytest.mark.parametrize(
+    "kind, body, param, message",
+    [
+        ("completions", b'{"prompt": "KI', None, "the body is not JSON"),
+        ("completions", b'["KING"]', None, "must be a JSON object"),
+        ("completions", {"prompt": "KING", "n": 2}, "n", "n must be 1, got 2: this server generates one choice"),
+        ("completions", {"prompt": "KING", "frequency_penalty": 0.5}, "frequency_penalty",
+         r"frequency_penalty is not supported by this server, only its default \(0\): drop it"),
+        ("completions", {"prompt": "KING", "logprobs": 0}, "logprobs", "not supported"),
+        ("completions", {"prompt": "KING", "tools": []}, "tools", "not an option this server supports: it takes"),
+        ("completions", {"messages": KING}, "messages", "messages is the text of /v1/chat/completions"),
+        ("chat", {"prompt": "KING"}, "prompt", "prompt is the text of /v1/completions: this endpoint takes messages"),
+        ("completions", {"prompt": ""}, "prompt", "non-empty string"),
+        ("completions", {"prompt": [1, 2]}, "prompt", "non-empty string"),
+        ("completions", {"prompt": "KING 東京"}, "prompt", "outside the model's"),
+        ("completions", {"prompt": "K" * 65}, "prompt", "65 characters, more than the limit of 64"),
+        ("completions", {"prompt": "KING", "max_tokens": 9}, "max_tokens",
+         r"max_tokens must be an integer from 1 to 8 \(the server's --max_new_tokens_limit\), got 9"),
+        ("completions", {"prompt": "KING", "max_tokens": "ten"}, "max_tokens", "max_tokens must be an integer"),
+        ("chat", {"messages": KING, "max_completion_tokens": 0}, "max_completion_tokens",
+         "max_completion_tokens must be an integer from 1"),
+        ("chat", {"messages": KING, "max_tokens": 2, "max_completion_tokens": 2}, "max_completion_tokens",
+         "give one of"),
+        ("completions", {"prompt": "KING", "temperature": -1}, "temperature", "temperature must be >= 0"),
+        ("chat", {"messages": KING, "top_p": 0}, "top_p", r"\(0, 1\]"),
+        ("completions", {"prompt": "KING", "seed": -1}, "seed", "seed must be"),
+        ("completions", {"prompt": "KING", "stop": ["a"] * 5}, "stop", "a list of 1 to 4"),
+        ("completions", {"prompt": "KING", "stop": [""]}, "stop", "non-empty string"),
+        ("completions", {"prompt": "KING", "stream": "yes"}, "stream", "true or false"),
+        ("completions", {"prompt": "KING", "stream_options": {"include_usage": True}}, "stream_options",
+         "for streams only"),
+        ("completions", {"prompt": "KING", "model": 3}, "model", "must be a string"),
+        ("chat", {"messages": []}, "messages", "non-empty list"),
+        ("chat", {"messages": [{"role": "tool", "content": "x"}]}, "messages", 'role "tool": a role is one of'),
+        ("chat", {"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages",
+         "must be an object with a role and a content"),
+        ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
+         "a string or a list of"),
+        ("chat", {"messages": [*KING, {"role": "assistant", "content": "A"}]}, "messages",
+         "the last message is the assistant's"),
+        ("chat", {"messages": [{"role": "user", "content": "東京"}]}, "messages", "outside the model's"),
+        ("chat", {"messages": LONG_CHAT}, "messages", "the conversation, in the model's template, has 71 characters"),
+    ],
+)  # fmt: skip
+def test_a_bad_openai_request_is_a_400_in_openais_error_shape_naming_the_option(kind, body, param, message,
+                                                                                 chat_tokenizer):  # fmt: skip
+    import re
+
+    with pytest.raises(RequestError) as raised:
+        openai_request(kind, body, chat_tokenizer)
+    err = raised.value
+    assert err.status == 400 and re.search(message, str(err)), str(err)
+    assert error_body(err) == {"error": {"message": str(err), "type": "invalid_request_error", "param": param,
+                                         "code": None}}  # fmt: skip
+
+
+def test_the_worker_reads_a_conversation_in_its_template_text_as_it_is_and_says_why_it_ended(chat_tokenizer, tmp_path):
+    api = chat_worker(chat_tokenizer, tmp_path)
+    options = vars(SamplingOptions(max_new_tokens=8, temperature=0))
+    sources = [{"prompt": "KING"}, {"messages": KING}, {"text": render_prompt(CHAT, "KING")}]
+    answers = [stream(api, {**source, **options}) for source in sources]
+    texts = {"".join(m["text"] for m in answer) for answer in answers}
+    assert len(texts) == 1 and len(text := texts.pop()) == 8
+    done = {"text": "", "done": True, "characters": 8, "finish_reason": "length",
+            "prompt_tokens": len(render_prompt(CHAT, "KING")), "completion_tokens": 8}  # fmt: skip
+    assert all(answer[-1] == done for answer in answers)
+    stopped = stream(api, {"messages": KING, **options, "stop": [text[3:5]]})
+    assert "".join(m["text"] for m in stopped) == text[: text.find(text[3:5])]
+    assert stopped[-1]["finish_reason"] == "stop"
+
+
+def sse_events(data: bytes) -> list[dict[str, Any]]:
+    """The JSON events of a server-sent stream, which must end in `data: [DONE]`."""
+    *blocks, rest = data.decode().split("\n\n")
+    assert rest == "" and all(block.startswith("data: ") for block in blocks), data[-300:]
+    assert blocks[-1] == "data: [DONE]"
+    return [json.loads(block.removeprefix("data: ")) for block in blocks[:-1]]
+
+
+def test_the_relay_gives_the_workers_stream_as_openai_chunks_or_one_object(chat_tokenizer, tmp_path):
+    api = chat_worker(chat_tokenizer, tmp_path)
+    body = {"model": "m", "messages": KING, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+    request = openai_request("chat", body, chat_tokenizer)
+    lines = b"".join(json.dumps(m).encode() + b"\n" for m in stream(api, request.worker))
+    relay = Relay(request, "abc")
+    pieces = [relay.feed(lines[i : i + 7]) for i in range(0, len(lines), 7)]  # pieces that split lines
+    chunks = sse_events(relay.opening() + b"".join(pieces) + relay.close())
+    assert {(c["id"], c["object"], c["model"]) for c in chunks} == {("chatcmpl-abc", "chat.completion.chunk", "m")}
+    assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}]  # fmt: skip
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    as_predict = {k: v for k, v in request.worker.items() if k != "messages"} | {"prompt": "KING"}
+    predicted = stream(api, as_predict)  # what /predict streams for the same options
+    assert len(text) == 8 and text == "".join(m["text"] for m in predicted)
+    assert chunks[-2]["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]
+    prompt_tokens = len(render_prompt(CHAT, "KING"))
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 8, "total_tokens": prompt_tokens + 8}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+    whole = Relay(dataclasses.replace(request, stream=False, include_usage=False), "abc")
+    assert whole.feed(lines) == b""
+    status, answer = whole.result(stopping=False)
+    assert status == 200 and answer["object"] == "chat.completion" and answer["usage"] == usage
+    assert answer["choices"] == [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                  "finish_reason": "length"}]  # fmt: skip
+
+
+def test_a_worker_stream_that_ends_in_an_error_line_ends_the_answer_with_openais_error(chat_tokenizer):
+    request = openai_request("completions", {"prompt": "KING", "stream": True}, chat_tokenizer)
+    lines = b'{"text": "KI"}\n{"error": "the server is stopping: try again.", "field": null}\n'
+    relay = Relay(request, "abc")
+    events = sse_events(relay.feed(lines) + relay.close())
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["KI"] and events[0]["object"] == "text_completion"
+    assert events[-1] == {"error": {"message": "the server is stopping: try again.", "type": "server_error",
+                                    "param": None, "code": None}}  # fmt: skip
+    for stopping, status in ((True, 503), (False, 500)):
+        whole = Relay(dataclasses.replace(request, stream=False), "abc")
+        whole.feed(lines)
+        assert whole.result(stopping)[0] == status
+
+
+async def worker_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """LitServe's part for OpenAI's requests, as the gate sees it: /predict's lines, in two pieces."""
+    assert scope["path"] == "/predict" and "messages" in json.loads((await receive())["body"])
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b'{"text": "KI"}\n', "more_body": True})
+    done = {"text": "", "done": True, "characters": 4, "finish_reason": "stop", "prompt_tokens": 3,
+            "completion_tokens": 2}  # fmt: skip
+    await send({"type": "http.response.body", "body": b'{"text": "NG"}\n' + json.dumps(done).encode() + b"\n",
+                "more_body": True})  # fmt: skip
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def test_the_gate_answers_openais_paths_in_openais_format(chat_tokenizer, tmp_path):
+    body = json.dumps({"messages": KING, "max_tokens": 2}).encode()
+    on_a_base_model = Client([body], path="/v1/chat/completions")
+    asyncio.run(call(RequestGate(worker_app, chat_tokenizer.to_dict(), LIMITS, str(tmp_path)), on_a_base_model))
+    error = json.loads(on_a_base_model.body)["error"]
+    assert on_a_base_model.status == 404 and error["param"] == "model" and on_a_base_model.reads == 0
+    assert "not a chat model" in error["message"] and "/v1/completions" in error["message"]
+    the_gate = RequestGate(worker_app, chat_tokenizer.to_dict(), LIMITS, str(tmp_path), CHAT.to_dict(), "m")
+    whole = Client([body], path="/v1/chat/completions")
+    streamed = Client([body[:-1] + b', "stream": true}'], path="/v1/chat/completions")
+    asyncio.run(call(the_gate, whole))
+    asyncio.run(call(the_gate, streamed))
+    answer = json.loads(whole.body)
+    assert whole.status == 200 and whole.headers[b"content-type"] == b"application/json"
+    assert answer["choices"][0]["message"]["content"] == "KING" and answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert streamed.status == 200 and streamed.headers[b"content-type"].startswith(b"text/event-stream")
+    deltas = [e["choices"][0]["delta"] for e in sse_events(streamed.body)]
+    assert deltas == [{"role": "assistant", "content": ""}, {"content": "KI"}, {"content": "NG"}, {}]
+    the_gate.in_flight = LIMITS.max_queue  # busy: a 503 in OpenAI's shape here, in /predict's there
+    busy, predict = Client([body], path="/v1/chat/completions"), Client([b'{"prompt": "KING"}'])
+    asyncio.run(call(the_gate, busy, predict))
+    assert busy.status == predict.status == 503
+    assert json.loads(busy.body)["error"]["type"] == "server_error" and "busy" in json.loads(predict.body)["error"]

@@ -16,8 +16,8 @@ def serve(
 ) -> None:
     """Serve a model over HTTP until Ctrl-C, SIGTERM or SIGHUP.
 
-    A page at /, a streaming API at POST /predict and the model's description at GET /model, on LitServe
-    (pip install -e '.[serve]').
+    A page at /, a streaming API at POST /predict, OpenAI's API under /v1 (completions, and chat completions
+    for a chat model) and the model's description at GET /model, on LitServe (pip install -e '.[serve]').
 
     Args:
         ckpt_path: A checkpoint written by `fit`, a Hugging Face GPT-2 folder or a hub name (gpt2, ...).
@@ -30,7 +30,8 @@ def serve(
         max_prompt_chars: The longest prompt one request may send, in characters.
         trainer: Where the model runs, with the names of fit's --trainer options.
     """
-    from gpt_lightning.serve import Limits, serve
+    from gpt_lightning.serve import serve
+    from gpt_lightning.serve_requests import Limits
 
     if max_queue < 1 or max_new_tokens_limit < 1 or max_prompt_chars < 1:
         raise ValueError("max_queue, max_new_tokens_limit and max_prompt_chars must be >= 1.")
