@@ -18,8 +18,18 @@ from torchmetrics import MeanMetric
 
 from gpt_lightning.instruct import IGNORE_INDEX, TaskBatch, Template
 from gpt_lightning.lora import LoRAConfig
+from gpt_lightning.lora import summary as lora_summary
 from gpt_lightning.nan_guard import NonFiniteLossGuard, is_logging_step
-from gpt_lightning.optim import CombinedOptimizer, Muon, MuonPrecision, WarmupCosine, build_optimizer
+from gpt_lightning.optim import (
+    CombinedOptimizer,
+    Muon,
+    MuonPrecision,
+    WarmupCosine,
+    build_optimizer,
+    clip_gradients,
+    learning_rates,
+)
+from gpt_lightning.seeded_dropout import SeededDropout
 from gpt_lightning.sources import METADATA_KEY, build_network, metadata, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
@@ -126,10 +136,7 @@ class GPTModule(L.LightningModule):
         self.gpt = build_network(source, self.tokenizer, block_size, architecture, dropout, lora)
         self.config = self.gpt.config
         if lora.enabled:
-            trainable = sum(p.numel() for p in self.gpt.parameters() if p.requires_grad)
-            frozen = sum(p.numel() for p in self.gpt.parameters() if not p.requires_grad)
-            rank_zero_info(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trainable:,} trainable parameters; "
-                           f"the base model's {frozen:,} are frozen")  # fmt: skip
+            rank_zero_info(lora_summary(self.gpt, lora))
         self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
         if compile:
             self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix
@@ -138,9 +145,6 @@ class GPTModule(L.LightningModule):
         self._characters_per_token = self.tokenizer.characters_per_token()
         self.val_loss = MeanMetric()
         self.val_bpc = MeanMetric()
-        self._base_seed = 0
-        self._window_step, self._micro_batch = -1, 0  # the optimizer step being accumulated, and where in it
-        self._has_dropout = False  # set at fit start, once LoRA has added its layers
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)  # (B, T, vocab_size)
@@ -155,20 +159,13 @@ class GPTModule(L.LightningModule):
         logits = self._logits(batch)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(), ignore_index=IGNORE_INDEX)
 
-    def _is_logging_step(self) -> bool:
-        """Whether this batch's optimizer step writes step metrics (call before the step is taken).
-
-        Each self.log call costs about 0.6 ms of Lightning bookkeeping even when nothing is written:
-        logging every step cost the CPU recipe 7% of its throughput (docs/recipes-and-benchmarks.md, Performance)."""
-        return is_logging_step(self.trainer, self.global_step)
-
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        if self._is_logging_step():
+        if is_logging_step(self.trainer, self.global_step):  # self.log costs ~0.6 ms even when nothing is written
             # The mean over ranks (one all-reduce, on logging steps only), not rank 0's own batch. Not prog_bar:
             # Lightning would read it back after every later batch too (callbacks.LossProgressBar shows it).
             self.log("train/loss", loss, sync_dist=True)
-            self.log_dict(self._learning_rates())
+            self.log_dict(learning_rates(self.optimizers().optimizer))  # type: ignore[union-attr]
             if isinstance(batch, TaskBatch):  # examples padded to the longest of their batch, or packed
                 self.log("train/padding", 1.0 - batch.lengths.sum() / batch.inputs.numel(), sync_dist=True)
         return loss
@@ -188,34 +185,11 @@ class GPTModule(L.LightningModule):
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/bpc", self.val_bpc)
 
-    def _learning_rates(self) -> dict[str, float]:
-        """One learning rate per schedule, not per parameter group (AdamW's two groups share theirs)."""
-        optimizer = self.optimizers().optimizer  # type: ignore[union-attr]
-        if isinstance(optimizer, CombinedOptimizer):
-            muon, adamw = optimizer.optimizers
-            return {"train/lr": adamw.param_groups[0]["lr"], "train/lr_muon": muon.param_groups[0]["lr"]}
-        return {"train/lr": optimizer.param_groups[0]["lr"]}
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.global_step != self._window_step:  # the first micro-batch of an optimizer step
-            self._window_step, self._micro_batch = self.global_step, 0
-        else:
-            self._micro_batch += 1
-        if self._has_dropout:
-            # Dropout (the model's, LoRA's on its low-rank path, any other) draws from the global RNG. Seeding it from
-            # (seed, rank, step, micro-batch) makes a resumed run draw exactly the masks the uninterrupted run
-            # would have, with no RNG state to save per rank, while every micro-batch of a window draws its own.
-            key = (self._base_seed, self.global_rank, self.global_step, self._micro_batch)
-            torch.manual_seed(hash(key) & (2**63 - 1))
-
     def on_fit_start(self) -> None:
         # A `validate` before this fit (a zero-shot score, say) ran under inference mode and left the
         # metrics' states as inference tensors, which fit's validation may not update in place.
         self.val_loss.reset()
         self.val_bpc.reset()
-        self._base_seed = torch.initial_seed()  # the run's seed_everything value
-        # Every dropout layer of the network, whoever added it, not a list of the settings that add one.
-        self._has_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.gpt.modules())
         if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8:
             # Ampere and newer: float32 matmuls on TF32 tensor cores (fp32 range, 10-bit mantissa).
             torch.set_float32_matmul_precision("high")
@@ -262,26 +236,19 @@ class GPTModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        # clip_grad_norm_ returns the norm before clipping; log it for free (no extra pass, no sync).
-        # Lightning has unscaled fp16 gradients before this hook (see configure_optimizers). Clipping goes
-        # straight to torch: Lightning's mixed-precision plugin refuses to clip for a fused AdamW, which
-        # is only chosen where there is no scaler, so nothing is left to unscale.
-        # Under FSDP each rank holds a shard of every gradient: the wrapped model's own clip_grad_norm_ reduces
-        # the norm over ranks.
+        # Lightning has unscaled fp16 gradients before this hook (see configure_optimizers). Clipping goes straight
+        # to torch: Lightning's mixed-precision plugin refuses to clip for a fused AdamW, which is only chosen where
+        # there is no scaler, so nothing is left to unscale. Under FSDP each rank holds a shard of every gradient.
         clip_norm: Callable[[float], torch.Tensor] = partial(clip_grad_norm_, self.parameters())
         if self._is_sharded():
             clip_norm = self.trainer.strategy.model.clip_grad_norm_  # type: ignore[union-attr, assignment]
-        if gradient_clip_algorithm == "value":
-            norm = clip_norm(math.inf)
-            if gradient_clip_val:
-                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
-        else:
-            norm = clip_norm(gradient_clip_val or math.inf)
-        if self._is_logging_step():
+        norm = clip_gradients(self.parameters(), clip_norm, gradient_clip_val, gradient_clip_algorithm)
+        if is_logging_step(self.trainer, self.global_step):  # before the step is taken
             self.log("train/grad_norm", norm)  # the same on every rank: gradients are all-reduced
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [NonFiniteLossGuard()]  # wherever this module trains, a NaN stops it
+        # Wherever this module trains, a NaN stops it, and dropout draws what an uninterrupted run would.
+        return [NonFiniteLossGuard(), SeededDropout()]
 
     # -- checkpoints describe themselves ---------------------------------------------------------------
 

@@ -97,6 +97,14 @@ def add_lora(model: GPT, config: LoRAConfig) -> GPT:
     return model
 
 
+def summary(model: GPT, config: LoRAConfig) -> str:
+    """What a LoRA fine-tune of `model` trains, in one line."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return (f"LoRA rank {config.rank} on {', '.join(config.targets)}: {trainable:,} trainable parameters; "
+            f"the base model's {frozen:,} are frozen")  # fmt: skip
+
+
 def scaling(alpha: float, rank: int) -> float:
     return alpha / rank
 

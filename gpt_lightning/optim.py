@@ -247,3 +247,26 @@ def build_optimizer(
     muon = Muon([{"params": hidden, "name": "muon"}], precision=muon_precision, lr=muon_learning_rate,
                 weight_decay=weight_decay, momentum=muon_momentum)  # fmt: skip
     return CombinedOptimizer([muon, torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=fused)])
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """One learning rate per schedule, not per parameter group (AdamW's two groups share theirs)."""
+    if isinstance(optimizer, CombinedOptimizer):
+        muon, adamw = optimizer.optimizers
+        return {"train/lr": adamw.param_groups[0]["lr"], "train/lr_muon": muon.param_groups[0]["lr"]}
+    return {"train/lr": optimizer.param_groups[0]["lr"]}
+
+
+def clip_gradients(
+    parameters: Iterator[nn.Parameter], clip_norm: Callable[[float], torch.Tensor], value: float | None, by: str | None
+) -> torch.Tensor:
+    """Clips gradients by their total norm (`by` "norm" or unset) or elementwise ("value") and returns the norm
+    before clipping, which clipping by norm computes anyway (no extra pass). `clip_norm(max_norm)` clips the
+    parameters' gradients by norm: torch's clip_grad_norm_, or a sharded model's own, which reduces the norm
+    over ranks."""
+    if by == "value":
+        norm = clip_norm(math.inf)
+        if value:
+            torch.nn.utils.clip_grad_value_(list(parameters), value)
+        return norm
+    return clip_norm(value or math.inf)
