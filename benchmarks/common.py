@@ -30,7 +30,7 @@ from gpt_lightning.tokenizer_training import train_tokenizer
 if TYPE_CHECKING:
     from lightning.pytorch import Callback, Trainer
 
-    from gpt_lightning.cli import GPTLightningCLI
+    from gpt_lightning.training.cli import GPTLightningCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -82,7 +82,7 @@ def recipe_model(preset: str, vocab_size: int = 65) -> GPTConfig:
 def recipe_cli(args: list[str]) -> GPTLightningCLI:
     """The project's CLI built from `args` as `main.py fit` builds it (module, data module, callbacks and
     logger), not run: the caller adds its callbacks and calls `cli.trainer.fit`."""
-    from gpt_lightning.cli import GPTLightningCLI
+    from gpt_lightning.training.cli import GPTLightningCLI
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads `args`, not the benchmark's own arguments
     try:

@@ -36,10 +36,10 @@ from benchmarks.common import (
     recipe_files,
     recipe_settings,
 )
-from gpt_lightning.data import RandomWindows, read_text
-from gpt_lightning.datamodule import ShakespeareDataModule
-from gpt_lightning.token_cache import Selection, build_token_cache
+from gpt_lightning.data.corpus import RandomWindows, read_text
+from gpt_lightning.data.token_cache import Selection, build_token_cache
 from gpt_lightning.tokenizer import CharTokenizer
+from gpt_lightning.training.datamodule import ShakespeareDataModule
 
 WORDS = (
     "the and of to my in you is that not with be your his for this but have thou as so me will what him "
@@ -96,7 +96,7 @@ class PeakMemory(Callback):
 
 def child(path_kind: str, out_dir: str, cli_args: list[str]) -> None:
     """A short fit, run as `main.py fit` would run it (DDP re-launches this same command line)."""
-    from gpt_lightning.cli import GPTLightningCLI
+    from gpt_lightning.training.cli import GPTLightningCLI
 
     if path_kind == "in-memory":
 

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import fresh_process_output, resident_bytes, trained_bpe
-from gpt_lightning.data import corpus_path
-from gpt_lightning.token_cache import build_token_cache
+from gpt_lightning.data.corpus import corpus_path
+from gpt_lightning.data.token_cache import build_token_cache
 from gpt_lightning.tokenizer import BPETokenizer, tokenizer_from_spec
 
 SHAPES = {

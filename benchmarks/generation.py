@@ -13,8 +13,8 @@ import time
 import torch
 
 from benchmarks.common import RECIPES, recipe_model, sync
-from gpt_lightning.generate import generate
 from gpt_lightning.model import GPT
+from gpt_lightning.sampling import generate
 
 
 def tokens_per_second(model: GPT, max_new_tokens: int, use_kv_cache: bool, device: torch.device) -> float:

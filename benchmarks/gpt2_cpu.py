@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import fresh_process_output, trained_bpe
-from gpt_lightning.data import corpus_path
+from gpt_lightning.data.corpus import corpus_path
+from gpt_lightning.data.token_cache import build_token_cache
 from gpt_lightning.lora import LoRAConfig, add_lora
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.token_cache import build_token_cache
 from gpt_lightning.tokenizer import tokenizer_from_spec
 
 GPT2_SIZES = {  # n_layer, n_head, n_embd: OpenAI's four GPT-2 models

@@ -24,8 +24,8 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.common import RECIPES, recipe_files, recipe_model, recipe_settings, sync
-from gpt_lightning.lit_model import GPTModule
 from gpt_lightning.optim import native_bf16
+from gpt_lightning.training.module import GPTModule
 
 VARIANTS = {"AdamW": {"optimizer": "adamw"}, "Muon bf16": {"optimizer": "muon", "muon_precision": "bf16"},
             "Muon fp32": {"optimizer": "muon", "muon_precision": "fp32"}}  # fmt: skip

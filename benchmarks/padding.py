@@ -15,8 +15,8 @@ import argparse
 from collections.abc import Sequence
 
 from benchmarks.common import CONFIGS, recipe_settings
-from gpt_lightning.synthetic_tasks import TASK_NAMES
-from gpt_lightning.task_datamodule import TaskDataModule
+from gpt_lightning.data.synthetic_tasks import TASK_NAMES
+from gpt_lightning.training.task_datamodule import TaskDataModule
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -29,7 +29,7 @@ import time
 import torch
 
 from benchmarks.common import ROOT, peak_resident_bytes_of_tree
-from gpt_lightning.generate import SamplingOptions, stream_text
+from gpt_lightning.sampling import SamplingOptions, stream_text
 from gpt_lightning.sources import load_model
 
 PROMPT = "ROMEO:"

@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import ROOT, child_env, config_args, recipe_files, recipe_settings
-from gpt_lightning.data import atomic_write_bytes, corpus_path, validation_start
-from gpt_lightning.instruct import ExampleBatches
-from gpt_lightning.synthetic_tasks import TASK_NAMES
-from gpt_lightning.task_datamodule import TaskDataModule
+from gpt_lightning.data.corpus import atomic_write_bytes, corpus_path, validation_start
+from gpt_lightning.data.instruct import ExampleBatches
+from gpt_lightning.data.synthetic_tasks import TASK_NAMES
+from gpt_lightning.training.task_datamodule import TaskDataModule
 
 FINETUNE = [ROOT / "configs" / "finetune_task.yaml", ROOT / "configs" / "trainer" / "cpu.yaml"]
 WAYS = ("scratch", "full", "lora", "scratch-compute")

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files, sync
-from gpt_lightning.cli import GPTLightningCLI
-from gpt_lightning.data import RandomWindows
+from gpt_lightning.data.corpus import RandomWindows
 from gpt_lightning.model import GPT
 from gpt_lightning.optim import WarmupCosine
+from gpt_lightning.training.cli import GPTLightningCLI
 
 
 def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:

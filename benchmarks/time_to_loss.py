@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files
-from gpt_lightning.callbacks import TokenThroughput
+from gpt_lightning.training.callbacks import TokenThroughput
 
 
 class StopAtLoss(Callback):

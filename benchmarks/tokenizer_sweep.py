@@ -50,7 +50,7 @@ from benchmarks.common import (
     recipe_settings,
     scalars,
 )
-from gpt_lightning.data import atomic_write_bytes
+from gpt_lightning.data.corpus import atomic_write_bytes
 from gpt_lightning.tokenizer import BPETokenizer
 from gpt_lightning.tokenizer_training import Compression, measure, select_text, train_tokenizer
 

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import CONFIGS, ROOT, callbacks_of, recipe_cli, recipe_files, recipe_settings, resident_bytes
-from gpt_lightning.callbacks import LastCheckpoint
-from gpt_lightning.cli import GPTLightningCLI
-from gpt_lightning.data import SequentialWindows, corpus_path, read_text, without_speeches_of
-from gpt_lightning.generate import generate
+from gpt_lightning.data.corpus import SequentialWindows, corpus_path, read_text, without_speeches_of
 from gpt_lightning.model import GPT
+from gpt_lightning.sampling import generate
 from gpt_lightning.sources import load_model
 from gpt_lightning.tokenizer import Tokenizer
+from gpt_lightning.training.callbacks import LastCheckpoint
+from gpt_lightning.training.cli import GPTLightningCLI
 
 (PRETRAIN,) = recipe_files("cpu")
 FINETUNE = CONFIGS / "finetune.yaml"

@@ -28,8 +28,8 @@ import lightning as L
 import torch
 
 from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files, recipe_settings, sync
-from gpt_lightning.callbacks import TaskScores
-from gpt_lightning.lit_model import GPTModule
+from gpt_lightning.training.callbacks import TaskScores
+from gpt_lightning.training.module import GPTModule
 
 
 class PhaseTimer(L.Callback):

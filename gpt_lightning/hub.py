@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt_lightning.data import is_local_rank_zero, raise_if_failed, record_failure
+from gpt_lightning.data.corpus import is_local_rank_zero, raise_if_failed, record_failure
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 weights on the hub
 HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json"]

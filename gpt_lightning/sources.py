@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from gpt_lightning.data import atomic_write_bytes
+from gpt_lightning.data.corpus import atomic_write_bytes
+from gpt_lightning.data.instruct import Template
 from gpt_lightning.hf import config_of_hf_gpt2, cropped, is_hf_gpt2, load_hf_gpt2_weights, tokenizer_of_hf_folder
 from gpt_lightning.hub import hf_gpt2_folder
-from gpt_lightning.instruct import Template
 from gpt_lightning.lora import LoRAConfig, add_lora, merged_state_dict, plain_state_of
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict

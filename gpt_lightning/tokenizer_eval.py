@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_lightning.data import VAL_FRACTION
-from gpt_lightning.token_cache import read_pieces, resolve_text_files
+from gpt_lightning.data.corpus import VAL_FRACTION
+from gpt_lightning.data.token_cache import read_pieces, resolve_text_files
 from gpt_lightning.tokenizer import BPETokenizer
 from gpt_lightning.tokenizer_training import Compression, measure, select_text
 

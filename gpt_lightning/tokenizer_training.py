@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gpt_lightning.data import (
+from gpt_lightning.data.corpus import (
     VAL_FRACTION,
     atomic_write_bytes,
     check_val_fraction,
@@ -22,7 +22,7 @@ from gpt_lightning.data import (
     ensure_corpus,
     validation_start,
 )
-from gpt_lightning.token_cache import (
+from gpt_lightning.data.token_cache import (
     Selection,
     UndecodableTextError,
     _pieces,

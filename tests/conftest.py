@@ -139,7 +139,7 @@ def main_in_process(*args: str, env: dict | None = None) -> subprocess.Completed
     stderr, but without a new interpreter's ~8 s of importing torch and Lightning. Single-process runs only
     (DDP re-launches sys.argv). An exception that main() lets escape, a traceback for the user, fails the test.
     """
-    from gpt_lightning.cli import main
+    from gpt_lightning.training.cli import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     returncode = 0

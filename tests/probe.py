@@ -177,7 +177,7 @@ class SyncErrorOnQuietSteps(Callback):
     batch's copy to the device. The first step (which creates the optimizer's state) is left alone."""
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        from gpt_lightning.lit_model import is_logging_step
+        from gpt_lightning.training.module import is_logging_step
 
         step = trainer.global_step
         torch.cuda.set_sync_debug_mode("error" if step > 0 and not is_logging_step(trainer, step) else "default")

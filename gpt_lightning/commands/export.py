@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gpt_lightning.data.instruct import chat_template
 from gpt_lightning.hf import export_hf_gpt2
-from gpt_lightning.instruct import chat_template
 from gpt_lightning.sources import export_plain_checkpoint, load_model, open_source
 
 

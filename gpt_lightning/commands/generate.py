@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from gpt_lightning.commands.device import AUTO_FLOAT32, DeviceAndPrecision
-from gpt_lightning.data import read_text
-from gpt_lightning.generate import DEFAULT_SAMPLING, SamplingOptions, check_prompt, stream_text
-from gpt_lightning.instruct import render_prompt
+from gpt_lightning.data.corpus import read_text
+from gpt_lightning.data.instruct import render_prompt
+from gpt_lightning.sampling import DEFAULT_SAMPLING, SamplingOptions, check_prompt, stream_text
 from gpt_lightning.sources import load_model, open_source
 
 

@@ -30,8 +30,8 @@ def serve(
         max_prompt_chars: The longest prompt one request may send, in characters.
         trainer: Where the model runs, with the names of fit's --trainer options.
     """
-    from gpt_lightning.serve import serve
-    from gpt_lightning.serve_requests import Limits
+    from gpt_lightning.serving.requests import Limits
+    from gpt_lightning.serving.server import serve
 
     if max_queue < 1 or max_new_tokens_limit < 1 or max_prompt_chars < 1:
         raise ValueError("max_queue, max_new_tokens_limit and max_prompt_chars must be >= 1.")

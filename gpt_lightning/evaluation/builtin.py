@@ -44,7 +44,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from gpt_lightning.data import VAL_FRACTION, ensure_corpus
+from gpt_lightning.data.corpus import VAL_FRACTION, ensure_corpus
 from gpt_lightning.evaluation.tasks import ChoiceItem, MultipleChoiceTask
 
 GENERATOR_VERSION = 1  # bump when a generator changes which items a seed gives

@@ -13,7 +13,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from gpt_lightning.data import VAL_FRACTION, atomic_write_bytes, sha256_of
+from gpt_lightning.data.corpus import VAL_FRACTION, atomic_write_bytes, sha256_of
+from gpt_lightning.data.instruct import Template, render_prompt
+from gpt_lightning.data.synthetic_tasks import TEST_EXAMPLES, is_synthetic, synthetic_task
 from gpt_lightning.evaluation.builtin import BUILTIN_TASKS, builtin_task
 from gpt_lightning.evaluation.metrics import DESCRIPTIONS, Metric, choice_metrics, generation_metrics, text_metrics
 from gpt_lightning.evaluation.scoring import encode_text, score_choices, score_generations, score_windows, text_windows
@@ -26,10 +28,8 @@ from gpt_lightning.evaluation.tasks import (
     read_task,
     split_kind,
 )
-from gpt_lightning.instruct import Template, render_prompt
 from gpt_lightning.model import GPT
 from gpt_lightning.sources import load_model, open_source
-from gpt_lightning.synthetic_tasks import TEST_EXAMPLES, is_synthetic, synthetic_task
 from gpt_lightning.tokenizer import BPETokenizer, Tokenizer
 
 RESULT_FORMAT = 1

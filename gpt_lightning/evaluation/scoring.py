@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt_lightning.evaluation.tasks import ChoiceItem, GenerationItem
-from gpt_lightning.generate import generate_tokens
 from gpt_lightning.model import GPT
+from gpt_lightning.sampling import generate_tokens
 from gpt_lightning.tokenizer import StreamDecoder, Tokenizer
 
 IGNORE = -100  # the target of a padded position: cross_entropy leaves it out

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from gpt_lightning.data import brief, json_objects, read_text, sha256_of
+from gpt_lightning.data.corpus import brief, json_objects, read_text, sha256_of
 
 MULTIPLE_CHOICE, GENERATION, LANGUAGE_MODELLING = "multiple_choice", "generation", "language_modelling"
 KIND_PREFIXES = {"multiple_choice": MULTIPLE_CHOICE, "generation": GENERATION, "lm": LANGUAGE_MODELLING}

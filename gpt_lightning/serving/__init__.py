@@ -1,0 +1,1 @@
+"""`serve`: the LitServe API, the request checks, OpenAI's wire format and the page (no Lightning)."""

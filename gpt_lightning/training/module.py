@@ -1,0 +1,258 @@
+"""The LightningModule: wraps the plain GPT with a loss, metrics, the optimizer and its schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn.utils import clip_grad_norm_
+from torchmetrics import MeanMetric
+
+from gpt_lightning.data.instruct import IGNORE_INDEX, TaskBatch, Template
+from gpt_lightning.lora import LoRAConfig
+from gpt_lightning.lora import summary as lora_summary
+from gpt_lightning.optim import (
+    CombinedOptimizer,
+    Muon,
+    MuonPrecision,
+    WarmupCosine,
+    build_optimizer,
+    clip_gradients,
+    learning_rates,
+)
+from gpt_lightning.sources import METADATA_KEY, build_network, metadata, open_source
+from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
+from gpt_lightning.training.nan_guard import NonFiniteLossGuard, is_logging_step
+from gpt_lightning.training.seeded_dropout import SeededDropout
+
+# (inputs, targets) windows of text, or a TaskBatch of examples, padded or packed (inputs, targets, lengths, segments)
+Batch = tuple[torch.Tensor, torch.Tensor] | TaskBatch
+
+
+class GPTModule(L.LightningModule):
+    def __init__(
+        self,
+        vocab: str | dict[str, str],
+        block_size: int,
+        n_layer: int | None = None,
+        n_head: int | None = None,
+        n_embd: int | None = None,
+        bias: bool | None = None,
+        gelu: Literal["exact", "tanh"] | None = None,
+        tie_embeddings: bool | None = None,
+        vocab_size: int | None = None,
+        dropout: float = 0.0,
+        init_from: str | None = None,
+        lora: LoRAConfig = LoRAConfig(),  # noqa: B008 (a dataclass of settings: jsonargparse's nested options)
+        learning_rate: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_learning_rate: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_precision: MuonPrecision = "auto",
+        compile: bool = False,
+        template: dict[str, str] | None = None,
+    ) -> None:
+        """A GPT trained with AdamW (or Muon and AdamW) and a warm-up + cosine LR schedule.
+
+        Args:
+            vocab: The tokenizer, linked from the data module: the characters of a character vocabulary in id
+                order, or a BPE tokenizer's state ({type: bpe, tokenizer_json: ...}).
+            block_size: Context length. Linked from the data module.
+            n_layer: Transformer blocks. Unset: the `init_from` checkpoint's, else 6.
+            n_head: Attention heads per block; must divide n_embd. Unset: the checkpoint's, else 6.
+            n_embd: Width of the residual stream. Unset: the checkpoint's, else 384.
+            bias: Biases in Linear and LayerNorm layers (GPT-2 has them). Unset: the checkpoint's, else False.
+            gelu: The MLP's GELU: exact, or tanh (the approximation GPT-2's weights were trained with). Unset: the
+                checkpoint's, else exact.
+            tie_embeddings: The output head is the token embedding (GPT-2), or false, a matrix of its own (more
+                parameters: vocabulary x n_embd). Unset: the checkpoint's, else true.
+            vocab_size: Rows of the token embedding: at least the tokenizer's tokens; more pads it to a round
+                number, which some GPUs run faster (nanoGPT pads GPT-2's 50,257 to 50,304). Unset: the
+                checkpoint's, else the tokenizer's.
+            dropout: Dropout probability in [0, 1). Not part of the architecture: a fine-tune may change it.
+            init_from: Start from the weights, architecture and tokenizer of this checkpoint (fine-tuning): one of
+                our .ckpt files, a Hugging Face GPT-2 folder, or a hub name (gpt2, gpt2-medium, gpt2-large,
+                gpt2-xl). Steps, optimizer and schedule start fresh: this is not a resume (that is `--ckpt_path`).
+                A LoRA fine-tune's updates are folded into its weights first. Ignored with `--ckpt_path`, whose
+                checkpoint is then the only source.
+            lora: Fine-tune with LoRA (rank > 0): the weights stay frozen and only low-rank updates of the
+                chosen projections train, with AdamW. Rank 0: every weight trains (full fine-tuning).
+            learning_rate: Peak AdamW learning rate, reached after the warm-up.
+            min_lr: AdamW learning rate at the end of the cosine decay. Equal to learning_rate: a constant
+                LR. Muon's decays by the same ratio, min_lr / learning_rate.
+            warmup_steps: Optimizer steps of linear warm-up.
+            lr_decay_steps: Step at which the cosine reaches min_lr. Unset: trainer.max_steps.
+            weight_decay: Weight decay, applied to weight matrices and embeddings only (by Muon too).
+            betas: AdamW betas. nanoGPT uses 0.99 for beta2 on small, noisy batches.
+            optimizer: adamw: AdamW for every parameter (nanoGPT). muon: torch.optim.Muon for the 2-D
+                weights inside the blocks, AdamW for the embeddings, the head, norms and biases;
+                one schedule drives both.
+            muon_learning_rate: Muon's peak learning rate (torch's "original" scaling: times
+                sqrt(max(1, rows / cols)) per matrix). Used with optimizer=muon only.
+            muon_momentum: Muon's (Nesterov) momentum. Used with optimizer=muon only.
+            muon_precision: The precision of Muon's Newton-Schulz iteration. bf16 is torch.optim.Muon's own
+                step; fp32 is the same update in float32, far faster on CPUs without native bfloat16 (AVX2).
+                auto: bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, else fp32. The state is the same.
+            compile: Compile the network with torch.compile (in place, so checkpoint keys are unchanged).
+            template: Linked from the data module: how task data's prompts became model input (instruct.Template's
+                fields), recorded in checkpoints so that generate and evaluate apply it. None for plain text.
+        """
+        super().__init__()
+        # A BPE tokenizer's JSON (1.3 MB for GPT-2's) stays out of hparams.yaml; the checkpoint keeps it.
+        self.save_hyperparameters(ignore=["vocab", "lora"] if isinstance(vocab, dict) else ["lora"])
+        self.lora = lora
+        self.hparams["lora"] = dataclasses.asdict(lora)  # plain data: checkpoints load with weights_only=True
+        self.learning_rate, self.min_lr, self.warmup_steps = learning_rate, min_lr, warmup_steps
+        self.lr_decay_steps, self.weight_decay, self.betas = lr_decay_steps, weight_decay, (betas[0], betas[1])
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"model.optimizer must be adamw or muon, got {optimizer!r}.")
+        self.optimizer_name = optimizer
+        self.muon_learning_rate, self.muon_momentum = muon_learning_rate, muon_momentum
+        if muon_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {muon_precision!r}.")
+        self.muon_precision = muon_precision
+        self.template = None if template is None else Template.from_dict(template)
+        self.tokenizer: Tokenizer = CharTokenizer(vocab) if isinstance(vocab, str) else tokenizer_from_dict(vocab)
+        if lora.enabled and optimizer != "adamw":
+            raise ValueError("LoRA trains its low-rank updates with AdamW: drop model.optimizer muon (or "
+                             "model.lora.rank, to fine-tune every weight with Muon).")  # fmt: skip
+        architecture = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias, "gelu": gelu,
+                        "tie_embeddings": tie_embeddings, "vocab_size": vocab_size}  # fmt: skip
+        # The checkpoint decides the architecture, vocabulary size and context (a GPT-2 may crop it).
+        source = None if init_from is None else open_source(init_from)
+        self.gpt = build_network(source, self.tokenizer, block_size, architecture, dropout, lora)
+        self.config = self.gpt.config
+        if lora.enabled:
+            rank_zero_info(lora_summary(self.gpt, lora))
+        self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
+        if compile:
+            self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix
+        # Characters each token stands for: val/bpc is in bits per character of text for every tokenizer. Not
+        # a buffer: DDP would broadcast it at every step.
+        self._characters_per_token = self.tokenizer.characters_per_token()
+        self.val_loss = MeanMetric()
+        self.val_bpc = MeanMetric()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gpt(idx)  # (B, T, vocab_size)
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        segments = batch.segments if isinstance(batch, TaskBatch) else None  # examples packed into rows
+        return self.gpt(batch[0], segments=segments)  # (B, T, V)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        """The mean loss over the batch's targets; a target of IGNORE_INDEX (a prompt's token, padding) is left
+        out of the mean and of the gradient."""
+        logits = self._logits(batch)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(), ignore_index=IGNORE_INDEX)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        if is_logging_step(self.trainer, self.global_step):  # self.log costs ~0.6 ms even when nothing is written
+            # The mean over ranks (one all-reduce, on logging steps only), not rank 0's own batch. Not prog_bar:
+            # Lightning would read it back after every later batch too (callbacks.LossProgressBar shows it).
+            self.log("train/loss", loss, sync_dist=True)
+            self.log_dict(learning_rates(self.optimizers().optimizer))  # type: ignore[union-attr]
+            if isinstance(batch, TaskBatch):  # examples padded to the longest of their batch, or packed
+                self.log("train/padding", 1.0 - batch.lengths.sum() / batch.inputs.numel(), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        y = batch[1].flatten()
+        # (B * T,) in nats, 0 where the target is IGNORE_INDEX: only learned targets are scored
+        losses = F.cross_entropy(self._logits(batch).flatten(0, 1), y, ignore_index=IGNORE_INDEX, reduction="none")
+        # Windows and examples differ in count per batch and rank: the means are weighted by tokens and characters.
+        if self._characters_per_token.device != y.device:
+            self._characters_per_token = self._characters_per_token.to(y.device)
+        scored = y != IGNORE_INDEX
+        tokens = scored.sum()
+        characters = (self._characters_per_token[y.clamp(min=0)] * scored).sum()
+        self.val_loss.update(losses.sum() / tokens, tokens)
+        self.val_bpc.update(losses.sum() / math.log(2) / characters, characters)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/bpc", self.val_bpc)
+
+    def on_fit_start(self) -> None:
+        # A `validate` before this fit (a zero-shot score, say) ran under inference mode and left the
+        # metrics' states as inference tensors, which fit's validation may not update in place.
+        self.val_loss.reset()
+        self.val_bpc.reset()
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8:
+            # Ampere and newer: float32 matmuls on TF32 tensor cores (fp32 range, 10-bit mantissa).
+            torch.set_float32_matmul_precision("high")
+
+    # -- optimization ---------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        decay_steps = self.lr_decay_steps if self.lr_decay_steps is not None else self.trainer.max_steps
+        if decay_steps is None or decay_steps < 0:
+            raise ValueError("set trainer.max_steps, or model.lr_decay_steps, so the LR schedule has an end.")
+        # Fused AdamW unscales fp16 gradients inside its own step, so Lightning skips `scaler.unscale_`
+        # for it: clipping and the logged grad norm would then see gradients times the loss scale.
+        grad_scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = self.device.type == "cuda" and grad_scaler is None  # one kernel for all parameters
+        if self.optimizer_name == "muon" and self._is_sharded():
+            raise ValueError("model.optimizer muon needs whole matrices, which FSDP shards: use --model.optimizer "
+                             "adamw with FSDP, or DDP (configs/trainer/ddp.yaml) with Muon.")  # fmt: skip
+        optimizer = build_optimizer(self.gpt, self.optimizer_name, self.learning_rate, self.betas,
+                                    self.weight_decay, fused, self.muon_learning_rate, self.muon_momentum,
+                                    self.muon_precision)  # fmt: skip
+        if isinstance(optimizer, CombinedOptimizer):
+            muon = optimizer.optimizers[0]
+            assert isinstance(muon, Muon)
+            rank_zero_info(f"Muon: Newton-Schulz in {muon.resolved_precision()} on {self.device.type} "
+                           f"(model.muon_precision {self.muon_precision})")  # fmt: skip
+        schedule = WarmupCosine(self.warmup_steps, decay_steps, min_ratio=self.min_lr / self.learning_rate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _is_sharded(self) -> bool:
+        return isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy)
+
+    def on_train_start(self) -> None:
+        # The scheduler state is restored by now: a resumed run keeps the checkpoint's horizon, unless
+        # model.lr_decay_steps asks for another one, which then starts from the LR reached so far.
+        scheduler = self.lr_schedulers()
+        schedule = scheduler.lr_lambdas[0]  # type: ignore[union-attr]
+        if self.lr_decay_steps is not None and self.lr_decay_steps != schedule.decay_steps:
+            schedule.restretch(self.global_step, self.lr_decay_steps)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning has unscaled fp16 gradients before this hook (see configure_optimizers). Clipping goes straight
+        # to torch: Lightning's mixed-precision plugin refuses to clip for a fused AdamW, which is only chosen where
+        # there is no scaler, so nothing is left to unscale. Under FSDP each rank holds a shard of every gradient.
+        clip_norm: Callable[[float], torch.Tensor] = partial(clip_grad_norm_, self.parameters())
+        if self._is_sharded():
+            clip_norm = self.trainer.strategy.model.clip_grad_norm_  # type: ignore[union-attr, assignment]
+        norm = clip_gradients(self.parameters(), clip_norm, gradient_clip_val, gradient_clip_algorithm)
+        if is_logging_step(self.trainer, self.global_step):  # before the step is taken
+            self.log("train/grad_norm", norm)  # the same on every rank: gradients are all-reduced
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # Wherever this module trains, a NaN stops it, and dropout draws what an uninterrupted run would.
+        return [NonFiniteLossGuard(), SeededDropout()]
+
+    # -- checkpoints describe themselves ---------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        describe = getattr(getattr(self._trainer, "datamodule", None), "describe", None)
+        data = describe() if callable(describe) else None  # what the run trains on, when a data module says
+        checkpoint[METADATA_KEY] = metadata(self.config, self.tokenizer, data, self.lora, self.template)

@@ -1,0 +1,73 @@
+"""Fine-tuning measures transfer, not memory: the default target is text pre-training never trained on,
+checkpoints say what they trained on, and a target inside that text is warned about."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpt_lightning.data.corpus import speeches_of
+from gpt_lightning.sources import open_source
+from gpt_lightning.training.datamodule import ShakespeareDataModule
+from tests.conftest import ROOT
+
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+WINDOW = 64
+
+
+def windows(text: str) -> set[str]:
+    return {text[i : i + WINDOW] for i in range(len(text) - WINDOW + 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CORPUS.is_file(), reason="needs the corpus copy in ../shared/data")
+def test_the_default_fine_tune_target_shares_no_64_character_window_with_pretrainings_training_text(tmp_path):
+    data_config = yaml.safe_load((ROOT / "configs/finetune.yaml").read_text())["data"]
+    data = ShakespeareDataModule(data_dir=str(CORPUS.parents[1]), cache_dir=str(tmp_path), block_size=WINDOW,
+                                 **data_config)  # fmt: skip
+    data.setup("fit")
+    assert data.val_tokens is not None and data.train_tokens is not None
+    val_text, train_text = data.tokenizer.decode(data.val_tokens), data.tokenizer.decode(data.train_tokens)
+    corpus = CORPUS.read_text(encoding="utf-8")
+    split = int(len(corpus) * 0.9)  # pre-training's split, nanoGPT's
+    assert train_text + val_text == speeches_of(corpus[split:], data_config["speakers"])  # the span, then speakers
+    assert "PROSPERO:\n" in train_text and any(f"\n{name}:\n" in val_text for name in data_config["speakers"])
+    pretraining = windows(corpus[:split])
+    assert len(val_text) > 2000 and not windows(val_text) & pretraining
+    assert not windows(train_text) & pretraining  # the fine-tune's training text is held out too
+
+
+@pytest.mark.slow  # the `pretrained` fixture is a subprocess fit
+def test_checkpoints_record_their_data_and_a_target_inside_it_is_warned_about(pretrained: Path, text_file: Path,
+                                                                               tmp_path: Path):  # fmt: skip
+    checkpoint = pretrained / "checkpoints" / "last.ckpt"
+    recorded = open_source(checkpoint).data
+    assert recorded == {
+        "source": str(text_file),
+        "source_sha256": hashlib.sha256(text_file.read_bytes()).hexdigest(),
+        "selection": {"span": None, "speakers": None},
+        "val_fraction": 0.1,
+    }
+
+    def fine_tune(**kwargs) -> ShakespeareDataModule:
+        data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), init_from=str(checkpoint),
+                                     speakers=["KING ARTHUR"], **kwargs)  # fmt: skip
+        data.warn_of_overlap()
+        return data
+
+    with pytest.warns(UserWarning, match=r"about (8[5-9]|9\d)% of the fine-tuning text lies in the training split"):
+        fine_tune()
+    with pytest.warns(UserWarning, match=r"about (4\d|5\d)% of the fine-tuning text"):
+        fine_tune(text_span=(0.8, 1.0))  # half of it lies before the checkpoint's split at 90%
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine_tune(text_span=(0.9, 1.0))  # held out: no warning
+
+
+def test_a_span_must_be_an_increasing_pair_of_fractions(text_file: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match=r"text_span must be \[start, end\] with 0 <= start < end <= 1"):
+        ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), text_span=(0.9, 0.5))
