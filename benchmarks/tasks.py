@@ -1,16 +1,18 @@
-"""Does pre-training help a task? Each built-in task (addition-2, addition-3, reverse-words) learned four ways,
+"""Does pre-training help a task? Each built-in task (addition-2, addition-3, reverse-words) learned six ways,
 3 seeds each, scored on its held-out test problems by `evaluate` (exact match), on the CPU (docs/fine-tuning.md).
 
     python -m benchmarks.tasks --runs runs/tasks --data-dir ../shared/data --jobs 2
 
-The four ways, all with configs/finetune_task.yaml and the CPU trainer:
-- scratch: the CPU recipe's network (configs/pretrain_cpu.yaml's shape and Muon), trained on the task alone,
-  for the fine-tunes' steps;
+The ways, all with configs/finetune_task.yaml and the CPU trainer (its AdamW 1e-3 unless said):
+- scratch: the CPU recipe's network and optimizer (configs/pretrain_cpu.yaml first: Muon 0.02 for the blocks'
+  matrices), trained on the task alone, for the fine-tunes' steps;
+- scratch-adamw: the same with AdamW alone, the fine-tunes' optimizer;
+- scratch-compute: as scratch, for as many more steps as the pre-training's tokens buy at the task's tokens
+  per step (a batch's examples padded to the longest: the same network, so equal FLOPs);
 - full: the CPU recipe's pre-trained checkpoint (one per seed, trained here), every weight fine-tuned;
+- full-muon: the same with the pre-training's optimizer, Muon;
 - lora: the same checkpoint with LoRA (rank 8, learning rate 1e-2, the config's suggestion), on reverse-words
-  only: LoRA freezes the embedding, so the rows a grown vocabulary adds could not learn;
-- scratch, equal compute: from scratch for as many more steps as the pre-training's tokens buy at the task's
-  tokens per step (a batch's examples padded to the longest: the same network, so equal FLOPs).
+  only: LoRA freezes the embedding, so the rows a grown vocabulary adds could not learn.
 
 A digit-free pre-training vocabulary cannot read addition: those fine-tunes grow the vocabulary
 (`--data.grow_vocab true`). Forgetting: bits per character of the held-out plays (the corpus's validation split)
@@ -44,7 +46,7 @@ from gpt_lightning.data.synthetic_tasks import TASK_NAMES
 from gpt_lightning.training.task_datamodule import TaskDataModule
 
 FINETUNE = [ROOT / "configs" / "finetune_task.yaml", ROOT / "configs" / "trainer" / "cpu.yaml"]
-WAYS = ("scratch", "full", "lora", "scratch-compute")
+WAYS = ("scratch", "scratch-adamw", "scratch-compute", "full", "full-muon", "lora")
 LORA = ["--model.lora.rank=8", "--model.learning_rate=1e-2"]
 GROWS = ("addition-2", "addition-3")  # tasks whose characters tiny Shakespeare lacks
 # TensorBoard's sample after each validation, in the task's own characters (a from-scratch vocabulary has no others)
@@ -145,10 +147,13 @@ def plan(args: argparse.Namespace, data_dir: str, runs: Path, plays: Path) -> tu
             ]
             start = [f"--model.init_from={base.last(runs)}"] + (["--data.grow_vocab=true"] if task in GROWS else [])
             base.after.append(Run(f"{task}-full-s{seed}", [*task_args, *start], steps, [task, lm]))
+            muon = [*task_args, *start, "--model.optimizer=muon"]
+            base.after.append(Run(f"{task}-full-muon-s{seed}", muon, steps, [task, lm]))
             if task not in GROWS:  # LoRA freezes the embedding: grown rows could not learn (data.grow_vocab refuses)
                 base.after.append(Run(f"{task}-lora-s{seed}", [*task_args, *start, *LORA], steps, [task, lm]))
             scratch = [*config_args(recipe_files("cpu")), *task_args, "--model.init_from=null"]
             roots.append(Run(f"{task}-scratch-s{seed}", scratch, steps, [task]))
+            roots.append(Run(f"{task}-scratch-adamw-s{seed}", [*scratch, "--model.optimizer=adamw"], steps, [task]))
             roots.append(Run(f"{task}-scratch-compute-s{seed}", scratch, compute[task], [task]))
     return roots, compute
 
@@ -184,7 +189,7 @@ def report(args: argparse.Namespace, runs: Path, compute: dict[str, int], plays:
                 continue
             records = [r for s in args.seeds if (r := read(f"{task}-{way}-s{s}"))]
             match = [r["metrics"][task]["exact_match"]["value"] for r in records]
-            forgetting = mean_sd([bpc(r) for r in records]) if way in ("full", "lora") else "–"
+            forgetting = mean_sd([bpc(r) for r in records]) if way.startswith(("full", "lora")) else "–"
             steps = compute[task] if way == "scratch-compute" else args.steps
             print(f"| {task} | {way} | {steps} | {mean_sd(match)} | {forgetting} | "
                   f"{mean_sd([r['seconds'] for r in records], 0)} | {len(records)} |")  # fmt: skip

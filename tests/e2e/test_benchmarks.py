@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -289,3 +290,28 @@ def test_the_benchmarks_read_a_resumed_runs_event_files_in_the_order_they_were_w
         [written] = (tmp_path / "writing").iterdir()
         written.rename(tmp_path / f"events.out.tfevents.1700000000.host.{name}.0")
     assert scalars(tmp_path)["val/loss"] == [(s, 1.0) for s in range(5)] + [(s, 2.0) for s in range(5, 15)]
+
+
+def test_the_tasks_benchmark_plans_every_way_of_each_task_as_fits_the_cli_parses(capsys, monkeypatch, tmp_path: Path):
+    import argparse
+
+    from benchmarks import tasks
+
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    monkeypatch.setattr(tasks, "tokens_per_step", lambda *args: 700.0)  # the task data needs the corpus
+    args = argparse.Namespace(tasks=["addition-2", "reverse-words"], seeds=[1, 2], steps=None, pretrain_steps=None)
+    roots, compute = tasks.plan(args, "data", tmp_path, tmp_path / "plays.txt")
+    runs = [run for root in roots for run in (root, *root.after)]
+    assert args.steps == 600 and compute["reverse-words"] == 600 + math.ceil(12 * 64 * 1200 / 700)
+    expected = {f"pretrain-s{s}" for s in (1, 2)} | {
+        f"{task}-{way}-s{s}" for task in args.tasks for way in tasks.WAYS for s in (1, 2)
+        if not (way == "lora" and task in tasks.GROWS)
+    }  # fmt: skip
+    assert {run.name for run in runs} == expected
+    for run in runs:
+        with pytest.raises(SystemExit) as exit_info:
+            GPTLightningCLI(args=["fit", *run.args, f"--trainer.max_steps={run.steps}", "--print_config"])
+        assert exit_info.value.code == 0, f"{run.name}: {capsys.readouterr().err[-2000:]}"
+        assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_steps"] == run.steps
+        grows = "--data.grow_vocab=true" in run.args
+        assert grows == (run.name.startswith("addition-2-full")), run.name  # a pre-trained start on digits grows
