@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import CONFIGS, ROOT, callbacks_of, recipe_cli, recipe_files, recipe_settings, resident_bytes
-from gpt_lightning.data.corpus import SequentialWindows, corpus_path, read_text, without_speeches_of
+from gpt_lightning.data.corpus import SPEECH_BREAK, SequentialWindows, corpus_path, read_text, speaker_of
 from gpt_lightning.model import GPT
 from gpt_lightning.sampling import generate
 from gpt_lightning.sources import load_model
@@ -49,6 +49,12 @@ from gpt_lightning.training.cli import GPTLightningCLI
 FINETUNE = CONFIGS / "finetune.yaml"
 QUIET = ["--progress_bar.refresh_rate=0", "--trainer.enable_model_summary=false", "--sample.every_n_validations=0",
          "--checkpoint.save_top_k=0"]  # fmt: skip
+
+
+def without_speeches_of(text: str, speakers: list[str]) -> str:
+    """The text with the speeches of the given speakers left out: the rest of a play, say."""
+    wanted = {s.upper() for s in speakers}
+    return "\n\n".join(b.strip("\n") for b in SPEECH_BREAK.split(text) if speaker_of(b) not in wanted) + "\n"
 
 
 class StepCost(Callback):

@@ -274,25 +274,12 @@ def read_text(path: str | Path, what: str = "text file") -> str:
     return text
 
 
+SPEECH_BREAK = re.compile(r"\n\s*\n")  # what separates two speeches: a blank line, spaces or tabs on it allowed
+
+
 def speaker_of(block: str) -> str:
     """The speaker of a speech: its first line, without the colon, upper-cased."""
     return block.lstrip("\n").split("\n", 1)[0].rstrip(":").upper()
-
-
-def speeches_of(text: str, speakers: list[str]) -> str:
-    """The speeches (a 'NAME:' line and what follows, up to a blank line) of the given speakers."""
-    wanted = {s.upper() for s in speakers}
-    blocks = re.split(r"\n\s*\n", text)
-    chosen = [b.strip("\n") for b in blocks if speaker_of(b) in wanted]
-    if not chosen:
-        raise ValueError(f"no speeches by {', '.join(speakers)} in the corpus: check the speaker names.")
-    return "\n\n".join(chosen) + "\n"
-
-
-def without_speeches_of(text: str, speakers: list[str]) -> str:
-    """The text with the speeches of the given speakers left out: the rest of a play, say."""
-    wanted = {s.upper() for s in speakers}
-    return "\n\n".join(b.strip("\n") for b in re.split(r"\n\s*\n", text) if speaker_of(b) not in wanted) + "\n"
 
 
 def check_val_fraction(val_fraction: float) -> None:

@@ -36,13 +36,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt_lightning.data.corpus import atomic_write_bytes, build_state_dir, discard, exclusive, raise_if_failed, speaker_of
+from gpt_lightning.data.corpus import (
+    SPEECH_BREAK,
+    atomic_write_bytes,
+    build_state_dir,
+    discard,
+    exclusive,
+    raise_if_failed,
+    speaker_of,
+)
 from gpt_lightning.tokenizer import BPETokenizer
 
 SEPARATOR = "\n\n"  # between the files of a folder or glob: a blank line, as between speeches
 CHUNK_BYTES = 4 << 20  # bytes read at a time; a chunk's transient arrays take about 10x this
 FORMAT_VERSION = 2
-_SPEECH_BREAK = re.compile(r"\n\s*\n")  # what separates two speeches, as in data.speeches_of
 _MAX_CODE_POINT = 0x110000
 log = logging.getLogger(__name__)
 
@@ -145,8 +152,8 @@ def _undecodable_error(bad: dict[Path, str], files: list[Path], what: str) -> Va
 
 
 def select_speeches(pieces: Iterable[str], speakers: list[str], where: str = "the text") -> Iterator[str]:
-    """Streams what data.speeches_of returns for the whole text: the speeches (a 'NAME:' line and what
-    follows, up to a blank line) of the given speakers, joined by blank lines. `where` names the text in
+    """The speeches (a 'NAME:' line and what follows, up to a blank line) of the given speakers, joined by
+    blank lines, streamed: what selecting them from the whole text at once would give. `where` names the text in
     the error raised when none is found."""
     wanted = {s.upper() for s in speakers}
     found = False
@@ -160,7 +167,7 @@ def select_speeches(pieces: Iterable[str], speakers: list[str], where: str = "th
         # A break is final once non-blank text follows it: a trailing run of whitespace may grow.
         last_text = len(pending.rstrip())
         start = 0
-        for match in _SPEECH_BREAK.finditer(pending, 0, last_text):
+        for match in SPEECH_BREAK.finditer(pending, 0, last_text):
             block = pending[start : match.start()]
             if chosen(block):
                 yield ("\n\n" if found else "") + block.strip("\n")

@@ -44,7 +44,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from gpt_lightning.data.corpus import VAL_FRACTION, ensure_corpus
+from gpt_lightning.data.corpus import SPEECH_BREAK, VAL_FRACTION, ensure_corpus
 from gpt_lightning.evaluation.tasks import ChoiceItem, MultipleChoiceTask
 
 GENERATOR_VERSION = 1  # bump when a generator changes which items a seed gives
@@ -55,7 +55,6 @@ LENGTH_BUCKET = 4  # next-line's choices have lengths in one bucket of this many
 SPELLING_MIN_LETTERS = 5
 NEXT_WORD_MIN_LETTERS = 3
 _WORD = re.compile(r"(?<![A-Za-z'])[a-z]+(?![A-Za-z'])")  # a lower-case word, not part of a name or "o'er"
-_SPEECH_BREAK = re.compile(r"\n\s*\n")  # as data.speeches_of splits speeches
 _NAME_LINE = re.compile(r"[^\s:][^:\n]*:")
 
 
@@ -73,7 +72,7 @@ class _Speech:
 
 
 def _speeches(held_out: str) -> list[_Speech]:
-    blocks = [block.strip("\n") for block in _SPEECH_BREAK.split(held_out)]
+    blocks = [block.strip("\n") for block in SPEECH_BREAK.split(held_out)]
     speeches = []
     for before, block in itertools.pairwise(blocks):  # the first block is a fragment: context, never an item
         name_line, *lines = block.split("\n")

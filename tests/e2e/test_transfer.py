@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt_lightning.data.corpus import speeches_of
 from gpt_lightning.sources import open_source
 from gpt_lightning.training.datamodule import ShakespeareDataModule
 from tests.conftest import ROOT
+from tests.unit.test_token_cache import speeches_of
 
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 WINDOW = 64

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gpt_lightning.data import corpus as data
-from gpt_lightning.data.corpus import RandomWindows, SequentialWindows, ensure_corpus, read_text, speeches_of
+from gpt_lightning.data.corpus import RandomWindows, SequentialWindows, ensure_corpus, read_text
 from tests.conftest import unwritable
 
 TOKENS = torch.arange(1000)
@@ -70,13 +70,6 @@ def test_read_text_errors_name_the_problem(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8"):
         read_text(tmp_path / "latin1.txt")
-
-
-def test_speeches_of_selects_speakers():
-    text = "ROMEO:\nHello.\n\nNURSE:\nAnon!\n\nROMEO:\nGood night.\nSleep.\n"
-    assert speeches_of(text, ["romeo"]) == "ROMEO:\nHello.\n\nROMEO:\nGood night.\nSleep.\n"
-    with pytest.raises(ValueError, match="no speeches by HAMLET"):
-        speeches_of(text, ["HAMLET"])
 
 
 @pytest.fixture

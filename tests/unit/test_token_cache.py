@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from gpt_lightning.data import token_cache
-from gpt_lightning.data.corpus import speeches_of
+from gpt_lightning.data.corpus import speaker_of
 from gpt_lightning.data.token_cache import (
     SEPARATOR,
     Selection,
@@ -63,6 +64,19 @@ def test_more_than_256_symbols_take_uint16(tmp_path):
     path.write_text(text, encoding="utf-8")
     cache = build_token_cache(path, tmp_path / "cache")
     assert cache.dtype == "uint16" and cached_ids(cache) == in_memory_ids(text)[1]
+
+
+def speeches_of(text: str, speakers: list[str]) -> str:
+    """The speeches (a 'NAME:' line and what follows, up to a blank line) of `speakers`, selected from the whole
+    text at once: the oracle of select_speeches, which streams."""
+    wanted = {s.upper() for s in speakers}
+    chosen = [b.strip("\n") for b in re.split(r"\n\s*\n", text) if speaker_of(b) in wanted]
+    return "\n\n".join(chosen) + "\n"
+
+
+def test_the_speeches_of_speakers_are_selected_whatever_their_case():
+    text = "ROMEO:\nHello.\n\nNURSE:\nAnon!\n\nROMEO:\nGood night.\nSleep.\n"
+    assert "".join(select_speeches([text], ["romeo"])) == "ROMEO:\nHello.\n\nROMEO:\nGood night.\nSleep.\n"
 
 
 @pytest.mark.parametrize("chunk_bytes", [7, 50, 4 << 20])
