@@ -7,7 +7,11 @@ CPU, full fine-tuning against LoRA, and the memory each GPT-2 size needs on a GP
 1. Encoding: the token cache of the corpus repeated `--copies` times, built with the character vocabulary
    and with a byte-level BPE (`--tokenizer`: a tokenizer.json, or `gpt2`; unset, one trained here on the
    corpus with GPT-2's settings and up to 50,257 tokens, as GPT-2's tokenizer cannot be downloaded here).
-   MB/s of text, the median of `--repeats` builds into fresh folders.
+   The BPE three ways, each segment between two cuts encoded: one per call; in batches by the library's
+   threads with every token's offsets tracked (`encode_batch`, the cache's path until 2026-12-04); in
+   batches of ids alone (`encode_batch_fast`, the cache's path now). MB/s of text, the median of
+   `--repeats` builds into fresh folders, the builds of all rows taken in turn so that the machine's load
+   falls on each alike.
 2. One training step of the GPT-2-small shape with GPT-2's 50,257-token vocabulary (124M parameters),
    context 1024, batch 1, AdamW, float32: full fine-tuning against LoRA rank 8 (attention's qkv and output
    projections). Each runs in a fresh process, so its peak resident memory (ru_maxrss) is its own.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -27,14 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.common import fresh_process_output, trained_bpe
 from gpt_lightning.data.corpus import corpus_path
-from gpt_lightning.data.token_cache import build_token_cache
+from gpt_lightning.data.token_cache import TokenCache, build_token_cache
 from gpt_lightning.lora import LoRAConfig, add_lora
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.tokenizer import tokenizer_from_spec
+from gpt_lightning.tokenizer import BPETokenizer, tokenizer_from_spec
 
 GPT2_SIZES = {  # n_layer, n_head, n_embd: OpenAI's four GPT-2 models
     "gpt2": (12, 12, 768),
@@ -51,29 +57,56 @@ def gpt2_config(name: str) -> GPTConfig:
                      gelu="tanh")  # fmt: skip
 
 
+class OneSegmentPerCall(BPETokenizer):
+    """The BPE token cache's path without batches: the library's `encode`, one segment at a time."""
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids) for text in texts]
+
+
+class BatchesWithOffsets(BPETokenizer):
+    """The BPE token cache's path until 2026-12-04: batches through the library's `encode_batch`, which also
+    tracks where each token lies in the text (offsets the cache never reads)."""
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
 def encoding(args: argparse.Namespace) -> None:
     text = corpus_path(args.data_dir).read_text(encoding="utf-8")
     bpe = tokenizer_from_spec(args.tokenizer) if args.tokenizer else trained_bpe(corpus_path(args.data_dir), VOCAB)
     assert bpe is not None
+    rows: dict[str, BPETokenizer | None] = {
+        "characters": None,
+        "BPE, one segment per call": OneSegmentPerCall(bpe.tokenizer_json),
+        "BPE, batches with offsets (before)": BatchesWithOffsets(bpe.tokenizer_json),
+        "BPE, batches of ids alone (now)": bpe,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "corpus.txt"
         big.write_text("\n\n".join([text] * args.copies), encoding="utf-8")
         megabytes = big.stat().st_size / 1e6
-        print(f"\n{megabytes:.1f} MB of text ({args.copies} copies of the corpus), {args.repeats} builds each, "
-              f"median:\n")  # fmt: skip
-        print("| tokenizer | vocabulary | tokens | MB/s |")
-        print("|---|---|---|---|")
-        for name, tokenizer in (("characters", None), ("byte-level BPE", bpe)):
-            times, cache = [], None
-            for i in range(args.repeats):
-                folder = Path(tmp) / f"cache-{name[0]}-{i}"
+        times: dict[str, list[float]] = {name: [] for name in rows}
+        caches: dict[str, TokenCache] = {}
+        for i in range(args.repeats):
+            for j, (name, tokenizer) in enumerate(rows.items()):
+                folder = Path(tmp) / f"cache-{j}-{i}"
                 start = time.perf_counter()
-                cache = build_token_cache(big, folder, bpe=tokenizer)
-                times.append(time.perf_counter() - start)
+                caches[name] = build_token_cache(big, folder, bpe=tokenizer)
+                times[name].append(time.perf_counter() - start)
                 shutil.rmtree(folder)
-            assert cache is not None
-            size = len(cache.vocab) if tokenizer is None else tokenizer.vocab_size
-            print(f"| {name} | {size:,} | {cache.num_tokens:,} | {megabytes / statistics.median(times):.1f} |")
+        digests = {caches[name].tokens_blake2b for name, tokenizer in rows.items() if tokenizer is not None}
+        assert len(digests) == 1, "the BPE paths wrote different ids"
+        threads = os.environ.get("RAYON_NUM_THREADS", "one per core")
+        print(f"\n{megabytes:.1f} MB of text ({args.copies} copies of the corpus), {args.repeats} builds each, "
+              f"median; {len(os.sched_getaffinity(0))} cores, the library's threads: {threads}:\n")  # fmt: skip
+        print("| tokenizer | vocabulary | tokens | MB/s | against before |")
+        print("|---|---|---|---|---|")
+        before = megabytes / statistics.median(times["BPE, batches with offsets (before)"])
+        for name, tokenizer in rows.items():
+            size = len(set(text)) if tokenizer is None else tokenizer.vocab_size
+            rate = megabytes / statistics.median(times[name])
+            print(f"| {name} | {size:,} | {caches[name].num_tokens:,} | {rate:.1f} | {rate / before:.2f}x |")
 
 
 def one_step(method: str, steps: int) -> dict[str, float]:

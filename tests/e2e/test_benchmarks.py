@@ -200,8 +200,17 @@ def test_gpt2_cpu_benchmark_prints_encoding_speeds_and_the_memory_table(tmp_path
     lines = run_benchmark("gpt2_cpu.py", f"--data-dir={tmp_path / 'data'}", "--copies=2", "--repeats=1",
                           "--parts", "encode", "memory")  # fmt: skip
     number = r"[\d,.]+"
-    assert any(re.fullmatch(rf"\| characters \| {number} \| {number} \| {number} \|", line) for line in lines)
-    assert any(re.fullmatch(rf"\| byte-level BPE \| {number} \| {number} \| {number} \|", line) for line in lines)
+    for way in (
+        "characters",
+        "BPE, one segment per call",
+        "BPE, batches with offsets (before)",
+        "BPE, batches of ids alone (now)",
+    ):
+        row = rf"\| {re.escape(way)} \| {number} \| {number} \| {number} \| {number}x \|"
+        assert any(re.fullmatch(row, line) for line in lines), way
+    assert any(
+        line.startswith("| BPE, batches with offsets (before) |") and line.endswith("| 1.00x |") for line in lines
+    )
     assert any(line.startswith("| gpt2 | 124.4M |") for line in lines)
     assert any(line.startswith("| gpt2-xl | 1,557.6M |") and line.endswith("| no | no |") for line in lines)
 

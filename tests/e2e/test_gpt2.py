@@ -53,9 +53,11 @@ def gpt2_folder(tmp_path_factory: pytest.TempPathFactory, bpe_file: Path) -> Pat
 
 
 def test_bpe_encoded_in_pieces_equals_encoding_the_whole_text(tmp_path: Path, monkeypatch):
-    # Small pieces and segments put dozens of cuts in the text, inside words, speeches and runs of spaces.
+    # Small pieces, segments and batches put dozens of cuts in the text, inside words, speeches and runs of
+    # spaces, and many batches of segments.
     monkeypatch.setattr(token_cache, "CHUNK_BYTES", 777)
     monkeypatch.setattr(tokenizer_module, "SEGMENT_CHARS", 300)
+    monkeypatch.setattr(tokenizer_module, "BATCH_CHARS", 1000)
     # Trained where blank lines come in threes, the BPE has GPT-2's "\n\n" token: a run of line breaks that
     # ends a piece would be one token, where the whole text splits it.
     bpe = BPETokenizer.from_file(train_bpe(tmp_path / "tokenizer.json", text=make_play(200).replace("\n\n", "\n\n\n")))
@@ -95,19 +97,30 @@ def train_gpt4_style_bpe(path: Path, text: str) -> Path:
 
 
 class EncoderSpy:
-    """Stands in for a BPETokenizer's `tokenizers.Tokenizer` and records the longest text handed to it: what
-    bounds the memory of an encoding (the library takes about 180 bytes per character of one call)."""
+    """Stands in for a BPETokenizer's `tokenizers.Tokenizer` and records what bounds the memory of an encoding
+    (the library takes about 180 bytes per character of one call): the longest text handed to it and the
+    characters of each call; and the longest text it tracked offsets for (the slower path)."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner, self.longest = inner, 0
+        self.inner, self.longest, self.calls, self.longest_with_offsets = inner, 0, list[int](), 0
+
+    def _saw(self, texts: list[str], offsets: bool) -> None:
+        self.longest = max(self.longest, *map(len, texts))
+        self.calls.append(sum(map(len, texts)))
+        if offsets:
+            self.longest_with_offsets = max(self.longest_with_offsets, *map(len, texts))
 
     def encode(self, text: str, **kwargs: Any) -> Any:
-        self.longest = max(self.longest, len(text))
+        self._saw([text], offsets=True)
         return self.inner.encode(text, **kwargs)
 
     def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
-        self.longest = max(self.longest, *map(len, texts))
+        self._saw(texts, offsets=True)
         return self.inner.encode_batch(texts, **kwargs)
+
+    def encode_batch_fast(self, texts: list[str], **kwargs: Any) -> Any:
+        self._saw(texts, offsets=False)
+        return self.inner.encode_batch_fast(texts, **kwargs)
 
 
 def spied(bpe: BPETokenizer) -> EncoderSpy:
@@ -152,6 +165,22 @@ def test_text_of_any_shape_is_encoded_in_bounded_pieces_to_the_whole_texts_ids(a
     # Never the whole text (10,000 characters and more) in one call: pieces of about 300 characters, and
     # what a cut after a run of 700 blanks holds.
     assert spy.longest <= 4 * 300 < len(text) / 8, spy.longest
+
+
+def test_segments_are_encoded_in_batches_of_bounded_text_ids_only_to_the_whole_texts_ids(any_bpe_file, monkeypatch):
+    # Segments of about 2,000 characters, batches of at most 5,000: a text of 42,000 characters handed over
+    # in one piece (as a caller may) is encoded in at least 8 batches, never in one call.
+    monkeypatch.setattr(tokenizer_module, "SEGMENT_CHARS", 2000)
+    monkeypatch.setattr(tokenizer_module, "BATCH_CHARS", 5000)
+    bpe = BPETokenizer.from_file(any_bpe_file)
+    text = PLAY * 4
+    expected = bpe.encode(text).tolist()
+    spy = spied(bpe)
+    assert streamed_ids(bpe, text, piece_chars=len(text)) == expected
+    assert max(spy.calls) <= 5000 and len([c for c in spy.calls if c > 3000]) >= len(text) // 5000, spy.calls
+    # Offsets (what says where the tokenizer ends a pre-token) only for the windows around a cut (768
+    # characters); the segments themselves are encoded as ids alone, which the library does faster.
+    assert spy.longest_with_offsets <= 3 * 256 < 2000 <= spy.longest, (spy.longest_with_offsets, spy.longest)
 
 
 def test_a_prefix_space_tokenizer_is_cut_only_before_a_space(tmp_path: Path, monkeypatch):
