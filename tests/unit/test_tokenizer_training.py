@@ -193,3 +193,18 @@ def test_evaluation_figures_are_the_hand_counts(tmp_path: Path, monkeypatch: pyt
     table = capsys.readouterr().out
     assert gpt2.tokenizer == "gpt2" and gpt2.compression == ours.compression[:2]
     assert "not in huggingface_hub's local cache" not in table and "\ngpt2 " in table
+
+
+def test_a_bpe_trained_with_the_chat_templates_markers_reads_each_as_one_token(tmp_path: Path):
+    from gpt_lightning.data.instruct import TEMPLATES, render_prompt
+
+    chat = TEMPLATES["chat"]
+    markers = sorted({chat.system.strip(), chat.user.strip(), chat.assistant.strip(), chat.end})
+    text = write(tmp_path / "play.txt", make_play(100))
+    trained = train_tokenizer(str(tmp_path / "tok.json"), path=text, vocab_size=300, min_frequency=1,
+                              special_tokens=("<|endoftext|>", *markers))  # fmt: skip
+    bpe = BPETokenizer.from_file(trained.path)
+    prompt = render_prompt(chat, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "KING"}])
+    pieces = [bpe.decode([i]) for i in bpe.encode(prompt).tolist()]
+    assert all(marker in pieces for marker in markers if marker in prompt)  # each marker one token, not its bytes
+    assert "".join(pieces) == prompt
