@@ -122,14 +122,18 @@ def held_out_plays(data_dir: str, runs: Path) -> Path:
     return path
 
 
+def finetune_steps(args: argparse.Namespace) -> int:
+    """The fine-tunes' steps: --steps, else configs/finetune_task.yaml's."""
+    return int(recipe_settings(FINETUNE)["trainer"]["max_steps"]) if args.steps is None else args.steps
+
+
 def plan(args: argparse.Namespace, data_dir: str, runs: Path, plays: Path) -> tuple[list[Run], dict[str, int]]:
     """The runs to train: per seed a pre-training (its fine-tunes follow it) and the from-scratch runs."""
     pretrain = recipe_settings(recipe_files("cpu"))
     pretrain_steps = args.pretrain_steps or int(pretrain["trainer"]["max_steps"])
     pretrain_tokens = pretrain["data"]["batch_size"] * pretrain["data"]["block_size"] * pretrain_steps
-    steps = int(recipe_settings(FINETUNE)["trainer"]["max_steps"]) if args.steps is None else args.steps
+    steps = finetune_steps(args)
     batch = int(recipe_settings(FINETUNE)["data"]["init_args"]["batch_size"])
-    args.steps = steps
     compute = {task: steps + math.ceil(pretrain_tokens / tokens_per_step(task, data_dir, batch, 1))
                for task in args.tasks}  # fmt: skip
     lm = f"lm:{plays}"
@@ -190,7 +194,7 @@ def report(args: argparse.Namespace, runs: Path, compute: dict[str, int], plays:
             records = [r for s in args.seeds if (r := read(f"{task}-{way}-s{s}"))]
             match = [r["metrics"][task]["exact_match"]["value"] for r in records]
             forgetting = mean_sd([bpc(r) for r in records]) if way.startswith(("full", "lora")) else "–"
-            steps = compute[task] if way == "scratch-compute" else args.steps
+            steps = compute[task] if way == "scratch-compute" else finetune_steps(args)
             print(f"| {task} | {way} | {steps} | {mean_sd(match)} | {forgetting} | "
                   f"{mean_sd([r['seconds'] for r in records], 0)} | {len(records)} |")  # fmt: skip
 

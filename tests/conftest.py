@@ -219,6 +219,17 @@ def pretrained(pretraining: tuple[Path, subprocess.CompletedProcess]) -> Path:
     return pretraining[0]
 
 
+@pytest.fixture
+def play_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A generated play standing in for tiny Shakespeare (the built-in tasks read it through ensure_corpus)."""
+    import gpt_lightning.evaluation.builtin as builtin
+
+    path = tmp_path / "play.txt"
+    path.write_text(make_play(2000, seed=3), encoding="utf-8")
+    monkeypatch.setattr(builtin, "ensure_corpus", lambda data_dir, **kwargs: path)
+    return path
+
+
 def assert_clean_error(result: subprocess.CompletedProcess, *patterns: str) -> None:
     """Failed with a message naming the problem, and no traceback."""
     import re

@@ -311,7 +311,7 @@ def test_the_tasks_benchmark_plans_every_way_of_each_task_as_fits_the_cli_parses
     args = argparse.Namespace(tasks=["addition-2", "reverse-words"], seeds=[1, 2], steps=None, pretrain_steps=None)
     roots, compute = tasks.plan(args, "data", tmp_path, tmp_path / "plays.txt")
     runs = [run for root in roots for run in (root, *root.after)]
-    assert args.steps == 600 and compute["reverse-words"] == 600 + math.ceil(12 * 64 * 1200 / 700)
+    assert tasks.finetune_steps(args) == 600 and compute["reverse-words"] == 600 + math.ceil(12 * 64 * 1200 / 700)
     expected = {f"pretrain-s{s}" for s in (1, 2)} | {
         f"{task}-{way}-s{s}" for task in args.tasks for way in tasks.WAYS for s in (1, 2)
         if not (way == "lora" and task in tasks.GROWS)

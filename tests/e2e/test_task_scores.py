@@ -10,18 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import gpt_lightning.evaluation.builtin as builtin
 from gpt_lightning.evaluation import evaluate
 from tests.conftest import ROOT, WORDS, assert_ok, cli_env, make_play, scalars, tiny_fit
-
-
-@pytest.fixture
-def play_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A generated play standing in for tiny Shakespeare (the built-in tasks read it through ensure_corpus)."""
-    path = tmp_path / "play.txt"
-    path.write_text(make_play(2000, seed=3), encoding="utf-8")
-    monkeypatch.setattr(builtin, "ensure_corpus", lambda data_dir, **kwargs: path)
-    return path
 
 
 def choice_file(path: Path, n: int) -> Path:

@@ -266,15 +266,6 @@ def test_bits_per_byte_of_a_bpe_model_counts_the_bytes_its_tokens_stand_for(tmp_
 # -- built-in tasks -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def play_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A generated play standing in for tiny Shakespeare (the built-in tasks read it through ensure_corpus)."""
-    path = tmp_path / "play.txt"
-    path.write_text(make_play(2000, seed=3), encoding="utf-8")
-    monkeypatch.setattr(builtin, "ensure_corpus", lambda data_dir, **kwargs: path)
-    return path
-
-
 @pytest.mark.parametrize("name", ["spelling", "next-word", "next-line", "who-speaks"])
 def test_builtin_tasks_are_deterministic_and_made_of_held_out_text_only(play_corpus: Path, name: str):
     text = play_corpus.read_text(encoding="utf-8")
