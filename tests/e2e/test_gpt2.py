@@ -361,6 +361,17 @@ def test_another_bpe_than_the_checkpoints_is_refused(gpt2_folder: Path, text_fil
     ShakespeareDataModule(path=str(text_file), tokenizer=str(same), init_from=str(gpt2_folder))
 
 
+def test_a_padded_start_says_once_how_much_padding_it_carries(gpt2_folder: Path, caplog: pytest.LogCaptureFixture):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    bpe = BPETokenizer.from_file(gpt2_folder / "tokenizer.json")
+    module = GPTModule(vocab=bpe.to_dict(), block_size=64, init_from=str(gpt2_folder), vocab_size=320)
+    assert module.gpt.num_parameters() == GPTModule(vocab=bpe.to_dict(), block_size=64,
+                                                    init_from=str(gpt2_folder)).gpt.num_parameters()  # fmt: skip
+    assert caplog.text.count("model.vocab_size 320: 20 padding rows past the 300 tokens (640 parameters") == 1
+
+
 def test_lora_on_gpt2_weights_starts_as_gpt2(gpt2_folder: Path):
     from gpt_lightning.hf import gpt_from_hf_gpt2
     from gpt_lightning.lora import LoRAConfig
