@@ -67,8 +67,11 @@ def hf_gpt2_config(config: GPTConfig) -> dict:
 
 def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The weights the model computes with (a LoRA model's updates merged) under Hugging Face GPT-2's names and
-    layouts. A tied head is not stored."""
+    layouts. A tied head is not stored, nor the vocabulary's padding rows: a GPT-2 of exactly its tokens, whose
+    generate cannot write an id its tokenizer lacks."""
     ours, theirs = plain_state_of(model), {}
+    for name in ("wte.weight", "lm_head.weight"):
+        ours[name] = ours[name][: model.config.vocab_size]
     for our_name, their_name, transposed in gpt2_names(model.config):
         if our_name in ours:
             theirs[their_name] = ours[our_name].t() if transposed else ours[our_name]  # (out, in) -> (in, out)

@@ -7,6 +7,7 @@ finally `GPT`, which stacks them. Nothing here knows about Lightning; `lit_model
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 65  # tiny Shakespeare has 65 distinct characters; set from the tokenizer
+    vocab_size: int = 65  # the tokens it predicts: tiny Shakespeare's 65 characters; set from the tokenizer
+    padded_vocab_size: int | None = None  # rows of the embedding and head, for a round matmul shape; None: vocab_size
     block_size: int = 256  # the longest context the model sees: the size of the position table
     n_layer: int = 6  # transformer blocks
     n_head: int = 6  # attention heads per block; must divide n_embd
@@ -31,6 +33,11 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}.")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise ValueError(
+                f"GPTConfig.padded_vocab_size ({self.padded_vocab_size}) is less than vocab_size ({self.vocab_size}): "
+                f"every token needs a row of the embedding. Use {self.vocab_size} or more, or None (no padding)."
+            )
         if self.n_embd % self.n_head != 0:
             lower = self.n_embd - self.n_embd % self.n_head
             raise ValueError(
@@ -45,6 +52,11 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the token embedding (and head): the vocabulary and its padding."""
+        return self.padded_vocab_size or self.vocab_size
 
 
 # Named shapes. vocab_size is tiny Shakespeare's; the tokenizer of a run overrides it.
@@ -172,12 +184,12 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wte = nn.Embedding(config.vocab_rows, config.n_embd)  # token embedding
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_rows, bias=False)
         if config.tie_embeddings:
             # Weight tying: reading a token in and predicting it out share one matrix (Press & Wolf, 2017).
             self.lm_head.weight = self.wte.weight
@@ -228,7 +240,10 @@ class GPT(nn.Module):
         for i, block in enumerate(self.h):
             x = block(x, None if caches is None else caches[i], pos, mask)
         x = self.ln_f(x)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        # The head runs over every row, padding included: a round shape is faster on GPUs (nanoGPT pads GPT-2's
+        # 50,257 to 50,304), and under torch.compile the slice fuses into the loss. The padding never reaches a
+        # softmax, so it gets no gradient and is never sampled.
+        return self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
 
     def new_kv_caches(self, batch_size: int) -> list[KVCache]:
         """Empty caches, one per block, sized for a full context and matching the model's device and dtype."""
@@ -241,42 +256,64 @@ class GPT(nn.Module):
     @torch.no_grad()
     def grow_vocab(self, known: int, tokens: int) -> None:
         """Gives ids `known`..`tokens - 1`, which a tokenizer appended to the vocabulary, rows of their own (in
-        place): the token embedding (and an untied head) grow to `tokens` rows if they have fewer, and each new
-        id's rows start as the mean of the `known` ids' rows. Every other row keeps its value, so every old id
-        keeps its meaning. A new token starts as an average token: its logit is the mean of the old tokens'
-        logits, never an outlier, so its probability is at most the old tokens' average (Jensen): k new tokens
-        beside n old ones raise the loss on old text by at most ln(1 + k/n), 0.14 nats for 10 beside 65
-        (Hewitt, 2021, "Initializing new word embeddings for pretrained language models"; Hugging Face's
-        resize_token_embeddings draws the rows close to the same mean). The new rows are alike at first; the
-        targets that name each token tell them apart as they train."""
-        vocab_size = max(self.config.vocab_size, tokens)
+        place): they take the vocabulary's padding rows, if any, and the token embedding (and an untied head)
+        grow to `tokens` rows if they have fewer; each new id's rows start as the mean of the `known` ids' rows.
+        Every other row keeps its value, so every old id keeps its meaning. A new token starts as an average
+        token: its logit is the mean of the old tokens' logits, never an outlier, so its probability is at most
+        the old tokens' average (Jensen): k new tokens beside n old ones raise the loss on old text by at most
+        ln(1 + k/n), 0.14 nats for 10 beside 65 (Hewitt, 2021, "Initializing new word embeddings for pretrained
+        language models"; Hugging Face's resize_token_embeddings draws the rows close to the same mean). The new
+        rows are alike at first; the targets that name each token tell them apart as they train."""
+        vocab_size = max(self.config.vocab_size, tokens)  # new ids take padding rows first, if there are any
 
-        def grown(weight: torch.Tensor) -> nn.Parameter:  # (V, C) -> (vocab_size, C)
-            rows = torch.cat([weight, weight.new_empty(vocab_size - len(weight), weight.shape[1])])
-            rows[known:tokens] = weight[:known].float().mean(0).to(weight.dtype)
-            return nn.Parameter(rows)
+        def grown(weight: torch.Tensor) -> torch.Tensor:  # (rows, C), the new ids' rows the mean of the known
+            weight[known:tokens] = weight[:known].float().mean(0).to(weight.dtype)
+            return weight
 
-        self.wte.weight = grown(self.wte.weight)
-        self.lm_head.weight = self.wte.weight if self.config.tie_embeddings else grown(self.lm_head.weight)
-        self.wte.num_embeddings = self.lm_head.out_features = vocab_size
-        self.config = replace(self.config, vocab_size=vocab_size)
+        self._resize_vocab(vocab_size, max(self.config.vocab_rows, vocab_size), grown)
+
+    @torch.no_grad()
+    def pad_vocab(self, rows: int) -> None:
+        """Gives the token embedding (and an untied head) `rows` rows in place, at least the vocabulary's: padding
+        rows are added as zeros or dropped, and the vocabulary's own rows keep their values."""
+        self._resize_vocab(self.config.vocab_size, rows, lambda weight: weight)
+
+    def _resize_vocab(self, vocab_size: int, rows: int, fill: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        config = replace(self.config, vocab_size=vocab_size, padded_vocab_size=rows if rows > vocab_size else None)
+
+        def resized(weight: torch.Tensor) -> nn.Parameter:  # (old rows, C) -> (rows, C)
+            kept = weight[:rows]
+            return nn.Parameter(fill(torch.cat([kept, kept.new_zeros(rows - len(kept), weight.shape[1])])))
+
+        self.wte.weight = resized(self.wte.weight)
+        self.lm_head.weight = self.wte.weight if config.tie_embeddings else resized(self.lm_head.weight)
+        self.wte.num_embeddings = self.lm_head.out_features = rows
+        self.config = config
+
+    def padding_parameters(self) -> int:
+        """Parameters in the padding rows of the token embedding (and of an untied head): computed, never trained."""
+        c = self.config
+        return (c.vocab_rows - c.vocab_size) * c.n_embd * (1 if c.tie_embeddings else 2)
 
     def num_parameters(self, exclude_position_embedding: bool = False) -> int:
-        """Parameters the model trains, each counted once (a tied head is the token embedding)."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameters the model trains, each counted once (a tied head is the token embedding): the padding rows
+        of the vocabulary are not among them."""
+        n = sum(p.numel() for p in self.parameters()) - self.padding_parameters()
         return n - self.wpe.weight.numel() if exclude_position_embedding else n
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward and backward): 6N for the weight matmuls plus 12·L·C·T for
         attention scores and their weighted sum (PaLM appendix B; N excludes the position table, and an
-        untied token embedding, which are lookups). Of the 6, 2 are the weight gradient, which a frozen weight
-        (LoRA's base) skips."""
+        untied token embedding, which are lookups, and the vocabulary's padding rows, which compute nothing
+        used). Of the 6, 2 are the weight gradient, which a frozen weight (LoRA's base) skips."""
         c = self.config
         # A tied embedding is the head's matmul; it is listed once, as wte.weight.
         lookups = ("wpe.weight",) if c.tie_embeddings else ("wpe.weight", "wte.weight")
-        matmul = [p for name, p in self.named_parameters() if name not in lookups]
-        frozen = sum(p.numel() for p in matmul if not p.requires_grad)
-        return 6 * sum(p.numel() for p in matmul) - 2 * frozen + 12 * c.n_layer * c.n_embd * c.block_size
+        matmul = [(name, p) for name, p in self.named_parameters() if name not in lookups]
+        padding = {name: (c.vocab_rows - c.vocab_size) * c.n_embd for name in ("wte.weight", "lm_head.weight")}
+        counts = [(p.numel() - padding.get(name, 0), p.requires_grad) for name, p in matmul]
+        frozen = sum(n for n, trains in counts if not trains)
+        return 6 * sum(n for n, _ in counts) - 2 * frozen + 12 * c.n_layer * c.n_embd * c.block_size
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay the matrices (matmul weights, embeddings); leave biases and norm gains alone.

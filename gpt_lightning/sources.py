@@ -33,9 +33,11 @@ METADATA_KEY = "gpt_lightning"
 MODEL_PREFIX = "gpt."  # the LightningModule keeps the network in `self.gpt`
 # What a checkpoint decides about a model built from it, fine-tuned (init_from), resumed or validated
 # (--ckpt_path): every field of its config (architecture, vocabulary size, context) but dropout, which a
-# fine-tune may change. Derived from GPTConfig, so that a new field cannot be left out. (A fine-tune's
-# vocabulary may grow past the checkpoint's by characters appended to it: data.grow_vocab, build_network.)
-DECIDED_BY_CHECKPOINT = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout")
+# fine-tune may change, and the vocabulary's padding (model.vocab_size), which is not architecture. Derived from
+# GPTConfig, so that a new field cannot be left out. (A fine-tune's vocabulary may grow past the checkpoint's by
+# characters appended to it: data.grow_vocab, build_network.)
+NOT_DECIDED = ("dropout", "padded_vocab_size")
+DECIDED_BY_CHECKPOINT = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in NOT_DECIDED)
 
 
 def metadata(
@@ -104,6 +106,7 @@ class ModelSource:
         `option=given -> checkpoint's` lines. The block size is the data module's, from the same checkpoint."""
         settings: dict[str, Any] = {field: getattr(self.config, field) for field in DECIDED_BY_CHECKPOINT
                                     if field != "block_size"}  # fmt: skip
+        settings["vocab_size"] = self.config.vocab_rows  # model.vocab_size is the embedding's rows, padding included
         replaced = [f"model.{field}={model[field]} -> {value}" for field, value in settings.items()
                     if model.get(field) is not None and model[field] != value]  # fmt: skip
         settings["lora"] = dataclasses.asdict(self.lora or LoRAConfig())  # LoRA's layers are part of the architecture
@@ -172,8 +175,8 @@ def open_source(path: str | Path) -> ModelSource:
         folder = hf_gpt2_folder(path)
         config = config_of_hf_gpt2(folder)
         tokenizer = tokenizer_of_hf_folder(folder, config.vocab_size)
-        return ModelSource(source=str(path), config=config, tokenizer=tokenizer, data=None, optimizer="adamw",
-                           global_step=0, hf_folder=folder)  # fmt: skip
+        return ModelSource(source=str(path), config=padded_past(tokenizer, config), tokenizer=tokenizer, data=None,
+                           optimizer="adamw", global_step=0, hf_folder=folder)  # fmt: skip
     path = Path(path)
     stat = path.stat() if path.is_file() else None
     return _open_checkpoint(path.resolve(), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, path)
@@ -185,10 +188,11 @@ def _open_checkpoint(resolved: Path, mtime_ns: int, size: int, path: Path) -> Mo
     described = checkpoint[METADATA_KEY]
     scores = [float(state["best_model_score"]) for key, state in checkpoint.get("callbacks", {}).items()
               if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None]  # fmt: skip
+    tokenizer = tokenizer_from_dict(described["tokenizer"])
     return ModelSource(
         source=str(path),
-        config=GPTConfig(**described["model_config"]),
-        tokenizer=tokenizer_from_dict(described["tokenizer"]),
+        config=padded_past(tokenizer, GPTConfig(**described["model_config"])),
+        tokenizer=tokenizer,
         data=described.get("data"),
         optimizer=checkpoint.get("hyper_parameters", {}).get("optimizer", "adamw"),
         global_step=int(checkpoint.get("global_step", 0)),
@@ -199,6 +203,15 @@ def _open_checkpoint(resolved: Path, mtime_ns: int, size: int, path: Path) -> Mo
         described=dict(described),
         lightning_version=checkpoint.get("pytorch-lightning_version"),
     )
+
+
+def padded_past(tokenizer: Tokenizer, config: GPTConfig) -> GPTConfig:
+    """The config of a source whose embedding may have more rows than its tokenizer has tokens (a Hugging Face
+    GPT-2 so padded, a checkpoint written before GPTConfig.padded_vocab_size): no tokenizer can write or read the
+    ids of those rows, so they are padding, and the model predicts the tokenizer's tokens only."""
+    if config.vocab_size <= tokenizer.vocab_size:
+        return config
+    return dataclasses.replace(config, vocab_size=tokenizer.vocab_size, padded_vocab_size=config.vocab_rows)
 
 
 def build_network(
@@ -213,11 +226,18 @@ def build_network(
     GPTConfig's defaults with the `architecture` settings given ({GPTConfig field: value}, None for unset), or
     with the weights and architecture of `source`, which a differing given setting contradicts (`config_for`).
     A `tokenizer` that appends characters to the source's (data.grow_vocab) gets rows for them, each the mean
-    of the old rows (`GPT.grow_vocab`). LoRA's low-rank updates are added last, the weights beneath them frozen."""
+    of the old rows (`GPT.grow_vocab`). The `architecture`'s vocab_size (model.vocab_size) is not the
+    vocabulary, the tokenizer's, but the rows of the embedding, padded for speed: unset, the source's, else the
+    tokenizer's; a source's padding is re-cut to it (`GPT.pad_vocab`). LoRA's low-rank updates are added last,
+    the weights beneath them frozen."""
+    architecture = dict(architecture)
+    rows, tokens = architecture.pop("vocab_size", None), tokenizer.vocab_size
+    if rows is not None and rows < tokens:
+        raise ValueError(f"model.vocab_size {rows} is less than the tokenizer's {tokens} tokens: "
+                         f"drop it, or give {tokens} or more.")  # fmt: skip
     if source is None:
-        defaults = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, dropout=dropout)
-        config = dataclasses.replace(defaults, **{k: v for k, v in architecture.items() if v is not None})
-        gpt = GPT(config)
+        defaults = GPTConfig(vocab_size=tokens, block_size=block_size, dropout=dropout)
+        gpt = GPT(dataclasses.replace(defaults, **{k: v for k, v in architecture.items() if v is not None}))
     else:
         added = source.tokens_added_by(tokenizer)
         if added and lora is not None and lora.enabled:
@@ -228,15 +248,11 @@ def build_network(
                 "the vocabulary."
             )
         given = {**{f"model.{k}": v for k, v in architecture.items()}, "data.block_size": block_size}
-        config = source.config_for(given, dropout)
-        gpt = source.load_weights_into(GPT(config))
+        gpt = source.load_weights_into(GPT(source.config_for(given, dropout)))
         if added:
-            gpt.grow_vocab(source.tokenizer.vocab_size, tokenizer.vocab_size)
-            config = gpt.config
-    if config.vocab_size < tokenizer.vocab_size:
-        tokens = tokenizer.vocab_size
-        raise ValueError(f"model.vocab_size {config.vocab_size} is less than the tokenizer's {tokens} tokens: "
-                         f"drop it, or give {tokens} or more.")  # fmt: skip
+            gpt.grow_vocab(source.tokenizer.vocab_size, tokens)
+    if rows is not None and rows != gpt.config.vocab_rows:
+        gpt.pad_vocab(rows)
     if lora is not None and lora.enabled:
         add_lora(gpt, lora)
     return gpt

@@ -97,10 +97,11 @@ def describe_model(ckpt_path: str, limits: Limits | None = None) -> dict[str, An
     validation loss, as far as the checkpoint records them, and a request's defaults within `limits`."""
     facts = open_source(ckpt_path)
     with torch.device("meta"):
-        parameters = GPT(facts.config).num_parameters()
+        gpt = GPT(facts.config)
     described: dict[str, Any] = {
         "checkpoint": str(ckpt_path),
-        "parameters": parameters,
+        "parameters": gpt.num_parameters(),
+        "padding_parameters": gpt.padding_parameters(),  # the embedding's rows past the vocabulary (model.vocab_size)
         "vocab_size": facts.tokenizer.vocab_size,
         "tokenizer": "characters" if isinstance(facts.tokenizer, CharTokenizer) else "byte-level BPE",
         "context": facts.config.block_size,

@@ -79,9 +79,10 @@ class GPTModule(L.LightningModule):
                 checkpoint's, else exact.
             tie_embeddings: The output head is the token embedding (GPT-2), or false, a matrix of its own (more
                 parameters: vocabulary x n_embd). Unset: the checkpoint's, else true.
-            vocab_size: Rows of the token embedding: at least the tokenizer's tokens; more pads it to a round
-                number, which some GPUs run faster (nanoGPT pads GPT-2's 50,257 to 50,304). Unset: the
-                checkpoint's, else the tokenizer's.
+            vocab_size: Rows of the token embedding (and head), padded for speed, invisible outside: at least the
+                tokenizer's tokens; more pads them to a round number, whose matmul GPUs run faster (e.g. 50304 for
+                GPT-2's 50,257, as nanoGPT). The model still predicts the tokenizer's tokens only: logits, samples,
+                exports and parameter counts leave the padding out. Unset: the checkpoint's, else the tokenizer's.
             dropout: Dropout probability in [0, 1). Not part of the architecture: a fine-tune may change it.
             init_from: Start from the weights, architecture and tokenizer of this checkpoint (fine-tuning): one of
                 our .ckpt files, a Hugging Face GPT-2 folder, or a hub name (gpt2, gpt2-medium, gpt2-large,
@@ -137,6 +138,12 @@ class GPTModule(L.LightningModule):
         self.config = self.gpt.config
         if lora.enabled:
             rank_zero_info(lora_summary(self.gpt, lora))
+        c = self.config
+        if c.padded_vocab_size:  # Lightning's model summary counts the padding; our counts leave it out
+            rank_zero_info(
+                f"model.vocab_size {c.vocab_rows}: {c.vocab_rows - c.vocab_size} padding rows past the "
+                f"{c.vocab_size} tokens ({self.gpt.padding_parameters():,} parameters, never trained)"
+            )
         self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
         if compile:
             self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix

@@ -240,7 +240,11 @@ def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_
 
     sampled = cli("generate", f"--ckpt_path={ckpt}", "--prompt=KING", "--max_new_tokens=6", "--seed=2", in_process=True)
     assert_ok(sampled)
-    assert describe_model(str(ckpt))["vocab_size"] == facts.tokenizer.vocab_size
+    described = describe_model(str(ckpt))
+    assert described["vocab_size"] == facts.tokenizer.vocab_size == facts.config.vocab_size
+    # Padded by --model.vocab_size 320, by the GPT-2 recipe's 50304, or as the GPT-2 folder, to 320 rows.
+    padded = kind in ("padded BPE", "from a GPT-2 folder", "task fine-tune of a GPT-2 folder")
+    assert (described["padding_parameters"] > 0) == padded == (facts.config.padded_vocab_size is not None)
     api = GPTStreamAPI(str(ckpt), str(tmp_path))
     api.setup("cpu")
     request = {"prompt": "KING", "max_new_tokens": 6, "temperature": 0.8, "top_k": None, "top_p": None, "seed": 2,

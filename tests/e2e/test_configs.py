@@ -68,6 +68,17 @@ def test_recipes_build_their_presets(configs, preset, capsys, monkeypatch):
     assert result["data"]["init_args"]["block_size"] == expected.block_size
 
 
+def test_the_gpt2_recipe_pads_gpt2s_vocabulary_to_a_multiple_of_64_and_the_character_recipes_do_not(
+    capsys, monkeypatch
+):
+    monkeypatch.chdir(ROOT)
+    rows = parsed(capsys, "fit", "--config", "configs/pretrain_cpu.yaml", "--config", "configs/finetune_gpt2.yaml")
+    assert rows["model"]["vocab_size"] == 50304 and 50304 % 64 == 0 and 50304 - 64 < 50257  # nanoGPT's
+    for recipe in ("pretrain.yaml", "pretrain_cpu.yaml", "finetune.yaml", "model/gpt2_small.yaml"):
+        layers = ["--config", "configs/pretrain.yaml"] if recipe.startswith("model/") else []
+        assert parsed(capsys, "fit", *layers, "--config", f"configs/{recipe}")["model"]["vocab_size"] is None
+
+
 def test_pretrain_recipe_is_nanogpts_shakespeare_char(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     result = parsed(capsys, "fit", "--config", "configs/pretrain.yaml")

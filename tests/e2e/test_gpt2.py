@@ -268,8 +268,10 @@ def test_finetune_gpt2_recipe_fits_resumes_bit_exactly_samples_and_exports(
                   "--trainer.log_every_n_steps=1", *ON_CPU]  # fmt: skip
         return cli(*recipe, *args, in_process=True)
 
-    assert_ok(fit(tmp_path / "a", f"--model.init_from={gpt2_folder}", "--trainer.max_steps=6"))
-    assert_ok(fit(tmp_path / "b", f"--model.init_from={gpt2_folder}", "--trainer.max_steps=3"))
+    # The recipe pads GPT-2's 50,257 tokens to 50,304 rows; this folder's 300 tokens, to 320: a multiple of 64.
+    padded = "--model.vocab_size=320"
+    assert_ok(fit(tmp_path / "a", f"--model.init_from={gpt2_folder}", "--trainer.max_steps=6", padded))
+    assert_ok(fit(tmp_path / "b", f"--model.init_from={gpt2_folder}", "--trainer.max_steps=3", padded))
     assert_ok(fit(tmp_path / "b", "--model.init_from=null", "--ckpt_path=last", "--trainer.max_steps=6"))
     straight, resumed = (tmp_path / run / "finetune_gpt2" / "version_0" for run in ("a", "b"))
     assert_same_run(straight, resumed, 6)  # dropout 0.1 in the recipe: the masks are drawn again exactly
@@ -283,7 +285,9 @@ def test_finetune_gpt2_recipe_fits_resumes_bit_exactly_samples_and_exports(
     assert_ok(cli("export", f"--ckpt_path={ckpt}", f"--output={tmp_path / 'hf'}", in_process=True))
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     ours, tokenizer = load_model(ckpt)
+    assert (ours.config.vocab_size, ours.wte.num_embeddings) == (300, 320)
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.vocab_size == 300  # the tokens only: its generate cannot write a padding id
     ids = tokenizer.encode("KING ARTHUR:\nGood lord, my king! Ça va.")[None]
     with torch.no_grad():
         assert torch.allclose(theirs(ids).logits, ours(ids), atol=1e-5, rtol=0)
@@ -355,6 +359,17 @@ def test_another_bpe_than_the_checkpoints_is_refused(gpt2_folder: Path, text_fil
     same = tmp_path / "same.json"
     same.write_text(json.dumps(json.loads((gpt2_folder / "tokenizer.json").read_text()), indent=4))
     ShakespeareDataModule(path=str(text_file), tokenizer=str(same), init_from=str(gpt2_folder))
+
+
+def test_a_padded_start_says_once_how_much_padding_it_carries(gpt2_folder: Path, caplog: pytest.LogCaptureFixture):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    bpe = BPETokenizer.from_file(gpt2_folder / "tokenizer.json")
+    module = GPTModule(vocab=bpe.to_dict(), block_size=64, init_from=str(gpt2_folder), vocab_size=320)
+    assert module.gpt.num_parameters() == GPTModule(vocab=bpe.to_dict(), block_size=64,
+                                                    init_from=str(gpt2_folder)).gpt.num_parameters()  # fmt: skip
+    assert caplog.text.count("model.vocab_size 320: 20 padding rows past the 300 tokens (640 parameters") == 1
 
 
 def test_lora_on_gpt2_weights_starts_as_gpt2(gpt2_folder: Path):

@@ -197,3 +197,16 @@ def test_stream_text_says_how_it_ended_and_how_many_tokens_it_read_and_sampled(m
     questions = itertools.count(1)
     _, end = ended(stream_text(model, tokenizer, prompt, options, cancelled=lambda: next(questions) > 7))
     assert end == StreamEnd("cancelled", 3, 7)
+
+
+def test_a_padded_model_never_samples_a_padding_id_even_where_its_rows_would_dominate():
+    torch.manual_seed(0)
+    padded = GPT(GPTConfig(vocab_size=13, padded_vocab_size=64, block_size=12, n_layer=1, n_head=2, n_embd=16,
+                           tie_embeddings=False)).eval()  # fmt: skip
+    with torch.no_grad():
+        padded.lm_head.weight[13:] = 1e4 * padded.lm_head.weight[13:].sign()  # huge logits, were they computed
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    for options in ({"temperature": 1.0}, {"temperature": 2.0, "top_k": 50}, {"temperature": 0.0}):
+        new = generate(padded, idx, 30, generator=torch.Generator().manual_seed(1), **options)[:, 3:]
+        assert int(new.max()) < 13
+    assert sample_next(padded(idx)[:, -1], 1.0, generator=torch.Generator().manual_seed(0)).max() < 13

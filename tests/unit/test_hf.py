@@ -452,3 +452,101 @@ def test_an_exported_task_fine_tune_carries_its_template_as_a_chat_template(tmp_
     for messages in (conversation, conversation[1:2]):
         rendered = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert rendered == render_prompt(template, messages)
+
+
+# -- a padded vocabulary ------------------------------------------------------------------------------
+
+
+def test_a_padded_model_exports_only_its_tokens_with_our_logits_and_hf_never_samples_padding(
+    tmp_path: Path, transformers
+):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=11, padded_vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=8,
+                       tie_embeddings=False)  # fmt: skip
+    ours = GPT(config).eval()
+    with torch.no_grad():
+        ours.lm_head.weight[11:] = 1e4  # would win every draw, were the padding rows computed
+    export_hf_gpt2(ours, CharTokenizer("abcdefghijk"), tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 11
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.transformer.wte.weight.shape == (11, 8) and theirs.lm_head.weight.shape == (11, 8)
+    ids = torch.randint(11, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, ours(ids), atol=1e-5, rtol=0)
+    torch.manual_seed(1)
+    sampled = theirs.generate(ids[:, :4], max_new_tokens=12, do_sample=True, pad_token_id=0)
+    assert int(sampled.max()) < 11
+    back, _ = load_model(tmp_path / "hf")
+    assert back.config.vocab_size == 11 and back.config.padded_vocab_size is None
+
+
+def old_padded_checkpoint(path: Path, tokenizer: BPETokenizer, rows: int) -> GPT:
+    """A checkpoint as runs with `--model.vocab_size` wrote them before GPTConfig.padded_vocab_size: a config
+    whose vocab_size is the embedding's rows, more than its tokenizer's tokens. Its padding rows win every draw."""
+    from gpt_lightning.sources import METADATA_KEY, MODEL_PREFIX, metadata
+
+    torch.manual_seed(0)
+    old = GPT(GPTConfig(vocab_size=rows, block_size=16, n_layer=1, n_head=2, n_embd=8, tie_embeddings=False))
+    with torch.no_grad():
+        old.lm_head.weight[tokenizer.vocab_size :] = 1e4
+    described = metadata(old.config, tokenizer)
+    described["model_config"].pop("padded_vocab_size", None)  # a field those checkpoints lack
+    state = {MODEL_PREFIX + k: v for k, v in old.state_dict().items()}
+    torch.save({"state_dict": state, METADATA_KEY: described, "global_step": 3}, path)
+    return old.eval()
+
+
+def test_an_old_padded_checkpoint_opens_with_its_tokenizers_tokens_and_samples_only_them(tmp_path: Path):
+    from gpt_lightning.sources import open_source
+
+    tokenizer = BPETokenizer.from_file(train_bpe(tmp_path / "tokenizer.json"))
+    assert tokenizer.vocab_size == 300
+    old = old_padded_checkpoint(tmp_path / "old.ckpt", tokenizer, rows=320)
+    source = open_source(tmp_path / "old.ckpt")
+    assert (source.config.vocab_size, source.config.padded_vocab_size) == (300, 320)
+    settings, _ = source.settings_replacing({}, None)
+    assert settings["vocab_size"] == 320  # resumed, its embedding keeps its rows: the optimizer state fits them
+    gpt, _ = load_model(tmp_path / "old.ckpt")  # its state_dict loads unchanged
+    ids = tokenizer.encode("KING ARTHUR:")[None]
+    with torch.no_grad():
+        assert torch.allclose(gpt(ids), old(ids)[..., :300], atol=1e-6, rtol=0)
+    new = torch.cat(list(generate_tokens(gpt, ids, 20, 1.0, generator=torch.Generator().manual_seed(0))))
+    assert int(new.max()) < 300
+    tokenizer.decode(new.flatten())
+
+
+def test_a_gpt2_folder_starts_a_fine_tune_with_its_embedding_padded_to_a_multiple_of_64(bpe_gpt2: Path, transformers):
+    from gpt_lightning.sources import build_network, open_source
+
+    source = open_source(bpe_gpt2)  # 300 tokens, 300 rows
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(bpe_gpt2).eval()
+    ids = source.tokenizer.encode("KING ARTHUR:")[None]
+    for rows in (320, 384, None):
+        gpt = build_network(source, source.tokenizer, 64, {"vocab_size": rows}).eval()
+        assert gpt.wte.num_embeddings == (rows or 300) and gpt.config.vocab_size == 300
+        with torch.no_grad():
+            assert torch.allclose(gpt(ids), theirs(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="model.vocab_size 299 is less than the tokenizer's 300 tokens"):
+        build_network(source, source.tokenizer, 64, {"vocab_size": 299})
+
+
+def test_a_padded_gpt2_folder_opens_with_its_tokenizers_tokens_and_may_be_padded_otherwise(
+    tmp_path: Path, transformers
+):
+    from gpt_lightning.sources import build_network, open_source
+
+    folder = tmp_path / "gpt2"
+    tokenizer = BPETokenizer.from_file(train_bpe(tmp_path / "tokenizer.json"))  # 300 tokens
+    torch.manual_seed(0)
+    hf = transformers.GPT2Config(vocab_size=320, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    theirs = transformers.GPT2LMHeadModel(hf).eval()
+    theirs.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(tokenizer.tokenizer_json, encoding="utf-8")
+    source = open_source(folder)
+    assert (source.config.vocab_size, source.config.padded_vocab_size) == (300, 320)
+    ids = tokenizer.encode("KING ARTHUR:")[None]
+    for rows, padded in ((None, 320), (384, 384), (300, None)):  # the folder's padding, more, none
+        gpt = build_network(source, tokenizer, 16, {"vocab_size": rows}).eval()
+        assert gpt.config.padded_vocab_size == padded
+        with torch.no_grad():
+            assert torch.allclose(gpt(ids), theirs(ids).logits[..., :300], atol=1e-5, rtol=0)

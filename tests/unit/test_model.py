@@ -182,3 +182,94 @@ def test_without_segments_attention_builds_no_mask(monkeypatch: pytest.MonkeyPat
     _, packed, segments = packed_row([4, 3])
     model(packed, segments=segments)
     assert all(mask is not None and mask.shape == (1, 1, 7, 7) and not causal for mask, causal in calls)
+
+
+# -- a padded vocabulary: more rows than tokens, for the GPU's sake, invisible outside ---------------------------
+
+
+def padded_and_plain(tie_embeddings: bool, rows: int = 64) -> tuple[GPT, GPT]:
+    """A GPT of 11 tokens whose embedding (and head) has `rows` rows, and the unpadded GPT of its real rows."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    plain = GPT(replace(TINY, tie_embeddings=tie_embeddings)).eval()
+    padded = GPT(replace(plain.config, padded_vocab_size=rows)).eval()
+    state = plain.state_dict()
+    for name in ("wte.weight", "lm_head.weight"):  # the plain rows, then the padding
+        state[name] = torch.cat([state[name], padded.state_dict()[name][len(state[name]) :]])
+    padded.load_state_dict(state)
+    return padded, plain
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False], ids=["tied", "untied"])
+def test_a_padded_gpt_gives_the_logits_of_its_tokens_only_and_those_of_the_unpadded_gpt(tie_embeddings: bool):
+    padded, plain = padded_and_plain(tie_embeddings)
+    assert padded.wte.weight.shape == (64, 16) and padded.lm_head.weight.shape == (64, 16)
+    idx = torch.randint(11, (2, 9))
+    with torch.no_grad():
+        logits = padded(idx)
+        assert logits.shape == (2, 9, 11)
+        torch.testing.assert_close(logits, plain(idx), atol=1e-6, rtol=0)
+        caches = padded.new_kv_caches(2)
+        assert padded(idx[:, :1], caches).shape == (2, 1, 11)  # decoding too
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False], ids=["tied", "untied"])
+def test_padding_rows_get_no_gradient(tie_embeddings: bool):
+    padded, _ = padded_and_plain(tie_embeddings)
+    idx = torch.randint(11, (2, 9))
+    F.cross_entropy(padded(idx).flatten(0, 1), idx.flatten()).backward()
+    for weight in (padded.wte.weight, padded.lm_head.weight):
+        assert weight.grad is not None and weight.grad[11:].abs().max() == 0 and weight.grad[:11].abs().max() > 0
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False], ids=["tied", "untied"])
+def test_parameter_and_flop_counts_leave_the_padding_out(tie_embeddings: bool):
+    padded, plain = padded_and_plain(tie_embeddings)
+    assert padded.num_parameters() == plain.num_parameters()
+    assert padded.num_parameters(exclude_position_embedding=True) == plain.num_parameters(True)
+    assert padded.flops_per_token() == plain.flops_per_token()
+    assert padded.padding_parameters() == (64 - 11) * 16 * (1 if tie_embeddings else 2)
+    assert plain.padding_parameters() == 0
+
+
+def test_gpt2_small_padded_as_nanogpt_still_has_gpt2s_parameter_count():
+    from dataclasses import replace
+
+    with torch.device("meta"):
+        model = GPT(replace(PRESETS["gpt2-small"], vocab_size=50257, padded_vocab_size=50304))
+    assert model.num_parameters() == 124_439_808 and model.wte.weight.shape == (50304, 768)
+
+
+def test_padding_below_the_vocabulary_is_an_error_naming_the_fix():
+    with pytest.raises(ValueError, match=r"padded_vocab_size \(10\) is less than vocab_size \(11\).*Use 11 or more"):
+        GPTConfig(vocab_size=11, padded_vocab_size=10)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False], ids=["tied", "untied"])
+def test_pad_vocab_adds_or_drops_padding_rows_and_keeps_the_logits(tie_embeddings: bool):
+    padded, plain = padded_and_plain(tie_embeddings)
+    idx = torch.randint(11, (2, 9))
+    with torch.no_grad():
+        expected = plain(idx)
+        for rows, padded_vocab_size in ((128, 128), (11, None), (64, 64)):
+            padded.pad_vocab(rows)
+            assert padded.config.padded_vocab_size == padded_vocab_size and padded.wte.num_embeddings == rows
+            assert padded.lm_head.weight.shape == (rows, 16)
+            assert (padded.lm_head.weight is padded.wte.weight) == tie_embeddings
+            torch.testing.assert_close(padded(idx), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False], ids=["tied", "untied"])
+def test_grow_vocab_takes_padding_rows_first_then_grows(tie_embeddings: bool):
+    padded, _ = padded_and_plain(tie_embeddings, rows=16)
+    mean = padded.wte.weight[:11].mean(0)
+    padded.grow_vocab(11, 14)  # 3 new ids: into the padding
+    assert padded.config.vocab_size == 14 and padded.config.padded_vocab_size == 16
+    assert padded.wte.weight.shape == (16, 16) and padded.lm_head.weight.shape == (16, 16)
+    torch.testing.assert_close(padded.wte.weight[11:14], mean.expand(3, 16))
+    assert padded(torch.randint(14, (1, 5))).shape == (1, 5, 14)
+    padded.grow_vocab(14, 20)  # past the padding: the rows grow, no padding is left
+    assert padded.config.vocab_size == 20 and padded.config.padded_vocab_size is None
+    assert padded.wte.weight.shape == (20, 16) and padded.lm_head.weight.shape == (20, 16)
+    assert (padded.lm_head.weight is padded.wte.weight) == tie_embeddings
