@@ -75,8 +75,28 @@ def test_tf32_on_ampere_and_train_mfu_between_0_and_1(tmp_path: Path, text_file:
 def test_compiled_fit_on_the_gpu(tmp_path: Path, text_file: Path):
     module, run = fit(tmp_path, text_file, "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed",
                       compile=True)  # fmt: skip
-    assert module.gpt._compiled_call_impl is not None
+    assert module.compiled is not None and module.gpt._compiled_call_impl is None  # sampling stays eager
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in scalars(run)["train/loss"])
+
+
+@pytest.mark.parametrize("mode", ["true", "reduce-overhead"])
+def test_a_compiled_run_resumes_bit_exactly_with_the_plain_networks_keys(text_file: Path, tmp_path: Path, mode: str):
+    from tests.e2e.test_resume import EXACT, assert_same_run
+
+    precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    gpu = ["--trainer.accelerator=gpu", f"--trainer.precision={precision}", "--trainer.deterministic=true",
+           f"--model.compile={mode}"]  # fmt: skip
+
+    def fit(runs: Path, *args: str):
+        return tiny_fit(text_file, runs, *args, *EXACT, *gpu, in_process=True)
+
+    assert_ok(fit(tmp_path / "a", "--trainer.max_steps=12"))
+    assert_ok(fit(tmp_path / "b", "--trainer.max_steps=7"))
+    assert_ok(fit(tmp_path / "b", "--trainer.max_steps=12", "--ckpt_path=last"))
+    assert_same_run(tmp_path / "a" / "run" / "version_0", tmp_path / "b" / "run" / "version_0", 12)
+    last = tmp_path / "a" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert not any("_orig_mod" in key for key in torch.load(last, weights_only=True)["state_dict"])
+    load_model(last)  # the plain network loads it, strictly
 
 
 def test_sampling_under_autocast_is_the_same_with_and_without_the_cache(tmp_path: Path, text_file: Path):

@@ -151,6 +151,7 @@ def test_a_tiny_temperature_streams_the_greedy_text(server: Server):
     # It once passed the gate and failed in the worker: a "200 OK" with nothing in it.
     tiny = server.stream({"prompt": "KING", "max_new_tokens": 30, "temperature": 1e-40})
     greedy = server.stream({"prompt": "KING", "max_new_tokens": 30, "temperature": 0})
+
     # Messages group whatever text a time interval produced, so only the text and the summary can be compared.
     def text(stream: list[dict]) -> str:
         return "".join(message.get("text", "") for message in stream)

@@ -34,8 +34,16 @@ def test_module_gives_the_plain_models_logits():
     assert torch.equal(module(idx), plain(idx))
 
 
-def test_compiled_module_keeps_checkpoint_keys():
-    assert tiny_module(compile=True).state_dict().keys() == tiny_module().state_dict().keys()
+@pytest.mark.parametrize("compile", [True, "reduce-overhead", "max-autotune"])
+def test_compiled_module_keeps_checkpoint_keys_and_samples_with_the_plain_network(compile):
+    module = tiny_module(compile=compile)
+    assert module.state_dict().keys() == tiny_module().state_dict().keys()
+    assert module.compiled is not None and module.gpt._compiled_call_impl is None
+
+
+def test_an_unknown_compile_mode_names_the_modes():
+    with pytest.raises(ValueError, match=r"model.compile must be true, false or a mode \(reduce-overhead, max-"):
+        tiny_module(compile="fast")
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
