@@ -95,3 +95,21 @@ def test_the_task_fine_tune_is_a_small_diff_that_reads_task_data(capsys, monkeyp
     data = result["data"]
     assert data["class_path"] == "gpt_lightning.training.task_datamodule.TaskDataModule"
     assert data["init_args"]["task"] == "reverse-words" and data["init_args"]["template"] == "plain"
+
+
+@pytest.mark.parametrize(
+    ("config", "compiled"),
+    [
+        ("configs/pretrain.yaml", True),
+        ("configs/pretrain_muon.yaml", True),
+        ("configs/finetune_gpt2.yaml", False),
+        ("configs/pretrain_cpu.yaml", False),
+    ],
+)
+def test_the_long_gpu_recipes_compile_and_opt_out_with_false(config: str, compiled: bool, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert parsed(capsys, "fit", "--config", config)["model"]["compile"] is compiled
+    assert parsed(capsys, "fit", "--config", config, "--model.compile=false")["model"]["compile"] is False
+    assert parsed(capsys, "fit", "--config", config, "--model.compile=reduce-overhead")["model"]["compile"] == (
+        "reduce-overhead"
+    )

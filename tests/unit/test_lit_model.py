@@ -4,6 +4,7 @@ themselves, the optimizer and its schedule."""
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -143,3 +144,18 @@ def test_flops_formula_agrees_with_lightnings_measure_flops():
     # 6N counts the LayerNorm gains too, which no matmul uses: the one difference from a FLOP counter.
     norm_gains = sum(p.numel() for name, p in model.named_parameters() if "ln" in name)
     assert counted == model.flops_per_token() - 6 * norm_gains
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "pinned"),
+    [(None, "cuda", True), (None, "cpu", False), (False, "cuda", False), (True, "cpu", True)],
+)
+def test_batches_are_pinned_when_training_on_cuda_unless_told(text_file: Path, setting, device: str, pinned: bool):
+    data = ShakespeareDataModule(path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16,
+                                 batch_size=4, pin_memory=setting)  # fmt: skip
+    data.setup("fit")
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0,
+                                   world_size=1, global_step=0, accumulate_grad_batches=1)  # fmt: skip
+    loaders = {"train": data.train_dataloader(), "val": data.val_dataloader()}
+    for name, loader in loaders.items():
+        assert getattr(loader, "pin_memory", False) is pinned, name
