@@ -197,3 +197,31 @@ def test_gpt2_small_peak_memory_full_against_lora():
     print(f"peak GPU memory, GPT-2 small step: full {peaks['full'] / 1e9:.2f} GB, LoRA r8 {peaks['lora'] / 1e9:.2f} GB")
     # Full keeps 124M x (4 weights + 4 gradients + 8 AdamW) bytes; LoRA the weights alone.
     assert peaks["full"] - peaks["lora"] > 124e6 * 10
+
+
+@pytest.mark.parametrize("preset", ["gpt2_full_24gb", "gpt2_lora_24gb", "gpt2_full_12gb", "gpt2_lora_12gb"])
+def test_a_card_presets_micro_batch_peaks_within_its_card(preset: str):
+    """The real peak of a card preset's micro-batch (configs/gpu/), which its YAML sizes by a computed table."""
+    import yaml
+
+    settings = yaml.safe_load((ROOT / "configs" / "gpu" / f"{preset}.yaml").read_text())
+    batch, context = settings["data"]["batch_size"], settings["data"]["block_size"]
+    card_gb = int(preset.removesuffix("gb").rsplit("_", 1)[1])
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    config = GPTConfig(vocab_size=50_257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+    model = GPT(config).cuda()
+    if "lora" in settings["model"]:
+        add_lora(model, LoRAConfig(**settings["model"]["lora"]))
+    optimizer = torch.optim.AdamW(model.parameter_groups(0.1), lr=1e-4, fused=True)
+    x = torch.randint(50_257, (batch, context), device="cuda")
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), x.roll(-1, 1).flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    print(f"{preset}: peak {peak / 1e9:.2f} GB for micro-batches of {batch} x {context} on a {card_gb} GB card")
+    assert peak < 0.9 * card_gb * 1e9
