@@ -158,6 +158,18 @@ def activation_bytes(config: GPTConfig, batch: int, context: int) -> float:
     return 34 * tokens * config.n_embd * config.n_layer + 6 * tokens * config.vocab_size
 
 
+def step_memory_bytes(name: str, batch: int, context: int, lora: LoRAConfig | None = None) -> float:
+    """A training step's GPU memory, computed: float32 weights, gradients and AdamW state (16 bytes per trained
+    parameter, 4 per frozen one) plus `activation_bytes`. The card presets (configs/gpu/) are sized by it."""
+    with torch.device("meta"):
+        model = GPT(gpt2_config(name))
+        if lora is not None and lora.enabled:
+            add_lora(model, lora)
+    weights = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * weights + 12 * trainable + activation_bytes(model.config, batch, context)
+
+
 def memory_table(batch: int = 8, context: int = 1024) -> None:
     print("\nGPU memory of full fine-tuning against LoRA rank 8 (qkv and output projections): float32 weights, "
           "gradients and AdamW state (16 bytes per trained parameter, 4 per frozen one), plus an estimate of the "
@@ -165,6 +177,7 @@ def memory_table(batch: int = 8, context: int = 1024) -> None:
           "through every frozen block):\n")  # fmt: skip
     print("| model | parameters | activations | full fine-tuning | LoRA rank 8 (trainable) | fits 24 GB: full | LoRA |")
     print("|---|---|---|---|---|---|---|")
+    fits = {True: "yes", False: "no"}
     for name in GPT2_SIZES:
         with torch.device("meta"):
             model = GPT(gpt2_config(name))
@@ -172,12 +185,11 @@ def memory_table(batch: int = 8, context: int = 1024) -> None:
             add_lora(model, LoRAConfig(rank=8))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         activations = activation_bytes(model.config, batch, context)
-        full = 16 * total + activations
-        lora = 4 * total + 16 * trainable + activations
-        fits = {True: "yes", False: "no"}
-        full_fits, lora_fits = fits[full < 24e9], fits[lora < 24e9]
-        print(f"| {name} | {total / 1e6:,.1f}M | {activations / 1e9:.1f} GB | {full / 1e9:.1f} GB | "
-              f"{lora / 1e9:.1f} GB ({trainable / 1e6:.2f}M) | {full_fits} | {lora_fits} |")  # fmt: skip
+        full = step_memory_bytes(name, batch, context)
+        lora = step_memory_bytes(name, batch, context, LoRAConfig(rank=8))
+        row = [name, f"{total / 1e6:,.1f}M", f"{activations / 1e9:.1f} GB", f"{full / 1e9:.1f} GB",
+               f"{lora / 1e9:.1f} GB ({trainable / 1e6:.2f}M)", fits[full < 24e9], fits[lora < 24e9]]  # fmt: skip
+        print("| " + " | ".join(row) + " |")
 
 
 def main() -> None:

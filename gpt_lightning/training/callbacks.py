@@ -412,6 +412,7 @@ class TokenThroughput(Callback):
         dtype = COMPUTE_DTYPES.get(str(trainer.precision), torch.float32)
         self.peak_flops = peak_flops(pl_module.device, dtype)
         self._logged_at_step = trainer.global_step  # log only once an optimizer step has completed
+        self._compiling = getattr(pl_module, "compiled", None) is not None  # the first batch compiles
         self._restart(pl_module)
 
     def _restart(self, pl_module: L.LightningModule) -> None:
@@ -419,6 +420,14 @@ class TokenThroughput(Callback):
         self._start, self._tokens, self._flops = time.perf_counter(), 0, 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: GPTModule, outputs: Any, batch: Any, *_: Any) -> None:  # type: ignore[override]
+        if self._compiling:
+            self._compiling = False
+            _synchronize(pl_module.device)  # once: the end of the first batch, whose forward and backward compile
+            seconds = time.perf_counter() - self._start
+            rank_zero_info(f"torch.compile: compiled in {seconds:.1f} s (the first training batch, compilation "
+                           "included; train/tokens_per_sec counts from the next)")  # fmt: skip
+            self._restart(pl_module)
+            return
         tokens = batch[0].numel()
         self._tokens += tokens
         self._flops += pl_module.flops_per_token * tokens

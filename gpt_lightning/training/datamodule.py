@@ -45,6 +45,14 @@ from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, toke
 DEFAULT_BLOCK_SIZE = 256
 
 
+def pin_memory_for(setting: bool | None, trainer: L.Trainer | None) -> bool:
+    """data.pin_memory, unset meaning: when training on CUDA. A pinned batch is copied to the GPU
+    asynchronously (Lightning copies with non_blocking), so the host goes on to the next batch at once."""
+    if setting is not None:
+        return setting
+    return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
 class ShakespeareDataModule(L.LightningDataModule):
     template: Template | None = None  # plain text has no template: a model of it continues text (cf. TaskDataModule)
 
@@ -64,7 +72,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         val_fraction: float = VAL_FRACTION,
         seed: int = 1337,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         init_from: str | None = None,
     ) -> None:
         """Character batches of tiny Shakespeare, or of your own text.
@@ -100,7 +108,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             seed: Seed of the training windows. Batch i on rank r depends only on (seed, r, i), so ranks
                 draw different windows and a resumed run draws exactly what it would have drawn.
             num_workers: DataLoader worker processes. Batches are one gather each, so 0 is fastest on CPU.
-            pin_memory: Pin batches in page-locked memory for faster copies to a GPU.
+            pin_memory: Pin batches in page-locked memory, so that their copy to a GPU does not hold up the host.
+                Unset: when training on CUDA.
             init_from: Set by the CLI: the checkpoint whose vocabulary and block size to use (`model.init_from`
                 when fine-tuning, `--ckpt_path` when resuming or validating).
         """
@@ -266,11 +275,12 @@ class ShakespeareDataModule(L.LightningDataModule):
             # Batches this rank has consumed so far: resuming continues the stream where it stopped.
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
         dataset = RandomWindows(self.train_tokens, self.block_size, self.batch_size, self.seed, rank, start)
-        if self.num_workers == 0 and not self.pin_memory:
+        pin = pin_memory_for(self.pin_memory, self.trainer)
+        if self.num_workers == 0 and not pin:
             # The dataset yields whole batches, one gather each. With no workers to run and nothing to pin,
             # a DataLoader around it would only add work to every step. Lightning takes any iterable.
             return dataset
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_tokens is not None, "setup() first"
@@ -293,5 +303,5 @@ class ShakespeareDataModule(L.LightningDataModule):
             batch_size=self.val_batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=pin_memory_for(self.pin_memory, self.trainer),
         )

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -35,6 +35,7 @@ from gpt_lightning.training.seeded_dropout import SeededDropout
 
 # (inputs, targets) windows of text, or a TaskBatch of examples, padded or packed (inputs, targets, lengths, segments)
 Batch = tuple[torch.Tensor, torch.Tensor] | TaskBatch
+CompileMode = Literal["reduce-overhead", "max-autotune"]  # torch.compile's modes besides its default
 
 
 class GPTModule(L.LightningModule):
@@ -62,7 +63,7 @@ class GPTModule(L.LightningModule):
         muon_learning_rate: float = 0.02,
         muon_momentum: float = 0.95,
         muon_precision: MuonPrecision = "auto",
-        compile: bool = False,
+        compile: bool | CompileMode = False,
         template: dict[str, str] | None = None,
     ) -> None:
         """A GPT trained with AdamW (or Muon and AdamW) and a warm-up + cosine LR schedule.
@@ -107,7 +108,10 @@ class GPTModule(L.LightningModule):
             muon_precision: The precision of Muon's Newton-Schulz iteration. bf16 is torch.optim.Muon's own
                 step; fp32 is the same update in float32, far faster on CPUs without native bfloat16 (AVX2).
                 auto: bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, else fp32. The state is the same.
-            compile: Compile the network with torch.compile (in place, so checkpoint keys are unchanged).
+            compile: torch.compile the forward pass of training and validation: true (torch's default mode), or
+                reduce-overhead, which adds CUDA graphs (a small model's GPU step is mostly kernel launches), or
+                max-autotune (slow to compile). Sampling, export and the checkpoint's keys stay the plain
+                network's. The first step pays the compilation; the fit prints how long it took.
             template: Linked from the data module: how task data's prompts became model input (instruct.Template's
                 fields), recorded in checkpoints so that generate and evaluate apply it. None for plain text.
         """
@@ -145,8 +149,14 @@ class GPTModule(L.LightningModule):
                 f"{c.vocab_size} tokens ({self.gpt.padding_parameters():,} parameters, never trained)"
             )
         self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
-        if compile:
-            self.gpt.compile()  # in place: state_dict keys keep their names, no `_orig_mod.` prefix
+        if compile not in (False, True, *get_args(CompileMode)):
+            raise ValueError(f"model.compile must be true, false or a mode ({', '.join(get_args(CompileMode))}), "
+                             f"got {compile!r}.")  # fmt: skip
+        # A function, not a module: no second copy of the weights' names in the state_dict, and sampling
+        # (whose every token is a new shape) runs the plain network.
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        if compile is not False:
+            self.compiled = torch.compile(self.gpt.forward, mode=None if compile is True else compile)
         # Characters each token stands for: val/bpc is in bits per character of text for every tokenizer. Not
         # a buffer: DDP would broadcast it at every step.
         self._characters_per_token = self.tokenizer.characters_per_token()
@@ -158,7 +168,7 @@ class GPTModule(L.LightningModule):
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         segments = batch.segments if isinstance(batch, TaskBatch) else None  # examples packed into rows
-        return self.gpt(batch[0], segments=segments)  # (B, T, V)
+        return (self.compiled or self.gpt)(batch[0], segments=segments)  # (B, T, V)
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """The mean loss over the batch's targets; a target of IGNORE_INDEX (a prompt's token, padding) is left

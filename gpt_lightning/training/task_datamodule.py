@@ -32,6 +32,7 @@ from gpt_lightning.data.instruct import (
 from gpt_lightning.data.synthetic_tasks import synthetic_task
 from gpt_lightning.sources import ModelSource, open_source
 from gpt_lightning.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_spec
+from gpt_lightning.training.datamodule import pin_memory_for
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -54,7 +55,7 @@ class TaskDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 1337,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         init_from: str | None = None,
     ) -> None:
         """Prompt/response examples to fine-tune on (docs/fine-tuning.md, "Teach it a task"): the loss is on the
@@ -97,7 +98,8 @@ class TaskDataModule(L.LightningDataModule):
             seed: Seed of the training order and of a built-in task's draws: batch i on rank r depends only on
                 (seed, r, i), so a resumed run takes exactly the examples it would have taken.
             num_workers: DataLoader worker processes.
-            pin_memory: Pin batches in page-locked memory for faster copies to a GPU.
+            pin_memory: Pin batches in page-locked memory, so that their copy to a GPU does not hold up the host.
+                Unset: when training on CUDA.
             init_from: Set by the CLI: the checkpoint whose tokenizer and block size to use.
         """
         super().__init__()
@@ -257,9 +259,10 @@ class TaskDataModule(L.LightningDataModule):
             rank, world = self.trainer.global_rank, self.trainer.world_size
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches  # where a resumed run was
         batches = self._train_batches(rank, world, start)
-        if self.num_workers == 0 and not self.pin_memory:
+        pin = pin_memory_for(self.pin_memory, self.trainer)
+        if self.num_workers == 0 and not pin:
             return batches
-        return DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
 
     def val_dataloader(self) -> DataLoader:
         pairs = self.encoded["val"]
@@ -271,5 +274,6 @@ class TaskDataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(pairs, num_replicas=self.trainer.world_size,
                                                    rank=self.trainer.global_rank, shuffle=False)  # fmt: skip
         batch = partial(pack, width=self.block_size) if self.pack else collate
+        pin = pin_memory_for(self.pin_memory, self.trainer)
         return DataLoader(pairs, batch_size=self.val_batch_size, sampler=sampler, collate_fn=batch,  # type: ignore[arg-type]
-                          num_workers=self.num_workers, pin_memory=self.pin_memory)  # fmt: skip
+                          num_workers=self.num_workers, pin_memory=pin)  # fmt: skip

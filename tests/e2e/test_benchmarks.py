@@ -78,6 +78,14 @@ def test_throughput_benchmark_prints_a_round_per_turn_and_the_ratio_line(text_fi
     assert re.fullmatch(r"fit/plain tokens-per-second ratio: \d\.\d\d", lines[-1])
 
 
+def test_compile_breakeven_benchmark_times_eager_and_compiled_fits_and_prints_the_break_even(text_file: Path):
+    lines = run_benchmark("compile_breakeven.py", "--preset=cpu", f"--data-path={text_file}", "--threads=1",
+                          "--steps=3", "--runs=1")  # fmt: skip
+    rows = [line for line in lines if re.fullmatch(r"\| (false|true) \| \d+\.\d\d \| \d+\.\d\d \|", line)]
+    assert [row.split()[1] for row in rows] == ["false", "true"], lines
+    assert re.fullmatch(r"compiling costs -?\d+\.\d s and saves .*", lines[-1]), lines
+
+
 def test_validation_share_benchmark_scales_a_few_steps_to_the_recipes_interval(text_file: Path, tmp_path: Path):
     task = tmp_path / "mc.jsonl"
     task.write_text("".join(json.dumps({"context": "The king", "choices": [" is", " and"], "label": 0}) + "\n"

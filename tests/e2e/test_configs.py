@@ -16,6 +16,7 @@ BASE = {
     "trainer/": "configs/pretrain_cpu.yaml",
     "model/": "configs/pretrain.yaml",
     "finetune": "configs/pretrain_cpu.yaml",
+    "gpu/": "configs/finetune_gpt2.yaml",
 }
 
 
@@ -106,3 +107,40 @@ def test_the_task_fine_tune_is_a_small_diff_that_reads_task_data(capsys, monkeyp
     data = result["data"]
     assert data["class_path"] == "gpt_lightning.training.task_datamodule.TaskDataModule"
     assert data["init_args"]["task"] == "reverse-words" and data["init_args"]["template"] == "plain"
+
+
+@pytest.mark.parametrize(
+    ("config", "compiled"),
+    [
+        ("configs/pretrain.yaml", True),
+        ("configs/pretrain_muon.yaml", True),
+        ("configs/finetune_gpt2.yaml", False),
+        ("configs/pretrain_cpu.yaml", False),
+    ],
+)
+def test_the_long_gpu_recipes_compile_and_opt_out_with_false(config: str, compiled: bool, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert parsed(capsys, "fit", "--config", config)["model"]["compile"] is compiled
+    assert parsed(capsys, "fit", "--config", config, "--model.compile=false")["model"]["compile"] is False
+    assert parsed(capsys, "fit", "--config", config, "--model.compile=reduce-overhead")["model"]["compile"] == (
+        "reduce-overhead"
+    )
+
+
+CARD_PRESETS = sorted(c for c in CONFIGS if c.startswith("configs/gpu/gpt2_"))
+
+
+@pytest.mark.parametrize("preset", CARD_PRESETS)
+def test_a_card_preset_keeps_its_computed_memory_within_three_quarters_of_the_card(preset: str, capsys, monkeypatch):
+    from benchmarks.gpt2_cpu import step_memory_bytes  # the project's memory table, row by row
+    from gpt_lightning.lora import LoRAConfig
+
+    monkeypatch.chdir(ROOT)
+    result = parsed(capsys, "fit", "--config", "configs/finetune_gpt2.yaml", "--config", preset)
+    data, model, trainer = result["data"]["init_args"], result["model"], result["trainer"]
+    card_gb = int(preset.removesuffix("gb.yaml").rsplit("_", 1)[1])
+    lora = LoRAConfig(**model["lora"])
+    memory = step_memory_bytes(model["init_from"], data["batch_size"], data["block_size"], lora)
+    assert memory <= 0.75 * card_gb * 1e9, f"{preset}: {memory / 1e9:.1f} GB on a {card_gb} GB card"
+    assert lora.enabled == ("_lora_" in preset) and data["block_size"] == 1024
+    assert data["batch_size"] * trainer["accumulate_grad_batches"] == 32  # the same step on every card

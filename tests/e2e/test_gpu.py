@@ -75,8 +75,28 @@ def test_tf32_on_ampere_and_train_mfu_between_0_and_1(tmp_path: Path, text_file:
 def test_compiled_fit_on_the_gpu(tmp_path: Path, text_file: Path):
     module, run = fit(tmp_path, text_file, "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed",
                       compile=True)  # fmt: skip
-    assert module.gpt._compiled_call_impl is not None
+    assert module.compiled is not None and module.gpt._compiled_call_impl is None  # sampling stays eager
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in scalars(run)["train/loss"])
+
+
+@pytest.mark.parametrize("mode", ["true", "reduce-overhead"])
+def test_a_compiled_run_resumes_bit_exactly_with_the_plain_networks_keys(text_file: Path, tmp_path: Path, mode: str):
+    from tests.e2e.test_resume import EXACT, assert_same_run
+
+    precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    gpu = ["--trainer.accelerator=gpu", f"--trainer.precision={precision}", "--trainer.deterministic=true",
+           f"--model.compile={mode}"]  # fmt: skip
+
+    def fit(runs: Path, *args: str):
+        return tiny_fit(text_file, runs, *args, *EXACT, *gpu, in_process=True)
+
+    assert_ok(fit(tmp_path / "a", "--trainer.max_steps=12"))
+    assert_ok(fit(tmp_path / "b", "--trainer.max_steps=7"))
+    assert_ok(fit(tmp_path / "b", "--trainer.max_steps=12", "--ckpt_path=last"))
+    assert_same_run(tmp_path / "a" / "run" / "version_0", tmp_path / "b" / "run" / "version_0", 12)
+    last = tmp_path / "a" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert not any("_orig_mod" in key for key in torch.load(last, weights_only=True)["state_dict"])
+    load_model(last)  # the plain network loads it, strictly
 
 
 def test_sampling_under_autocast_is_the_same_with_and_without_the_cache(tmp_path: Path, text_file: Path):
@@ -177,3 +197,31 @@ def test_gpt2_small_peak_memory_full_against_lora():
     print(f"peak GPU memory, GPT-2 small step: full {peaks['full'] / 1e9:.2f} GB, LoRA r8 {peaks['lora'] / 1e9:.2f} GB")
     # Full keeps 124M x (4 weights + 4 gradients + 8 AdamW) bytes; LoRA the weights alone.
     assert peaks["full"] - peaks["lora"] > 124e6 * 10
+
+
+@pytest.mark.parametrize("preset", ["gpt2_full_24gb", "gpt2_lora_24gb", "gpt2_full_12gb", "gpt2_lora_12gb"])
+def test_a_card_presets_micro_batch_peaks_within_its_card(preset: str):
+    """The real peak of a card preset's micro-batch (configs/gpu/), which its YAML sizes by a computed table."""
+    import yaml
+
+    settings = yaml.safe_load((ROOT / "configs" / "gpu" / f"{preset}.yaml").read_text())
+    batch, context = settings["data"]["batch_size"], settings["data"]["block_size"]
+    card_gb = int(preset.removesuffix("gb").rsplit("_", 1)[1])
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    config = GPTConfig(vocab_size=50_257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+    model = GPT(config).cuda()
+    if "lora" in settings["model"]:
+        add_lora(model, LoRAConfig(**settings["model"]["lora"]))
+    optimizer = torch.optim.AdamW(model.parameter_groups(0.1), lr=1e-4, fused=True)
+    x = torch.randint(50_257, (batch, context), device="cuda")
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), x.roll(-1, 1).flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    print(f"{preset}: peak {peak / 1e9:.2f} GB for micro-batches of {batch} x {context} on a {card_gb} GB card")
+    assert peak < 0.9 * card_gb * 1e9

@@ -51,10 +51,11 @@ def assert_same_run(straight: Path, resumed: Path, steps: int) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon", "muon fp32"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "muon fp32", "adamw compiled"])
 def test_resume_is_bit_exact_on_cpu(text_file: Path, tmp_path: Path, optimizer: str):
     # In this process; the DDP test below resumes in fresh processes, as after a real crash.
-    choice = optimizer_args(optimizer)
+    name, compiled = optimizer.removesuffix(" compiled"), optimizer.endswith(" compiled")
+    choice = [*optimizer_args(name), *(["--model.compile=true"] if compiled else [])]
 
     def fit(runs: Path, *args: str):
         return tiny_fit(text_file, runs, *args, *EXACT, *choice, in_process=True)

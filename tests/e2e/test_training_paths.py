@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +20,7 @@ from gpt_lightning.commands.device import DeviceAndPrecision
 from gpt_lightning.optim import WarmupCosine
 from gpt_lightning.sampling import generate_tokens
 from gpt_lightning.sources import load_model
+from gpt_lightning.training.callbacks import TokenThroughput
 from gpt_lightning.training.datamodule import ShakespeareDataModule
 from gpt_lightning.training.module import GPTModule
 from gpt_lightning.training.nan_guard import is_logging_step
@@ -203,10 +206,17 @@ def test_generate_honours_the_trainer_precision(tmp_path, text_file, monkeypatch
 
 
 @pytest.mark.slow
-def test_compiled_fit_trains_and_its_checkpoints_resume_either_way(tmp_path: Path, text_file: Path):
+def test_compiled_fit_trains_and_its_checkpoints_resume_either_way(tmp_path: Path, text_file: Path, caplog):
     data, compiled = data_and_module(text_file, compile=True)
-    trainer(tmp_path, max_steps=2).fit(compiled, datamodule=data)  # forward and backward through inductor
-    assert compiled.gpt._compiled_call_impl is not None
+    assert compiled.compiled is not None
+    calls = []
+    compiled_forward = compiled.compiled
+    compiled.compiled = lambda *args, **kwargs: calls.append(1) or compiled_forward(*args, **kwargs)
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, max_steps=2, callbacks=[TokenThroughput()]).fit(compiled, datamodule=data)  # inductor
+    assert len(calls) == 2, "the training steps did not run the compiled forward"
+    assert compiled.gpt._compiled_call_impl is None  # sampling runs the plain network: each token a new shape
+    assert re.search(r"torch\.compile: compiled in \d+\.\d s", caplog.text), caplog.text
     compiled_ckpt = tmp_path / "compiled.ckpt"
     compiled.trainer.save_checkpoint(compiled_ckpt)
     gpt, _ = load_model(compiled_ckpt)  # the plain model loads it: the keys carry no `_orig_mod.`

@@ -4,6 +4,7 @@ themselves, the optimizer and its schedule."""
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -34,8 +35,16 @@ def test_module_gives_the_plain_models_logits():
     assert torch.equal(module(idx), plain(idx))
 
 
-def test_compiled_module_keeps_checkpoint_keys():
-    assert tiny_module(compile=True).state_dict().keys() == tiny_module().state_dict().keys()
+@pytest.mark.parametrize("compile", [True, "reduce-overhead", "max-autotune"])
+def test_compiled_module_keeps_checkpoint_keys_and_samples_with_the_plain_network(compile):
+    module = tiny_module(compile=compile)
+    assert module.state_dict().keys() == tiny_module().state_dict().keys()
+    assert module.compiled is not None and module.gpt._compiled_call_impl is None
+
+
+def test_an_unknown_compile_mode_names_the_modes():
+    with pytest.raises(ValueError, match=r"model.compile must be true, false or a mode \(reduce-overhead, max-"):
+        tiny_module(compile="fast")
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
@@ -135,3 +144,18 @@ def test_flops_formula_agrees_with_lightnings_measure_flops():
     # 6N counts the LayerNorm gains too, which no matmul uses: the one difference from a FLOP counter.
     norm_gains = sum(p.numel() for name, p in model.named_parameters() if "ln" in name)
     assert counted == model.flops_per_token() - 6 * norm_gains
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "pinned"),
+    [(None, "cuda", True), (None, "cpu", False), (False, "cuda", False), (True, "cpu", True)],
+)
+def test_batches_are_pinned_when_training_on_cuda_unless_told(text_file: Path, setting, device: str, pinned: bool):
+    data = ShakespeareDataModule(path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16,
+                                 batch_size=4, pin_memory=setting)  # fmt: skip
+    data.setup("fit")
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0,
+                                   world_size=1, global_step=0, accumulate_grad_batches=1)  # fmt: skip
+    loaders = {"train": data.train_dataloader(), "val": data.val_dataloader()}
+    for name, loader in loaders.items():
+        assert getattr(loader, "pin_memory", False) is pinned, name
