@@ -324,3 +324,33 @@ def test_the_tasks_benchmark_plans_every_way_of_each_task_as_fits_the_cli_parses
         assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_steps"] == run.steps
         grows = "--data.grow_vocab=true" in run.args
         assert grows == (run.name.startswith("addition-2-full")), run.name  # a pre-trained start on digits grows
+
+
+@pytest.mark.slow
+def test_gpu_report_smoke_prints_every_row_and_says_its_figures_are_not_measurements(text_file: Path, tmp_path: Path):
+    lines = run_benchmark("gpu_report.py", "--smoke", f"--data-path={text_file}", "--threads=1",
+                          f"--nanogpt={tmp_path / 'no-nanogpt'}")  # fmt: skip
+    assert "NOT measurements" in lines[0]
+    assert any(line.endswith("git clone https://github.com/karpathy/nanoGPT benchmarks/.nanogpt") for line in lines)
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in lines if line.startswith("| ") and "`" in line}
+    expected = [f"{preset}, compile {mode}" for preset in ("baby-gpt", "baby-gpt-muon")
+                for mode in ("off (today)", "true", "reduce-overhead")]  # fmt: skip
+    expected += [
+        "data path (baby-gpt plain loop, compile false)",
+        "nanoGPT train.py, compile=True",
+        "time to 10.0 (pretrain_muon shrunk, 1 seed)",
+        "GPT-2 small shape, full (smoke: cpu preset's sizes)",
+        "GPT-2 small shape, LoRA rank 8 (smoke: cpu preset's sizes)",
+    ]
+    assert list(rows) == expected, lines
+    number = r"[\d,.]+"
+    beside = rf"\| {number} \| — \| {number} \| {number} \| -?{number} ms \([+-]{number}%\) \| n/a \(CPU\) \|"
+    for name in ("baby-gpt, compile off (today)", "baby-gpt-muon, compile off (today)"):  # fit beside the plain loop
+        assert re.search(beside, rows[name]), rows[name]
+        assert "python -m benchmarks.throughput --preset " in rows[name]
+    assert "skipped in --smoke" in rows["baby-gpt, compile reduce-overhead"]
+    assert "the data path adds" in rows["data path (baby-gpt plain loop, compile false)"]
+    assert "skipped: no nanoGPT tree" in rows["nanoGPT train.py, compile=True"]
+    assert re.search(r"seed 0: [\d.]+ s \(val/loss", rows["time to 10.0 (pretrain_muon shrunk, 1 seed)"])
+    gpt2 = rows["GPT-2 small shape, LoRA rank 8 (smoke: cpu preset's sizes)"]
+    assert "vocabulary 50,257" in gpt2 and "SYNTHETIC random token ids" in gpt2
