@@ -179,12 +179,24 @@ def data_path(report: Report) -> Row:
     return row
 
 
-def nanogpt_data(report: Report, folder: Path) -> GPTConfig:
+def baby_gpt(report: Report, vocab_size: int) -> tuple[GPTConfig, int]:
+    """The baby GPT's shape (configs/pretrain.yaml; the cpu preset's sizes under --smoke) and batch size."""
+    config = recipe_model("baby-gpt", vocab_size)
+    batch_size = recipe_settings(recipe_files("baby-gpt"))["data"]["batch_size"]
+    if report.smoke:
+        shape = SMOKE_SHAPE
+        config = dataclasses.replace(
+            config, n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
+            block_size=shape["block_size"], dropout=0.0,
+        )  # fmt: skip
+        batch_size = shape["batch_size"]
+    return config, batch_size
+
+
+def nanogpt_data(report: Report, folder: Path) -> int:
     """nanoGPT's shakespeare_char files (train.bin and val.bin of uint16 ids, meta.pkl with vocab_size, itos
-    and stoi) of the same characters and split as ours; returns the baby GPT's shape at that vocabulary."""
-    settings = recipe_settings(recipe_files("baby-gpt"))["data"]
+    and stoi) of the same characters and split as ours, in `folder`; returns the vocabulary's size."""
     data = ShakespeareDataModule(data_dir=report.args.data_dir, path=report.args.data_path,
-                                 block_size=settings["block_size"], batch_size=settings["batch_size"],
                                  cache_dir=str(folder / "token_cache"))  # fmt: skip
     data.prepare_data()
     data.setup("fit")
@@ -195,11 +207,11 @@ def nanogpt_data(report: Report, folder: Path) -> GPTConfig:
     assert isinstance(vocab, str), "a character vocabulary"
     meta = {"vocab_size": len(vocab), "itos": dict(enumerate(vocab)), "stoi": {c: i for i, c in enumerate(vocab)}}
     (folder / "meta.pkl").write_bytes(pickle.dumps(meta))
-    return recipe_model("baby-gpt", vocab_size=len(vocab))
+    return len(vocab)
 
 
 def nanogpt(report: Report) -> Row:
-    """nanoGPT's own train.py, its shakespeare_char config, with compile=True, on our data."""
+    """nanoGPT's own train.py, its shakespeare_char config, with compile=True, on our data and model shape."""
     a = report.args
     tree = Path(a.nanogpt)
     if not (tree / "train.py").is_file():
@@ -207,20 +219,19 @@ def nanogpt(report: Report) -> Row:
         return Row("nanoGPT train.py, compile=True", f"nothing: {NANOGPT_CLONE}", result=skipped)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        config = nanogpt_data(report, folder)
+        config, batch_size = baby_gpt(report, nanogpt_data(report, folder))
         iters = a.nanogpt_iters
         # An absolute --dataset replaces nanoGPT's data/<dataset> (os.path.join); one eval, at iteration 0.
-        argv = ["train.py", "config/train_shakespeare_char.py", f"--dataset={folder}", f"--out_dir={folder / 'out'}",
-                f"--max_iters={iters}", f"--eval_interval={iters + 1}", "--eval_iters=20",
-                "--log_interval=1"]  # fmt: skip
-        if report.smoke:  # the cpu preset's sizes, in float32, not compiled
+        # Its configurator checks each value's type against its default's: dropout must read as a float.
+        argv = [
+            "train.py", "config/train_shakespeare_char.py", f"--dataset={folder}", f"--out_dir={folder / 'out'}",
+            f"--max_iters={iters}", f"--eval_interval={iters + 1}", "--eval_iters=20", "--log_interval=1",
+            f"--n_layer={config.n_layer}", f"--n_head={config.n_head}", f"--n_embd={config.n_embd}",
+            f"--block_size={config.block_size}", f"--batch_size={batch_size}", f"--dropout={float(config.dropout)}",
+            f"--bias={config.bias}",
+        ]  # fmt: skip
+        if report.smoke:  # on the CPU, in float32, not compiled
             argv += ["--device=cpu", "--compile=False", "--dtype=float32"]
-            argv += [f"--{key}={value}" for key, value in SMOKE_SHAPE.items()] + ["--dropout=0.0"]
-            shape = SMOKE_SHAPE
-            config = dataclasses.replace(
-                config, n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
-                block_size=shape["block_size"], dropout=0.0,
-            )  # fmt: skip
         else:
             argv.append("--compile=True")
         name = "nanoGPT train.py, compile=" + ("False (smoke)" if report.smoke else "True")
@@ -228,14 +239,14 @@ def nanogpt(report: Report) -> Row:
         result = subprocess.run([sys.executable, *argv], cwd=tree, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        row.result = f"failed (exit {result.returncode}): {last}"
+        row.result = f"FAILED (exit {result.returncode}): {last}"
         return row
     lines = [m for m in map(NANOGPT_LINE.search, result.stdout.splitlines()) if m]
     settled = [m for m in lines if int(m.group(1)) >= a.nanogpt_skip]  # the first compile and evaluate
     if not settled:
-        row.result = f"failed: no 'iter N: ... time ... ms' lines after iteration {a.nanogpt_skip}"
+        row.result = f"FAILED: no 'iter N: ... time ... ms' lines after iteration {a.nanogpt_skip}"
         return row
-    batch, block = (SMOKE_SHAPE["batch_size"], SMOKE_SHAPE["block_size"]) if report.smoke else (64, 256)
+    batch, block = batch_size, config.block_size
     step_s = statistics.median(float(m.group(3)) / 1000 for m in settled)
     row.ms_per_step = 1000 * step_s
     row.tokens_per_s = batch * block / step_s
