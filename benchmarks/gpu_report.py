@@ -64,6 +64,8 @@ class Row:
     ms_per_step: float | None = None
     plain_ms_per_step: float | None = None
     overhead: str = ""  # Lightning's, in ms and %
+    overhead_fraction: float | None = None  # and as a fraction of the plain loop's step
+    seconds: float | None = None  # the median time to the target loss
     peak_memory: str = ""
     result: str = ""
 
@@ -139,7 +141,7 @@ def fit_against_plain(report: Report, preset: str, compile_mode: str) -> Row:
     row.ms_per_step, row.plain_ms_per_step = 1000 * fit_s, 1000 * plain_s
     gap_ms = statistics.median(1000 * (f - p) for f, p in zip(m.fit, m.plain, strict=True))
     gap = statistics.median(f / p - 1 for f, p in zip(m.fit, m.plain, strict=True))
-    row.overhead = f"{gap_ms:.2f} ms ({gap:+.1%})"
+    row.overhead, row.overhead_fraction = f"{gap_ms:.2f} ms ({gap:+.1%})", gap
     plain_rate = m.tokens_per_step / plain_s
     plain_mfu = report.mfu(plain_rate, m.flops_per_token)
     row.result = f"plain loop {plain_rate:,.0f} tokens/s" + (f", MFU {plain_mfu:.1%}" if plain_mfu else "")
@@ -298,7 +300,8 @@ def time_to_loss(report: Report) -> Row:
     row.tokens_per_s = statistics.median(rates) if rates else None
     row.mfu = statistics.median(mfus) if mfus else None
     row.peak_memory = f"{max(memories):.2f} GB (the most of the seeds)" if memories else "n/a (CPU)"
-    median = f"median {statistics.median(times):.1f} s; " if len(times) == len(commands) else ""
+    row.seconds = statistics.median(times) if len(times) == len(commands) else None
+    median = "" if row.seconds is None else f"median {row.seconds:.1f} s; "
     row.result = median + "; ".join(results)
     return row
 
@@ -333,6 +336,51 @@ def gpt2_shape(report: Report, method: str) -> Row:
     return row
 
 
+def targets(rows: dict[str, Row], target_loss: float) -> list[str]:
+    """Issue 32's targets, met or missed and by how much, from the rows that ran."""
+    lines = []
+
+    def verdict(target: str, met: bool, value: str) -> None:
+        lines.append(f"- {target}: {'met' if met else 'MISSED'} ({value})")
+
+    for preset in ("baby-gpt", "baby-gpt-muon"):
+        today = rows.get(f"{preset}, compile false")
+        compiled = [r for m in COMPILE_MODES[1:] if (r := rows.get(f"{preset}, compile {m}")) and r.tokens_per_s]
+        if today and today.tokens_per_s and compiled:
+            best = max(compiled, key=lambda r: r.tokens_per_s or 0.0)
+            ratio = (best.tokens_per_s or 0.0) / today.tokens_per_s
+            verdict(f"{preset} at 2x today's tokens/s or more", ratio >= 2, f"{ratio:.2f}x, with {best.name}")
+    for row in rows.values():
+        if row.overhead_fraction is not None:
+            verdict(f"{row.name}: Lightning within 5% of the plain loop", row.overhead_fraction <= 0.05,
+                    f"{row.overhead_fraction:+.1%} per step")  # fmt: skip
+    ttl = rows.get("time to loss")
+    if ttl and ttl.seconds is not None:
+        verdict(f"time to {target_loss} at most 15 s", ttl.seconds <= 15, f"median {ttl.seconds:.1f} s")
+    gpt2 = rows.get("GPT-2 small shape, full")
+    if gpt2 and gpt2.mfu is not None:
+        verdict("GPT-2-small shape at 40% MFU or more", gpt2.mfu >= 0.40, f"{gpt2.mfu:.1%}")
+    return lines
+
+
+def profile(report: Report) -> str:
+    """The top operators of the baby GPT's plain-loop steps (throughput's PlainLoop, compiled as the data row),
+    by their own time on the device (the CPU under --smoke): what a step spends its time on."""
+    a = report.args
+    compile_mode = "false" if report.smoke else a.data_compile
+    args = throughput.parse_args(report.throughput_argv("baby-gpt", compile_mode))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if report.device == "cuda" else []
+    with tempfile.TemporaryDirectory() as log_dir:
+        loop = throughput.PlainLoop(args, throughput.build_cli(args, log_dir))
+        loop.run(a.warmup)
+        with torch.profiler.profile(activities=activities) as prof:
+            loop.run(a.steps)
+    key = "self_device_time_total" if report.device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=15)
+    return f"torch.profiler, {a.steps} steps of the baby GPT's plain loop, compile {compile_mode}, by {key}:\n{table}"
+
+
 def run_row(report: Report, make: Callable[[], Row], name: str) -> Row:
     """One row, on a clean slate: torch.compile's caches emptied (each model compiles afresh, and never hits
     its recompile limit), the memory of earlier rows freed and the peak reset."""
@@ -359,6 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-path", help="a text file to train on instead of the corpus")
     parser.add_argument("--nanogpt", default=str(ROOT / "benchmarks" / ".nanogpt"), help="a nanoGPT checkout")
     parser.add_argument("--smoke", action="store_true", help="check the script runs (CPU, tiny): no measurements")
+    parser.add_argument("--profile", action="store_true", help="then print the top operators of a baby GPT step")
     parser.add_argument("--rows", nargs="+", choices=["baby", "muon", "data", "nanogpt", "ttl", "gpt2"],
                         default=["baby", "muon", "data", "nanogpt", "ttl", "gpt2"], help="the rows to run")  # fmt: skip
     parser.add_argument("--steps", type=int, help="optimizer steps per turn (default 20; smoke 2)")
@@ -408,13 +457,16 @@ def main(argv: list[str] | None = None) -> None:
         ("gpt2", "GPT-2 small shape, full", functools.partial(gpt2_shape, report, "full")),
         ("gpt2", "GPT-2 small shape, LoRA", functools.partial(gpt2_shape, report, "lora")),
     ]
-    failed = False
+    rows: dict[str, Row] = {}
     for key, name, make in plan:
         if key in args.rows:
-            row = run_row(report, make, name)
-            failed |= row.result.startswith("FAILED")
-            print(row.markdown(), flush=True)
-    if failed:
+            rows[name] = run_row(report, make, name)
+            print(rows[name].markdown(), flush=True)
+    print("\nIssue 32's targets, on one H200" + (" (smoke: meaningless)" if args.smoke else "") + ":")
+    print("\n".join(targets(rows, args.smoke_target if args.smoke else args.target)) or "- no row to judge")
+    if args.profile:
+        print("\n" + profile(report))
+    if any(row.result.startswith("FAILED") for row in rows.values()):
         sys.exit(1)
 
 

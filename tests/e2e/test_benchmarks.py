@@ -329,7 +329,7 @@ def test_the_tasks_benchmark_plans_every_way_of_each_task_as_fits_the_cli_parses
 @pytest.mark.slow
 def test_gpu_report_smoke_prints_every_row_and_says_its_figures_are_not_measurements(text_file: Path, tmp_path: Path):
     lines = run_benchmark("gpu_report.py", "--smoke", f"--data-path={text_file}", "--threads=1",
-                          f"--nanogpt={tmp_path / 'no-nanogpt'}")  # fmt: skip
+                          f"--nanogpt={tmp_path / 'no-nanogpt'}", "--profile")  # fmt: skip
     assert "NOT measurements" in lines[0]
     assert any(line.endswith("git clone https://github.com/karpathy/nanoGPT benchmarks/.nanogpt") for line in lines)
     rows = {line.split(" | ")[0].removeprefix("| "): line for line in lines if line.startswith("| ") and "`" in line}
@@ -354,6 +354,10 @@ def test_gpu_report_smoke_prints_every_row_and_says_its_figures_are_not_measurem
     assert re.search(r"seed 0: [\d.]+ s \(val/loss", rows["time to 10.0 (pretrain_muon shrunk, 1 seed)"])
     gpt2 = rows["GPT-2 small shape, LoRA rank 8 (smoke: cpu preset's sizes)"]
     assert "vocabulary 50,257" in gpt2 and "SYNTHETIC random token ids" in gpt2
+    targets = lines.index("Issue 32's targets, on one H200 (smoke: meaningless):")
+    verdict = r"- .*: (met|MISSED) \(.*\)"
+    assert all(re.fullmatch(verdict, line) for line in lines[targets + 1 : targets + 4]), lines[targets:]
+    assert any(line.startswith("torch.profiler, 2 steps of the baby GPT's plain loop") for line in lines)
 
 
 def test_gpu_report_runs_nanogpts_train_py_on_our_split_and_reads_its_iteration_lines(text_file: Path, tmp_path: Path):
