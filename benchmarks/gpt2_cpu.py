@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import fresh_process_output, trained_bpe
+from benchmarks.common import fresh_process_output, sync, trained_bpe
 from gpt_lightning.data.corpus import corpus_path
 from gpt_lightning.data.token_cache import TokenCache, build_token_cache
 from gpt_lightning.lora import LoRAConfig, add_lora
@@ -111,27 +111,52 @@ def encoding(args: argparse.Namespace) -> None:
 
 def one_step(method: str, steps: int) -> dict[str, float]:
     """Run in a fresh process: its peak resident memory is then this method's alone."""
+    result = train_steps(gpt2_config("gpt2"), method, steps)
+    return {**result, "peak RSS": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def train_steps(
+    config: GPTConfig,
+    method: str,
+    steps: int,
+    batch_size: int = 1,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    compile: str = "false",
+) -> dict[str, float]:
+    """`steps` training steps of `config` on random token ids (full fine-tuning, or LoRA rank 8): AdamW, under
+    autocast to `dtype` where given, the forward compiled as `model.compile` does (false, true or one of
+    torch's modes). The median seconds per step (after one untimed step), trainable parameters, AdamW's state
+    in bytes and the training FLOPs of a token."""
     torch.manual_seed(0)
-    model = GPT(gpt2_config("gpt2"))
+    model = GPT(config).to(device)
     if method == "lora":
         add_lora(model, LoRAConfig(rank=8, dropout=0.0))
-    optimizer = torch.optim.AdamW(model.parameter_groups(0.1), lr=1e-4)
-    x = torch.randint(VOCAB, (1, 1024))
+    forward = model.forward
+    if compile != "false":
+        forward = torch.compile(model.forward, mode=None if compile == "true" else compile)
+    optimizer = torch.optim.AdamW(model.parameter_groups(0.1), lr=1e-4, fused=device == "cuda")
+    x = torch.randint(config.vocab_size, (batch_size, config.block_size), device=device)
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype is not None)
     times = []
     for _ in range(steps + 1):  # the first step allocates AdamW's state and warms the allocator: untimed
+        sync(device)
         start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, dims=1).flatten())
+        with autocast:
+            logits = forward(x)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.roll(-1, dims=1).flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
         times.append(time.perf_counter() - start)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))  # fmt: skip
     return {
         "s/step": statistics.median(times[1:]),
-        "peak RSS": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "optimizer bytes": state,
+        "flops/token": model.flops_per_token(),
     }
 
 

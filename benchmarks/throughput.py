@@ -16,12 +16,17 @@ much longer a fit step takes than a plain one; unlike the ratio it does not depe
 
     python -m benchmarks.throughput --preset cpu --data-dir ../shared/data --threads 2
     python -m benchmarks.throughput --preset baby-gpt --device cuda --precision bf16-mixed --compile
+    python -m benchmarks.throughput --preset baby-gpt --device cuda --precision bf16-mixed --compile reduce-overhead
+
+Any further arguments go to the fit's CLI (and so to the plain loop's model and batches too), e.g.
+`--data.pin_memory=true` or `--model.n_layer=4`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import statistics
 import sys
@@ -54,11 +59,11 @@ def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
         f"--trainer.logger.init_args.save_dir={log_dir}",
         f"--progress_bar.refresh_rate={args.progress_bar_refresh}",
         "--last_checkpoint.every_n_train_steps=0",  # the plain loop saves nothing either
-        f"--model.compile={str(args.compile).lower()}",
+        f"--model.compile={args.compile}",
     ]
     if args.batch_size:
         overrides.append(f"--data.batch_size={args.batch_size}")
-    return recipe_cli([*config_args(recipe_files(args.preset)), *overrides])
+    return recipe_cli([*config_args(recipe_files(args.preset)), *overrides, *args.cli_args])
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -69,14 +74,19 @@ class PlainLoop:
     """(b): the loop a user would write by hand, advanced `steps` optimizer steps at a time.
 
     Its turns run inside the fit, so process-wide settings are shared: TF32 matmuls on Ampere and newer,
-    which the LightningModule turns on at fit start, apply to both sides."""
+    which the LightningModule turns on at fit start, apply to both sides. It compiles the forward as the
+    module does (`model.compile`), and pins its batches when the data module does (`data.pin_memory`).
 
-    def __init__(self, args: argparse.Namespace, cli: GPTLightningCLI) -> None:
+    `reuse_batch`: every step trains on one batch, copied to the device once, so the data path costs
+    nothing; a loop that steps as fast on its real batches never waits for data."""
+
+    def __init__(self, args: argparse.Namespace, cli: GPTLightningCLI, reuse_batch: bool = False) -> None:
         data, module = cli.datamodule, cli.model
         self.device = torch.device("cuda" if args.device == "cuda" else "cpu")
         self.model = GPT(module.config).to(self.device)
-        if args.compile:
-            self.model.compile()
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model.forward
+        if args.compile != "false":
+            self.forward = torch.compile(self.model.forward, mode=None if args.compile == "true" else args.compile)
         self.optimizer = torch.optim.AdamW(
             self.model.parameter_groups(module.weight_decay),
             lr=module.learning_rate,
@@ -90,6 +100,8 @@ class PlainLoop:
         self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(
             RandomWindows(data.train_tokens, data.block_size, data.batch_size, data.seed)
         )
+        self.pin = data.pin_memory and self.device.type == "cuda"
+        self.resident = self._next_batch() if reuse_batch else None
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)
         self.autocast: Callable[[], contextlib.AbstractContextManager[Any]] = (
@@ -105,9 +117,9 @@ class PlainLoop:
         sync(self.device)
         start = time.perf_counter()
         for _ in range(steps):
-            x, y = (t.to(self.device, non_blocking=True) for t in next(self.batches))
+            x, y = self.resident or self._next_batch()
             with self.autocast():
-                logits = self.model(x)
+                logits = self.forward(x)
                 loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -118,6 +130,10 @@ class PlainLoop:
             self.optimizer.zero_grad(set_to_none=True)
         sync(self.device)
         return time.perf_counter() - start
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = (t.pin_memory() if self.pin else t for t in next(self.batches))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 class TakeTurns(L.Callback):
@@ -147,36 +163,55 @@ class TakeTurns(L.Callback):
         self._turn_start = time.perf_counter()
 
 
-def measure(args: argparse.Namespace) -> tuple[list[float], list[float], int]:
-    """Seconds per step of each turn of (a) and (b), and the tokens in a step."""
+@dataclasses.dataclass
+class Measured:
+    fit: list[float]  # seconds per step of each turn of (a)
+    plain: list[float]  # and of (b), round by round
+    tokens_per_step: int
+    flops_per_token: int  # training FLOPs, for MFU
+
+
+def measure(args: argparse.Namespace) -> Measured:
+    """Seconds per step of each turn of (a) and (b), the tokens in a step and the FLOPs of a token."""
     with tempfile.TemporaryDirectory() as log_dir:
         cli = build_cli(args, log_dir)
         turns = TakeTurns(PlainLoop(args, cli), args.warmup, args.steps)
         callbacks_of(cli.trainer).append(turns)
         with contextlib.redirect_stdout(sys.stderr):  # the progress bar; stdout keeps the table
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    per_step = [[seconds / args.steps for seconds in side] for side in (turns.fit_seconds, turns.plain_seconds)]
-    return per_step[0], per_step[1], cli.datamodule.batch_size * cli.datamodule.block_size
+    fit, plain = ([seconds / args.steps for seconds in side] for side in (turns.fit_seconds, turns.plain_seconds))
+    data = cli.datamodule
+    return Measured(fit, plain, data.batch_size * data.block_size, cli.model.flops_per_token)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options below; the arguments they leave go to the fit's CLI, as `cli_args`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(RECIPES), default="cpu", help="recipe whose model and data to use")
     parser.add_argument("--data-dir", default="data", help="folder holding tinyshakespeare/input.txt")
     parser.add_argument("--data-path", help="a text file to train on instead of tiny Shakespeare")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed or 16-mixed")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
+    parser.add_argument("--compile", nargs="?", const="true", default="false",
+                        choices=["false", "true", "reduce-overhead", "max-autotune"],
+                        help="torch.compile the forward in both loops (alone: true, torch's default mode)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (set it: 2 cores here)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per turn of each side")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps of each side before the first round")
     parser.add_argument("--rounds", type=int, default=30, help="rounds: one turn of each side")
     parser.add_argument("--batch-size", type=int, default=0, help="override the recipe's batch size")
     parser.add_argument("--progress-bar-refresh", type=int, default=10, help="fit's bar redraw cadence; 0 hides it")
-    args = parser.parse_args()
+    args, cli_args = parser.parse_known_args(argv)
+    args.cli_args = cli_args
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
 
-    fit_seconds, plain_seconds, tokens_per_step = measure(args)
+    measured = measure(args)
+    fit_seconds, plain_seconds, tokens_per_step = measured.fit, measured.plain, measured.tokens_per_step
     print(f"preset={args.preset} device={args.device} precision={args.precision} compile={args.compile} "
           f"threads={args.threads} tokens/step={tokens_per_step} steps/turn={args.steps}")  # fmt: skip
     print(f"{'round':>6}  {'fit tok/s':>10}  {'plain tok/s':>11}  {'fit/plain':>9}  {'overhead ms/step':>16}")

@@ -106,6 +106,8 @@ def main() -> None:
         f", MFU {tokens * cli.model.flops_per_token / training_s / peak:.1%}" if peak
         else ", MFU n/a (no known peak FLOPs for this device)"
     )  # fmt: skip
+    if trainer.strategy.root_device.type == "cuda":
+        rate += f", peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB"
     if stop.reached is None:
         step, loss = stop.losses[-1] if stop.losses else (cli.trainer.global_step, float("nan"))
         print(f"time_to_loss: target {args.target} not reached: val/loss {loss:.4f} at step {step} ({rate})")

@@ -332,3 +332,69 @@ def test_the_tasks_benchmark_plans_every_way_of_each_task_as_fits_the_cli_parses
         assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_steps"] == run.steps
         grows = "--data.grow_vocab=true" in run.args
         assert grows == (run.name.startswith("addition-2-full")), run.name  # a pre-trained start on digits grows
+
+
+@pytest.mark.slow
+def test_gpu_report_smoke_prints_every_row_and_says_its_figures_are_not_measurements(text_file: Path, tmp_path: Path):
+    lines = run_benchmark("gpu_report.py", "--smoke", f"--data-path={text_file}", "--threads=1",
+                          f"--nanogpt={tmp_path / 'no-nanogpt'}", "--profile")  # fmt: skip
+    assert "NOT measurements" in lines[0]
+    assert any(line.endswith("git clone https://github.com/karpathy/nanoGPT benchmarks/.nanogpt") for line in lines)
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in lines if line.startswith("| ") and "`" in line}
+    expected = [f"{preset}, compile {mode}" for preset in ("baby-gpt", "baby-gpt-muon")
+                for mode in ("off (today)", "true", "reduce-overhead")]  # fmt: skip
+    expected += [
+        "data path (baby-gpt plain loop, compile false)",
+        "nanoGPT train.py, compile=True",
+        "time to 10.0 (pretrain_muon shrunk, 1 seed)",
+        "GPT-2 small shape, full (smoke: cpu preset's sizes)",
+        "GPT-2 small shape, LoRA rank 8 (smoke: cpu preset's sizes)",
+    ]
+    assert list(rows) == expected, lines
+    number = r"[\d,.]+"
+    beside = rf"\| {number} \| — \| {number} \| {number} \| -?{number} ms \([+-]{number}%\) \| n/a \(CPU\) \|"
+    for name in ("baby-gpt, compile off (today)", "baby-gpt-muon, compile off (today)"):  # fit beside the plain loop
+        assert re.search(beside, rows[name]), rows[name]
+        assert "python -m benchmarks.throughput --preset " in rows[name]
+    assert "skipped in --smoke" in rows["baby-gpt, compile reduce-overhead"]
+    assert "the data path adds" in rows["data path (baby-gpt plain loop, compile false)"]
+    assert "skipped: no nanoGPT tree" in rows["nanoGPT train.py, compile=True"]
+    assert re.search(r"seed 0: [\d.]+ s \(val/loss", rows["time to 10.0 (pretrain_muon shrunk, 1 seed)"])
+    gpt2 = rows["GPT-2 small shape, LoRA rank 8 (smoke: cpu preset's sizes)"]
+    assert "vocabulary 50,257" in gpt2 and "SYNTHETIC random token ids" in gpt2
+    targets = lines.index("Issue 32's targets, on one H200 (smoke: meaningless):")
+    verdict = r"- .*: (met|MISSED) \(.*\)"
+    assert all(re.fullmatch(verdict, line) for line in lines[targets + 1 : targets + 4]), lines[targets:]
+    assert any(line.startswith("torch.profiler, 2 steps of the baby GPT's plain loop") for line in lines)
+
+
+def test_gpu_report_runs_nanogpts_train_py_on_our_split_and_reads_its_iteration_lines(text_file: Path, tmp_path: Path):
+    from benchmarks import gpu_report
+
+    tree = tmp_path / "nanogpt"  # a stand-in for nanoGPT's train.py: records what it was given, prints its log lines
+    tree.mkdir()
+    (tree / "train.py").write_text(
+        "import json, pickle, sys\nimport numpy as np\n"
+        "args = dict(a[2:].split('=') for a in sys.argv[2:])\n"
+        "meta = pickle.load(open(args['dataset'] + '/meta.pkl', 'rb'))\n"
+        "ids = {s: np.fromfile(f\"{args['dataset']}/{s}.bin\", dtype=np.uint16).tolist() for s in ('train', 'val')}\n"
+        "json.dump({'config': sys.argv[1], 'args': args, 'ids': ids, 'meta': meta}, open('seen.json', 'w'))\n"
+        "for i in range(int(args['max_iters']) + 1):\n"
+        "    print(f'iter {i}: loss {4 - i / 10:.4f}, time {1000 if i == 0 else 50 + i % 2:.2f}ms, mfu 0.50%')\n"
+    )
+    report = gpu_report.Report(gpu_report.parse_args(["--smoke", f"--data-path={text_file}", f"--nanogpt={tree}"]))
+    row = gpu_report.nanogpt(report)
+    assert row.ms_per_step == pytest.approx(50.5) and row.tokens_per_s == pytest.approx(12 * 64 / 0.0505), row
+    assert row.result.startswith("loss 3.4000 at iter 6; median of 6 iterations from 1"), row.result
+    assert row.ran.startswith(f"cd {tree} && python train.py config/train_shakespeare_char.py --dataset=")
+    seen = json.loads((tree / "seen.json").read_text())
+    text = text_file.read_text(encoding="utf-8")
+    chars = sorted(set(text))  # nanoGPT's prepare.py: sorted characters, ids as uint16, the last 10% for validation
+    assert seen["meta"] == {"vocab_size": len(chars), "itos": {str(i): c for i, c in enumerate(chars)},
+                            "stoi": {c: i for i, c in enumerate(chars)}}  # fmt: skip
+    ids = [chars.index(c) for c in text]
+    split = int(len(text) * 0.9)
+    assert seen["ids"] == {"train": ids[:split], "val": ids[split:]}
+    assert seen["config"] == "config/train_shakespeare_char.py"
+    expected = {"batch_size": "12", "block_size": "64", "n_layer": "4", "dropout": "0.0", "compile": "False"}
+    assert expected.items() <= seen["args"].items()
