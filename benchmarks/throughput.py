@@ -69,7 +69,7 @@ class PlainLoop:
     """(b): the loop a user would write by hand, advanced `steps` optimizer steps at a time.
 
     Its turns run inside the fit, so process-wide settings are shared: TF32 matmuls on Ampere and newer,
-    which the LightningModule turns on at fit start, apply to both sides."""
+    which the LightningModule's TF32Matmuls callback turns on at fit start, apply to both sides."""
 
     def __init__(self, args: argparse.Namespace, cli: GPTLightningCLI) -> None:
         data, module = cli.datamodule, cli.model
@@ -77,13 +77,15 @@ class PlainLoop:
         self.model = GPT(module.config).to(self.device)
         if args.compile:
             self.model.compile()
+        settings = module.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameter_groups(module.weight_decay),
-            lr=module.learning_rate,
-            betas=module.betas,
+            self.model.parameter_groups(settings.weight_decay),
+            lr=settings.learning_rate,
+            betas=settings.betas,
             fused=self.device.type == "cuda",
         )
-        schedule = WarmupCosine(module.warmup_steps, total_steps(args), min_ratio=module.min_lr / module.learning_rate)
+        ratio = settings.min_lr / settings.learning_rate
+        schedule = WarmupCosine(settings.warmup_steps, total_steps(args), min_ratio=ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         data.setup("fit")
         assert data.train_tokens is not None
