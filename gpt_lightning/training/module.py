@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from gpt_lightning.data.instruct import IGNORE_INDEX, TaskBatch, Template
 from gpt_lightning.lora import LoRAConfig
 from gpt_lightning.lora import summary as lora_summary
+from gpt_lightning.model import CompileMode, compiled_forward
 from gpt_lightning.optim import MuonPrecision, OptimizerSettings, clip_gradients, learning_rates, muon_note
 from gpt_lightning.sources import METADATA_KEY, build_network, metadata, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
@@ -28,7 +29,6 @@ from gpt_lightning.training.tf32 import TF32Matmuls
 
 # (inputs, targets) windows of text, or a TaskBatch of examples, padded or packed (inputs, targets, lengths, segments)
 Batch = tuple[torch.Tensor, torch.Tensor] | TaskBatch
-CompileMode = Literal["reduce-overhead", "max-autotune"]  # torch.compile's modes besides its default
 
 
 class GPTModule(L.LightningModule):
@@ -129,21 +129,10 @@ class GPTModule(L.LightningModule):
         self.config = self.gpt.config
         if lora.enabled:
             rank_zero_info(lora_summary(self.gpt, lora))
-        c = self.config
-        if c.padded_vocab_size:  # Lightning's model summary counts the padding; our counts leave it out
-            rank_zero_info(
-                f"model.vocab_size {c.vocab_rows}: {c.vocab_rows - c.vocab_size} padding rows past the "
-                f"{c.vocab_size} tokens ({self.gpt.padding_parameters():,} parameters, never trained)"
-            )
+        if (padding := self.gpt.padding_summary()) is not None:
+            rank_zero_info(padding)
         self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
-        if compile not in (False, True, *get_args(CompileMode)):
-            raise ValueError(f"model.compile must be true, false or a mode ({', '.join(get_args(CompileMode))}), "
-                             f"got {compile!r}.")  # fmt: skip
-        # A function, not a module: no second copy of the weights' names in the state_dict, and sampling
-        # (whose every token is a new shape) runs the plain network.
-        self.compiled: Callable[..., torch.Tensor] | None = None
-        if compile is not False:
-            self.compiled = torch.compile(self.gpt.forward, mode=None if compile is True else compile)
+        self.compiled = compiled_forward(self.gpt, compile)  # training and validation's forward; None: eager
         # Characters each token stands for: val/bpc is in bits per character of text for every tokenizer. Not
         # a buffer: DDP would broadcast it at every step.
         self._characters_per_token = self.tokenizer.characters_per_token()
