@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files, sync
 from gpt_lightning.data.corpus import RandomWindows
-from gpt_lightning.model import GPT
+from gpt_lightning.model import GPT, compiled_forward
 from gpt_lightning.optim import WarmupCosine
 from gpt_lightning.training.cli import GPTLightningCLI
 
@@ -74,8 +74,8 @@ class PlainLoop:
     """(b): the loop a user would write by hand, advanced `steps` optimizer steps at a time.
 
     Its turns run inside the fit, so process-wide settings are shared: TF32 matmuls on Ampere and newer,
-    which the LightningModule turns on at fit start, apply to both sides. It compiles the forward as the
-    module does (`model.compile`), and pins its batches when the data module does (`data.pin_memory`).
+    which the LightningModule's TF32Matmuls callback turns on at fit start, apply to both sides. It compiles
+    the forward as the module does (`model.compile`), and pins its batches when the data module does.
 
     `reuse_batch`: every step trains on one batch, copied to the device once, so the data path costs
     nothing; a loop that steps as fast on its real batches never waits for data."""
@@ -84,23 +84,24 @@ class PlainLoop:
         data, module = cli.datamodule, cli.model
         self.device = torch.device("cuda" if args.device == "cuda" else "cpu")
         self.model = GPT(module.config).to(self.device)
-        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model.forward
-        if args.compile != "false":
-            self.forward = torch.compile(self.model.forward, mode=None if args.compile == "true" else args.compile)
+        compile = {"false": False, "true": True}.get(args.compile, args.compile)
+        self.forward: Callable[..., torch.Tensor] = compiled_forward(self.model, compile) or self.model.forward
+        settings = module.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameter_groups(module.weight_decay),
-            lr=module.learning_rate,
-            betas=module.betas,
+            self.model.parameter_groups(settings.weight_decay),
+            lr=settings.learning_rate,
+            betas=settings.betas,
             fused=self.device.type == "cuda",
         )
-        schedule = WarmupCosine(module.warmup_steps, total_steps(args), min_ratio=module.min_lr / module.learning_rate)
+        ratio = settings.min_lr / settings.learning_rate
+        schedule = WarmupCosine(settings.warmup_steps, total_steps(args), min_ratio=ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         data.setup("fit")
         assert data.train_tokens is not None
         self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(
             RandomWindows(data.train_tokens, data.block_size, data.batch_size, data.seed)
         )
-        self.pin = data.pin_memory and self.device.type == "cuda"
+        self.pin = self.device.type == "cuda" and data.pin_memory is not False  # unset: pinned on CUDA
         self.resident = self._next_batch() if reuse_batch else None
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -295,6 +296,15 @@ class GPT(nn.Module):
         c = self.config
         return (c.vocab_rows - c.vocab_size) * c.n_embd * (1 if c.tie_embeddings else 2)
 
+    def padding_summary(self) -> str | None:
+        """The padding rows past the tokens and their parameters, in one line; None for an unpadded vocabulary.
+        (Lightning's model summary counts the padding; our counts leave it out.)"""
+        c = self.config
+        if not c.padded_vocab_size:
+            return None
+        return (f"model.vocab_size {c.vocab_rows}: {c.vocab_rows - c.vocab_size} padding rows past the "
+                f"{c.vocab_size} tokens ({self.padding_parameters():,} parameters, never trained)")  # fmt: skip
+
     def num_parameters(self, exclude_position_embedding: bool = False) -> int:
         """Parameters the model trains, each counted once (a tied head is the token embedding): the padding rows
         of the vocabulary are not among them."""
@@ -325,3 +335,16 @@ class GPT(nn.Module):
             {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
             {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},
         ]
+
+
+CompileMode = Literal["reduce-overhead", "max-autotune"]  # torch.compile's modes besides its default
+
+
+def compiled_forward(gpt: GPT, compile: bool | CompileMode) -> Callable[..., torch.Tensor] | None:
+    """`gpt.forward` through torch.compile (true: torch's default mode, or a mode), None for false. A function,
+    not a module: no second copy of the weights' names in the state_dict, and sampling (whose every token is a
+    new shape) runs the plain network."""
+    if compile not in (False, True, *get_args(CompileMode)):
+        raise ValueError(f"model.compile must be true, false or a mode ({', '.join(get_args(CompileMode))}), "
+                         f"got {compile!r}.")  # fmt: skip
+    return None if compile is False else torch.compile(gpt.forward, mode=None if compile is True else compile)

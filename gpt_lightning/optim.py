@@ -249,6 +249,58 @@ def build_optimizer(
     return CombinedOptimizer([muon, torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=fused)])
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer and LR schedule of a run (GPTModule's arguments of the same names, documented there),
+    checked once: what `configure_optimizers` builds from."""
+
+    name: Literal["adamw", "muon"] = "adamw"
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    muon_learning_rate: float = 0.02
+    muon_momentum: float = 0.95
+    muon_precision: MuonPrecision = "auto"
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "muon"):
+            raise ValueError(f"model.optimizer must be adamw or muon, got {self.name!r}.")
+        if self.muon_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {self.muon_precision!r}.")
+
+    def build(self, gpt: GPT, fused: bool) -> torch.optim.Optimizer:
+        """`build_optimizer` with these settings; `fused`: AdamW's one kernel for all parameters (CUDA)."""
+        return build_optimizer(gpt, self.name, self.learning_rate, self.betas, self.weight_decay, fused,
+                               self.muon_learning_rate, self.muon_momentum, self.muon_precision)  # fmt: skip
+
+    def schedule(self, max_steps: int | None) -> WarmupCosine:
+        """Warm-up, then a cosine to min_lr at lr_decay_steps, or, unset, at the trainer's `max_steps`."""
+        decay_steps = self.lr_decay_steps if self.lr_decay_steps is not None else max_steps
+        if decay_steps is None or decay_steps < 0:
+            raise ValueError("set trainer.max_steps, or model.lr_decay_steps, so the LR schedule has an end.")
+        return WarmupCosine(self.warmup_steps, decay_steps, min_ratio=self.min_lr / self.learning_rate)
+
+    def restretch(self, schedule: WarmupCosine, step: int) -> None:
+        """A resumed run keeps its checkpoint's horizon (`schedule`, restored), unless lr_decay_steps asks for
+        another one, which then starts from the LR reached at `step`."""
+        if self.lr_decay_steps is not None and self.lr_decay_steps != schedule.decay_steps:
+            schedule.restretch(step, self.lr_decay_steps)
+
+
+def muon_note(optimizer: torch.optim.Optimizer) -> str | None:
+    """Where and in what precision Muon's Newton-Schulz runs, for the log; None for AdamW alone."""
+    if not isinstance(optimizer, CombinedOptimizer):
+        return None
+    muon = optimizer.optimizers[0]
+    assert isinstance(muon, Muon)
+    device = next((p.device for group in muon.param_groups for p in group["params"]), torch.device("cpu"))
+    precision = f"{muon.resolved_precision()} on {device.type} (model.muon_precision {muon.precision})"
+    return f"Muon: Newton-Schulz in {precision}"
+
+
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """One learning rate per schedule, not per parameter group (AdamW's two groups share theirs)."""
     if isinstance(optimizer, CombinedOptimizer):

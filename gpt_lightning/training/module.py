@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -19,23 +19,16 @@ from torchmetrics import MeanMetric
 from gpt_lightning.data.instruct import IGNORE_INDEX, TaskBatch, Template
 from gpt_lightning.lora import LoRAConfig
 from gpt_lightning.lora import summary as lora_summary
-from gpt_lightning.optim import (
-    CombinedOptimizer,
-    Muon,
-    MuonPrecision,
-    WarmupCosine,
-    build_optimizer,
-    clip_gradients,
-    learning_rates,
-)
+from gpt_lightning.model import CompileMode, compiled_forward
+from gpt_lightning.optim import MuonPrecision, OptimizerSettings, clip_gradients, learning_rates, muon_note
 from gpt_lightning.sources import METADATA_KEY, build_network, metadata, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 from gpt_lightning.training.nan_guard import NonFiniteLossGuard, is_logging_step
 from gpt_lightning.training.seeded_dropout import SeededDropout
+from gpt_lightning.training.tf32 import TF32Matmuls
 
 # (inputs, targets) windows of text, or a TaskBatch of examples, padded or packed (inputs, targets, lengths, segments)
 Batch = tuple[torch.Tensor, torch.Tensor] | TaskBatch
-CompileMode = Literal["reduce-overhead", "max-autotune"]  # torch.compile's modes besides its default
 
 
 class GPTModule(L.LightningModule):
@@ -120,15 +113,9 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters(ignore=["vocab", "lora"] if isinstance(vocab, dict) else ["lora"])
         self.lora = lora
         self.hparams["lora"] = dataclasses.asdict(lora)  # plain data: checkpoints load with weights_only=True
-        self.learning_rate, self.min_lr, self.warmup_steps = learning_rate, min_lr, warmup_steps
-        self.lr_decay_steps, self.weight_decay, self.betas = lr_decay_steps, weight_decay, (betas[0], betas[1])
-        if optimizer not in ("adamw", "muon"):
-            raise ValueError(f"model.optimizer must be adamw or muon, got {optimizer!r}.")
-        self.optimizer_name = optimizer
-        self.muon_learning_rate, self.muon_momentum = muon_learning_rate, muon_momentum
-        if muon_precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {muon_precision!r}.")
-        self.muon_precision = muon_precision
+        self.optim = OptimizerSettings(optimizer, learning_rate, min_lr, warmup_steps, lr_decay_steps, weight_decay,
+                                       (betas[0], betas[1]), muon_learning_rate, muon_momentum,
+                                       muon_precision)  # fmt: skip
         self.template = None if template is None else Template.from_dict(template)
         self.tokenizer: Tokenizer = CharTokenizer(vocab) if isinstance(vocab, str) else tokenizer_from_dict(vocab)
         if lora.enabled and optimizer != "adamw":
@@ -142,21 +129,10 @@ class GPTModule(L.LightningModule):
         self.config = self.gpt.config
         if lora.enabled:
             rank_zero_info(lora_summary(self.gpt, lora))
-        c = self.config
-        if c.padded_vocab_size:  # Lightning's model summary counts the padding; our counts leave it out
-            rank_zero_info(
-                f"model.vocab_size {c.vocab_rows}: {c.vocab_rows - c.vocab_size} padding rows past the "
-                f"{c.vocab_size} tokens ({self.gpt.padding_parameters():,} parameters, never trained)"
-            )
+        if (padding := self.gpt.padding_summary()) is not None:
+            rank_zero_info(padding)
         self.flops_per_token = self.gpt.flops_per_token()  # training FLOPs per token, for MFU
-        if compile not in (False, True, *get_args(CompileMode)):
-            raise ValueError(f"model.compile must be true, false or a mode ({', '.join(get_args(CompileMode))}), "
-                             f"got {compile!r}.")  # fmt: skip
-        # A function, not a module: no second copy of the weights' names in the state_dict, and sampling
-        # (whose every token is a new shape) runs the plain network.
-        self.compiled: Callable[..., torch.Tensor] | None = None
-        if compile is not False:
-            self.compiled = torch.compile(self.gpt.forward, mode=None if compile is True else compile)
+        self.compiled = compiled_forward(self.gpt, compile)  # training and validation's forward; None: eager
         # Characters each token stands for: val/bpc is in bits per character of text for every tokenizer. Not
         # a buffer: DDP would broadcast it at every step.
         self._characters_per_token = self.tokenizer.characters_per_token()
@@ -207,32 +183,21 @@ class GPTModule(L.LightningModule):
         # metrics' states as inference tensors, which fit's validation may not update in place.
         self.val_loss.reset()
         self.val_bpc.reset()
-        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8:
-            # Ampere and newer: float32 matmuls on TF32 tensor cores (fp32 range, 10-bit mantissa).
-            torch.set_float32_matmul_precision("high")
 
     # -- optimization ---------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        decay_steps = self.lr_decay_steps if self.lr_decay_steps is not None else self.trainer.max_steps
-        if decay_steps is None or decay_steps < 0:
-            raise ValueError("set trainer.max_steps, or model.lr_decay_steps, so the LR schedule has an end.")
+        schedule = self.optim.schedule(self.trainer.max_steps)
         # Fused AdamW unscales fp16 gradients inside its own step, so Lightning skips `scaler.unscale_`
         # for it: clipping and the logged grad norm would then see gradients times the loss scale.
         grad_scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         fused = self.device.type == "cuda" and grad_scaler is None  # one kernel for all parameters
-        if self.optimizer_name == "muon" and self._is_sharded():
+        if self.optim.name == "muon" and self._is_sharded():
             raise ValueError("model.optimizer muon needs whole matrices, which FSDP shards: use --model.optimizer "
                              "adamw with FSDP, or DDP (configs/trainer/ddp.yaml) with Muon.")  # fmt: skip
-        optimizer = build_optimizer(self.gpt, self.optimizer_name, self.learning_rate, self.betas,
-                                    self.weight_decay, fused, self.muon_learning_rate, self.muon_momentum,
-                                    self.muon_precision)  # fmt: skip
-        if isinstance(optimizer, CombinedOptimizer):
-            muon = optimizer.optimizers[0]
-            assert isinstance(muon, Muon)
-            rank_zero_info(f"Muon: Newton-Schulz in {muon.resolved_precision()} on {self.device.type} "
-                           f"(model.muon_precision {self.muon_precision})")  # fmt: skip
-        schedule = WarmupCosine(self.warmup_steps, decay_steps, min_ratio=self.min_lr / self.learning_rate)
+        optimizer = self.optim.build(self.gpt, fused)
+        if (note := muon_note(optimizer)) is not None:
+            rank_zero_info(note)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -240,12 +205,8 @@ class GPTModule(L.LightningModule):
         return isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy)
 
     def on_train_start(self) -> None:
-        # The scheduler state is restored by now: a resumed run keeps the checkpoint's horizon, unless
-        # model.lr_decay_steps asks for another one, which then starts from the LR reached so far.
-        scheduler = self.lr_schedulers()
-        schedule = scheduler.lr_lambdas[0]  # type: ignore[union-attr]
-        if self.lr_decay_steps is not None and self.lr_decay_steps != schedule.decay_steps:
-            schedule.restretch(self.global_step, self.lr_decay_steps)
+        # The scheduler state is restored by now (a resumed run's horizon is its checkpoint's).
+        self.optim.restretch(self.lr_schedulers().lr_lambdas[0], self.global_step)  # type: ignore[union-attr]
 
     def configure_gradient_clipping(
         self,
@@ -264,8 +225,9 @@ class GPTModule(L.LightningModule):
             self.log("train/grad_norm", norm)  # the same on every rank: gradients are all-reduced
 
     def configure_callbacks(self) -> list[L.Callback]:
-        # Wherever this module trains, a NaN stops it, and dropout draws what an uninterrupted run would.
-        return [NonFiniteLossGuard(), SeededDropout()]
+        # Wherever this module trains, a NaN stops it, dropout draws what an uninterrupted run would, and a GPU
+        # multiplies float32 on its tensor cores.
+        return [NonFiniteLossGuard(), SeededDropout(), TF32Matmuls()]
 
     # -- checkpoints describe themselves ---------------------------------------------------------------
 

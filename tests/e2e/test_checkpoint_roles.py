@@ -1,6 +1,6 @@
 """What a checkpoint is used for decides what is read from it: `model.init_from` starts a new run from its
-weights (and checks the fine-tuning text against its training split); `--ckpt_path` resumes or validates
-it, with its own architecture, vocabulary and optimizer, and nothing else."""
+weights (and checks the fine-tuning text against its training split: tests/e2e/test_transfer.py); `--ckpt_path`
+resumes or validates it, with its own architecture, vocabulary and optimizer, and nothing else."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import lightning
@@ -18,12 +17,9 @@ import torch
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.sources import METADATA_KEY, metadata
 from gpt_lightning.tokenizer import CharTokenizer
-from gpt_lightning.training.datamodule import ShakespeareDataModule
 from tests.conftest import ROOT, TINY, assert_clean_error, assert_ok, cli, make_play
 
 pytestmark = pytest.mark.slow
-
-TEMPEST = "\n\nPROSPERO:\nNow does my project gather to a head.\n\nMIRANDA:\nO brave new world!\n"
 
 
 def pretraining_checkpoint(text: Path, path: Path, optimizer: str = "adamw") -> Path:
@@ -39,43 +35,6 @@ def pretraining_checkpoint(text: Path, path: Path, optimizer: str = "adamw") -> 
                 "pytorch-lightning_version": lightning.__version__,
                 METADATA_KEY: metadata(config, tokenizer, data)}, path)  # fmt: skip
     return path
-
-
-@pytest.fixture
-def play_with_a_tempest(tmp_path: Path) -> Path:
-    """Generated text whose last 10% holds the only speeches of finetune.yaml's speakers."""
-    path = tmp_path / "play.txt"
-    path.write_text(make_play(300) + TEMPEST * 8, encoding="utf-8")
-    return path
-
-
-def finetune(text: Path, checkpoint: Path, tmp_path: Path, *args: str):
-    configs = ["--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml")]
-    return cli("fit", *configs, f"--model.init_from={checkpoint}", f"--data.path={text}",
-               f"--data.cache_dir={tmp_path / 'cache'}",
-               f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=1", "--data.batch_size=4",
-               *args, in_process=True)  # fmt: skip
-
-
-@pytest.mark.parametrize("span", ["null", "[0.8, 1.0]"])
-def test_speakers_absent_from_the_overlap_mean_no_overlap_not_an_error(play_with_a_tempest, tmp_path, span):
-    checkpoint = pretraining_checkpoint(play_with_a_tempest, tmp_path / "pre.ckpt")
-    result = finetune(play_with_a_tempest, checkpoint, tmp_path, f"--data.text_span={span}")
-    assert_ok(result)
-    assert "lies in the training split" not in result.stderr
-
-
-def test_a_fine_tune_inside_the_training_split_is_still_warned_about(play_with_a_tempest, tmp_path):
-    checkpoint = pretraining_checkpoint(play_with_a_tempest, tmp_path / "pre.ckpt")
-    data = ShakespeareDataModule(path=str(play_with_a_tempest), cache_dir=str(tmp_path / "cache"),
-                                 init_from=str(checkpoint), speakers=["FIRST CITIZEN"])  # fmt: skip
-    with pytest.warns(UserWarning, match=r"about (8[5-9]|9\d)% of the fine-tuning text lies in the training split"):
-        data.warn_of_overlap()
-    held_out = ShakespeareDataModule(path=str(play_with_a_tempest), cache_dir=str(tmp_path / "cache"),
-                                     init_from=str(checkpoint), speakers=["PROSPERO"])  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        held_out.warn_of_overlap()  # all of PROSPERO's speeches lie in the validation split
 
 
 def recipe_run(subcommand: str, text: Path, checkpoint: Path, tmp_path: Path, *args: str):

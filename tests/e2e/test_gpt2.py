@@ -299,6 +299,8 @@ def test_finetune_gpt2_recipe_fits_resumes_bit_exactly_samples_and_exports(
 
 @pytest.mark.slow
 def test_our_character_checkpoint_exported_is_a_start_with_its_logits(pretrained: Path, tmp_path: Path):
+    from gpt_lightning.hf import gpt_from_hf_gpt2
+
     ckpt = pretrained / "checkpoints" / "last.ckpt"
     assert_ok(cli("export", f"--ckpt_path={ckpt}", f"--output={tmp_path / 'hf'}", in_process=True))
     ours, tokenizer = load_model(ckpt)
@@ -306,6 +308,7 @@ def test_our_character_checkpoint_exported_is_a_start_with_its_logits(pretrained
     ids = tokenizer.encode("KING ARTHUR:\nGood lord")[None]
     with torch.no_grad():
         assert torch.allclose(module.gpt.eval()(ids), ours(ids), atol=1e-5, rtol=0)
+        assert torch.allclose(gpt_from_hf_gpt2(tmp_path / "hf")(ids), ours(ids), atol=1e-6, rtol=0)  # read back alone
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def test_resuming_with_new_max_steps_keeps_the_checkpoints_horizon(tmp_path: Pat
     resumed = trainer(tmp_path, max_steps=12)
     resumed.fit(module, datamodule=data, ckpt_path=ckpt)
     assert module.lr_schedulers().lr_lambdas[0].decay_steps == 8
-    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(module.min_lr)  # flat past the horizon
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(module.optim.min_lr)  # flat past the horizon
 
 
 def test_an_explicit_decay_horizon_on_resume_restretches_without_a_jump(tmp_path: Path, text_file: Path):
@@ -94,7 +94,8 @@ def test_an_explicit_decay_horizon_on_resume_restretches_without_a_jump(tmp_path
     trainer(tmp_path, max_steps=40, callbacks=[RecordLR()]).fit(module, datamodule=data, ckpt_path=ckpt)
     assert lrs[0] == pytest.approx(lr_at_8)
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
-    assert lrs[-1] > module.min_lr and module.lr_schedulers().get_last_lr()[0] == pytest.approx(module.min_lr)
+    min_lr = module.optim.min_lr
+    assert lrs[-1] > min_lr and module.lr_schedulers().get_last_lr()[0] == pytest.approx(min_lr)
 
 
 # -- accumulation, dropout and the logging cadence ----------------------------------------------------

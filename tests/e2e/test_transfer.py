@@ -1,5 +1,6 @@
 """Fine-tuning measures transfer, not memory: the default target is text pre-training never trained on,
-checkpoints say what they trained on, and a target inside that text is warned about."""
+checkpoints say what they trained on, and a target inside that text is warned about (one whose speakers speak
+only after the split is not). The one home of the overlap warning."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import yaml
 
 from gpt_lightning.sources import open_source
 from gpt_lightning.training.datamodule import ShakespeareDataModule
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_ok, cli, make_play
+from tests.e2e.test_checkpoint_roles import pretraining_checkpoint
 from tests.unit.test_token_cache import speeches_of
 
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 WINDOW = 64
+TEMPEST = "\n\nPROSPERO:\nNow does my project gather to a head.\n\nMIRANDA:\nO brave new world!\n"
 
 
 def windows(text: str) -> set[str]:
@@ -66,6 +69,31 @@ def test_checkpoints_record_their_data_and_a_target_inside_it_is_warned_about(pr
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fine_tune(text_span=(0.9, 1.0))  # held out: no warning
+
+
+@pytest.fixture
+def play_with_a_tempest(tmp_path: Path) -> Path:
+    """Generated text whose last 10% holds the only speeches of finetune.yaml's speakers."""
+    path = tmp_path / "play.txt"
+    path.write_text(make_play(300) + TEMPEST * 8, encoding="utf-8")
+    return path
+
+
+def finetune(text: Path, checkpoint: Path, tmp_path: Path, *args: str):
+    configs = ["--config", str(ROOT / "configs/finetune.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml")]
+    return cli("fit", *configs, f"--model.init_from={checkpoint}", f"--data.path={text}",
+               f"--data.cache_dir={tmp_path / 'cache'}",
+               f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=1", "--data.batch_size=4",
+               *args, in_process=True)  # fmt: skip
+
+
+@pytest.mark.slow  # a CLI fit, in-process
+@pytest.mark.parametrize("span", ["null", "[0.8, 1.0]"])
+def test_speakers_absent_from_the_overlap_mean_no_overlap_not_an_error(play_with_a_tempest, tmp_path, span):
+    checkpoint = pretraining_checkpoint(play_with_a_tempest, tmp_path / "pre.ckpt")
+    result = finetune(play_with_a_tempest, checkpoint, tmp_path, f"--data.text_span={span}")
+    assert_ok(result)
+    assert "lies in the training split" not in result.stderr
 
 
 def test_a_span_must_be_an_increasing_pair_of_fractions(text_file: Path, tmp_path: Path):
