@@ -90,10 +90,11 @@ def test_a_grown_vocabulary_keeps_the_checkpoints_rows_and_starts_the_new_ones_a
     base, _ = load_model(ckpt)
     grown = GPTModule(vocab=SHAKESPEARE + DIGITS_AND_PLUS, block_size=32, init_from=str(ckpt)).gpt.eval()
     old, new = len(SHAKESPEARE), len(SHAKESPEARE) + len(DIGITS_AND_PLUS)
-    assert grown.config.vocab_size == max(new, shape.get("vocab_size", 0))  # a padded table has room already
+    assert grown.config.vocab_size == new
+    assert grown.config.vocab_rows == max(new, shape.get("vocab_size", 0))  # a padded table has room already
     for name in ("wte", "lm_head"):
         before, after = getattr(base, name).weight, getattr(grown, name).weight
-        assert after.shape == (grown.config.vocab_size, 8)
+        assert after.shape == (grown.config.vocab_rows, 8)
         assert torch.equal(after[:old], before[:old])  # every old id keeps its row
         assert torch.equal(after[old:new], before[:old].mean(0).expand(new - old, -1))  # an average token
         assert torch.equal(after[new:], before[new:])  # padding beyond the tokenizer's ids is left as it was
