@@ -39,7 +39,7 @@ from benchmarks.common import (
 from gpt_lightning.data.corpus import RandomWindows, read_text
 from gpt_lightning.data.token_cache import Selection, build_token_cache
 from gpt_lightning.tokenizer import CharTokenizer
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 
 WORDS = (
     "the and of to my in you is that not with be your his for this but have thou as so me will what him "
@@ -100,12 +100,12 @@ def child(path_kind: str, out_dir: str, cli_args: list[str]) -> None:
 
     if path_kind == "in-memory":
 
-        def in_memory(self: ShakespeareDataModule) -> InMemoryText:
+        def in_memory(self: TextDataModule) -> InMemoryText:
             return InMemoryText(str(self.path))
 
         prop = cached_property(in_memory)
-        prop.__set_name__(ShakespeareDataModule, "token_cache")
-        ShakespeareDataModule.token_cache = prop  # type: ignore[assignment]
+        prop.__set_name__(TextDataModule, "token_cache")
+        TextDataModule.token_cache = prop  # type: ignore[assignment]
     callback = ["--trainer.callbacks+=benchmarks.data_scale.PeakMemory", f"--trainer.callbacks.out_dir={out_dir}"]
     GPTLightningCLI(args=[*cli_args, *callback])
 

@@ -46,7 +46,7 @@ from benchmarks.common import RECIPES, ROOT, child_env, module_command, recipe_f
 from benchmarks.gpt2_cpu import VOCAB, train_steps
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.training.callbacks import peak_flops
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 
 NANOGPT_CLONE = "git clone https://github.com/karpathy/nanoGPT benchmarks/.nanogpt"
 COMPILE_MODES = ("false", "true", "reduce-overhead")  # today's setting, then the new defaults
@@ -199,7 +199,7 @@ def baby_gpt(report: Report, vocab_size: int) -> tuple[GPTConfig, int]:
 def nanogpt_data(report: Report, folder: Path) -> int:
     """nanoGPT's shakespeare_char files (train.bin and val.bin of uint16 ids, meta.pkl with vocab_size, itos
     and stoi) of the same characters and split as ours, in `folder`; returns the vocabulary's size."""
-    data = ShakespeareDataModule(data_dir=report.args.data_dir, path=report.args.data_path,
+    data = TextDataModule(data_dir=report.args.data_dir, path=report.args.data_path,
                                  cache_dir=str(folder / "token_cache"))  # fmt: skip
     data.prepare_data()
     data.setup("fit")

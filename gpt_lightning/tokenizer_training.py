@@ -90,7 +90,7 @@ def select_text(
     val_fraction: float = VAL_FRACTION,
     skip_undecodable: bool = False,
 ) -> SelectedText:
-    """The text that `fit --data.*` with these settings reads (see ShakespeareDataModule for each setting).
+    """The text that `fit --data.*` with these settings reads (see TextDataModule for each setting).
     Its split is counted in characters: the training split is the first 1 - val_fraction of the selected
     characters, exactly the text a character model's run trains on. (A run with a BPE splits its tokens at
     the same fraction, so its split moves by a few characters with the tokens' lengths.)"""

@@ -35,7 +35,7 @@ from gpt_lightning.training.callbacks import (
     TextSampleLogger,
     TokenThroughput,
 )
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 from gpt_lightning.training.module import GPTModule
 from gpt_lightning.training.nan_guard import NonFiniteLossError
 
@@ -65,7 +65,7 @@ class GPTLightningCLI(LightningCLI):
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
         super().__init__(
             GPTModule,
-            # --data names the data module by class: ShakespeareDataModule (text, the default) or TaskDataModule
+            # --data names the data module by class: TextDataModule (text, the default) or TaskDataModule
             # (prompt/response examples, configs/finetune_task.yaml)
             L.LightningDataModule,
             subclass_mode_data=True,
@@ -98,7 +98,7 @@ class GPTLightningCLI(LightningCLI):
         # Redrawing the bar (and reading the loss for it) every step costs 3% of a CPU-recipe step.
         parser.set_defaults({"progress_bar.refresh_rate": 10})
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.filename": "best-{step}"})
-        parser.set_defaults({"data": {"class_path": f"{ShakespeareDataModule.__module__}.ShakespeareDataModule"}})
+        parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.TextDataModule"}})
         # Fine-tuning takes vocabulary and block size from the same checkpoint as the weights.
         parser.link_arguments("model.init_from", "data.init_args.init_from", apply_on="parse")
         parser.link_arguments("data.init_args.data_dir", "task_scores.data_dir", apply_on="parse")

@@ -53,7 +53,7 @@ def pin_memory_for(setting: bool | None, trainer: L.Trainer | None) -> bool:
     return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
 
-class ShakespeareDataModule(L.LightningDataModule):
+class TextDataModule(L.LightningDataModule):
     template: Template | None = None  # plain text has no template: a model of it continues text (cf. TaskDataModule)
 
     def __init__(
@@ -305,3 +305,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=pin_memory_for(self.pin_memory, self.trainer),
         )
+
+
+# The class's name until it was named for what it takes: configs and checkpoints that name it keep working.
+ShakespeareDataModule = TextDataModule

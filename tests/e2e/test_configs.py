@@ -1,5 +1,6 @@
 """Every shipped YAML parses, and the recipes build the presets they claim to."""
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_pretrain_recipe_is_nanogpts_shakespeare_char(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     result = parsed(capsys, "fit", "--config", "configs/pretrain.yaml")
     model, trainer = result["model"], result["trainer"]
-    assert result["data"]["class_path"] == "gpt_lightning.training.datamodule.ShakespeareDataModule"  # text, by default
+    assert result["data"]["class_path"] == "gpt_lightning.training.datamodule.TextDataModule"  # text, by default
     assert result["data"]["init_args"]["batch_size"] == 64 and trainer["max_steps"] == 5000
     assert (model["learning_rate"], model["min_lr"], model["warmup_steps"]) == (1e-3, 1e-4, 100)
     assert (model["betas"], model["weight_decay"], trainer["gradient_clip_val"]) == ([0.9, 0.99], 0.1, 1.0)
@@ -144,3 +145,19 @@ def test_a_card_preset_keeps_its_computed_memory_within_three_quarters_of_the_ca
     assert memory <= 0.75 * card_gb * 1e9, f"{preset}: {memory / 1e9:.1f} GB on a {card_gb} GB card"
     assert lora.enabled == ("_lora_" in preset) and data["block_size"] == 1024
     assert data["batch_size"] * trainer["accumulate_grad_batches"] == 32  # the same step on every card
+
+
+@pytest.mark.parametrize(
+    "old_path",
+    ["gpt_lightning.datamodule.ShakespeareDataModule", "gpt_lightning.training.datamodule.ShakespeareDataModule"],
+)
+def test_the_data_modules_old_names_in_earlier_configs_still_load(old_path: str, capsys, monkeypatch, tmp_path: Path):
+    from gpt_lightning.training.datamodule import TextDataModule
+
+    monkeypatch.chdir(ROOT)
+    earlier = tmp_path / "config.yaml"  # as a run's saved config.yaml named the class before
+    earlier.write_text(yaml.safe_dump({"data": {"class_path": old_path, "init_args": {"batch_size": 7}}}))
+    result = parsed(capsys, "fit", "--config", "configs/pretrain_cpu.yaml", "--config", str(earlier))
+    assert result["data"]["init_args"]["batch_size"] == 7
+    module, name = result["data"]["class_path"].rsplit(".", 1)
+    assert getattr(importlib.import_module(module), name) is TextDataModule

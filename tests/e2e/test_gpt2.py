@@ -353,15 +353,15 @@ def test_gpt2_fine_tune_errors_are_clear(gpt2_folder: Path, text_file: Path, tmp
 
 
 def test_another_bpe_than_the_checkpoints_is_refused(gpt2_folder: Path, text_file: Path, tmp_path: Path):
-    from gpt_lightning.training.datamodule import ShakespeareDataModule
+    from gpt_lightning.training.datamodule import TextDataModule
 
     other = train_bpe(tmp_path / "other.json", vocab_size=290)
     with pytest.raises(ValueError, match="is not the tokenizer of"):
-        ShakespeareDataModule(path=str(text_file), tokenizer=str(other), init_from=str(gpt2_folder))
+        TextDataModule(path=str(text_file), tokenizer=str(other), init_from=str(gpt2_folder))
     # The same tokenizer, written differently, is the same tokenizer.
     same = tmp_path / "same.json"
     same.write_text(json.dumps(json.loads((gpt2_folder / "tokenizer.json").read_text()), indent=4))
-    ShakespeareDataModule(path=str(text_file), tokenizer=str(same), init_from=str(gpt2_folder))
+    TextDataModule(path=str(text_file), tokenizer=str(same), init_from=str(gpt2_folder))
 
 
 def test_a_padded_start_says_once_how_much_padding_it_carries(gpt2_folder: Path, caplog: pytest.LogCaptureFixture):

@@ -18,7 +18,7 @@ from gpt_lightning.optim import CombinedOptimizer
 from gpt_lightning.sampling import generate_tokens
 from gpt_lightning.sources import load_model
 from gpt_lightning.training.callbacks import TokenThroughput
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 from gpt_lightning.training.module import GPTModule
 from tests.conftest import ROOT, assert_ok, cli, scalars, tiny_fit
 
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def fit(tmp_path: Path, text_file: Path, precision: str, steps: int = 4, clip: str = "norm",
         **module_kwargs) -> tuple[GPTModule, Path]:  # fmt: skip
     torch.manual_seed(0)
-    data = ShakespeareDataModule(
+    data = TextDataModule(
         path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=64, batch_size=16
     )
     module = GPTModule(vocab=data.vocab, block_size=64, n_layer=2, n_head=2, n_embd=64, **module_kwargs)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 from tests.conftest import ROOT, assert_clean_error, assert_ok, cli, main_py
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def test_a_fine_tune_resumes_with_init_from_null(pretrained: Path, text_file: Pa
 def test_val_fraction_moves_the_split(text_file: Path, tmp_path: Path):
     sizes = {}
     for fraction in (0.1, 0.25):
-        data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), val_fraction=fraction)
+        data = TextDataModule(path=str(text_file), cache_dir=str(tmp_path), val_fraction=fraction)
         data.setup("fit")
         sizes[fraction] = (data.train_tokens.numel(), data.val_tokens.numel())
         assert data.describe()["val_fraction"] == fraction

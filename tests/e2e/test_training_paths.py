@@ -21,13 +21,13 @@ from gpt_lightning.optim import WarmupCosine
 from gpt_lightning.sampling import generate_tokens
 from gpt_lightning.sources import load_model
 from gpt_lightning.training.callbacks import TokenThroughput
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 from gpt_lightning.training.module import GPTModule
 from gpt_lightning.training.nan_guard import is_logging_step
 
 
-def data_and_module(text_file: Path, **module_kwargs) -> tuple[ShakespeareDataModule, GPTModule]:
-    data = ShakespeareDataModule(
+def data_and_module(text_file: Path, **module_kwargs) -> tuple[TextDataModule, GPTModule]:
+    data = TextDataModule(
         path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16, batch_size=4
     )
     module = GPTModule(vocab=data.vocab, block_size=16, n_layer=1, n_head=2, n_embd=16, warmup_steps=2,
@@ -153,7 +153,7 @@ def test_value_clipping_under_bf16_mixed_keeps_a_fused_adamw(tmp_path: Path, tex
     # for a fused optimizer. Fused AdamW runs on CPU too: force it here.
     adamw = torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kwargs: adamw(params, **{**kwargs, "fused": True}))
-    data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=16, batch_size=4)
+    data = TextDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=16, batch_size=4)
     module = GPTModule(vocab=data.vocab, block_size=16, n_layer=1, n_head=1, n_embd=16)
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, gradient_clip_val=1e-3,
                         gradient_clip_algorithm="value", limit_val_batches=0, logger=False, enable_checkpointing=False,

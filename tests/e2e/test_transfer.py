@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gpt_lightning.sources import open_source
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 from tests.conftest import ROOT, assert_ok, cli, make_play
 from tests.e2e.test_checkpoint_roles import pretraining_checkpoint
 from tests.unit.test_token_cache import speeches_of
@@ -30,7 +30,7 @@ def windows(text: str) -> set[str]:
 @pytest.mark.skipif(not CORPUS.is_file(), reason="needs the corpus copy in ../shared/data")
 def test_the_default_fine_tune_target_shares_no_64_character_window_with_pretrainings_training_text(tmp_path):
     data_config = yaml.safe_load((ROOT / "configs/finetune.yaml").read_text())["data"]
-    data = ShakespeareDataModule(data_dir=str(CORPUS.parents[1]), cache_dir=str(tmp_path), block_size=WINDOW,
+    data = TextDataModule(data_dir=str(CORPUS.parents[1]), cache_dir=str(tmp_path), block_size=WINDOW,
                                  **data_config)  # fmt: skip
     data.setup("fit")
     assert data.val_tokens is not None and data.train_tokens is not None
@@ -56,8 +56,8 @@ def test_checkpoints_record_their_data_and_a_target_inside_it_is_warned_about(pr
         "val_fraction": 0.1,
     }
 
-    def fine_tune(**kwargs) -> ShakespeareDataModule:
-        data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), init_from=str(checkpoint),
+    def fine_tune(**kwargs) -> TextDataModule:
+        data = TextDataModule(path=str(text_file), cache_dir=str(tmp_path), init_from=str(checkpoint),
                                      speakers=["KING ARTHUR"], **kwargs)  # fmt: skip
         data.warn_of_overlap()
         return data
@@ -98,4 +98,4 @@ def test_speakers_absent_from_the_overlap_mean_no_overlap_not_an_error(play_with
 
 def test_a_span_must_be_an_increasing_pair_of_fractions(text_file: Path, tmp_path: Path):
     with pytest.raises(ValueError, match=r"text_span must be \[start, end\] with 0 <= start < end <= 1"):
-        ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), text_span=(0.9, 0.5))
+        TextDataModule(path=str(text_file), cache_dir=str(tmp_path), text_span=(0.9, 0.5))

@@ -16,7 +16,7 @@ from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.optim import WarmupCosine
 from gpt_lightning.sources import load_model, open_source
 from gpt_lightning.training.callbacks import TokenThroughput
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 from gpt_lightning.training.module import GPTModule
 from tests.conftest import scalars
 
@@ -57,7 +57,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_fit_writes_a_checkpoint_that_is_enough_to_sample(tmp_path: Path, text_file: Path):
-    data = ShakespeareDataModule(
+    data = TextDataModule(
         path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16, batch_size=4
     )
     module = GPTModule(vocab=data.vocab, block_size=data.block_size, n_layer=1, n_head=2, n_embd=16)
@@ -79,7 +79,7 @@ def test_fit_writes_a_checkpoint_that_is_enough_to_sample(tmp_path: Path, text_f
 
 
 def test_initial_training_loss_is_near_uniform(text_file: Path):
-    data = ShakespeareDataModule(
+    data = TextDataModule(
         path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=32, batch_size=16
     )
     data.setup("fit")
@@ -89,7 +89,7 @@ def test_initial_training_loss_is_near_uniform(text_file: Path):
 
 
 def test_datamodule_splits_90_10_and_links_vocab_and_block_size(text_file: Path):
-    data = ShakespeareDataModule(
+    data = TextDataModule(
         path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=24, batch_size=4
     )
     data.setup("fit")
@@ -101,7 +101,7 @@ def test_datamodule_splits_90_10_and_links_vocab_and_block_size(text_file: Path)
 
 
 def test_step_scalars_share_logging_steps_with_sparse_logging_and_accumulation(tmp_path: Path, text_file: Path):
-    data = ShakespeareDataModule(
+    data = TextDataModule(
         path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16, batch_size=4
     )
     module = GPTModule(vocab=data.vocab, block_size=data.block_size, n_layer=1, n_head=2, n_embd=16)
@@ -122,7 +122,7 @@ def test_step_scalars_share_logging_steps_with_sparse_logging_and_accumulation(t
 def test_training_batches_are_the_same_with_and_without_loader_workers(text_file: Path):
     streams = []
     for workers in (0, 2):  # 0 serves the dataset itself, 2 a DataLoader around it
-        data = ShakespeareDataModule(
+        data = TextDataModule(
             path=str(text_file),
             cache_dir=str(text_file.parent / "token_cache"),
             block_size=16,
@@ -151,7 +151,7 @@ def test_flops_formula_agrees_with_lightnings_measure_flops():
     [(None, "cuda", True), (None, "cpu", False), (False, "cuda", False), (True, "cpu", True)],
 )
 def test_batches_are_pinned_when_training_on_cuda_unless_told(text_file: Path, setting, device: str, pinned: bool):
-    data = ShakespeareDataModule(path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16,
+    data = TextDataModule(path=str(text_file), cache_dir=str(text_file.parent / "token_cache"), block_size=16,
                                  batch_size=4, pin_memory=setting)  # fmt: skip
     data.setup("fit")
     data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0,

@@ -15,7 +15,7 @@ from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.plugins import MixedPrecision
 
 from gpt_lightning.optim import CombinedOptimizer, Muon, native_bf16
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 from gpt_lightning.training.module import GPTModule
 
 VOCAB = "abcdefgh"
@@ -117,7 +117,7 @@ def test_muon_under_mixed_precision_steps_on_unscaled_clipped_gradients(tmp_path
     # fp16 on a CPU takes a gradient scaler, as on a GPU. The step must see gradients that were unscaled,
     # then clipped to 0.5: clipping scaled ones would leave them ~65536 times too large, or clip too hard.
     plugin = MixedPrecision(precision, "cpu", torch.amp.GradScaler("cpu") if precision == "16-mixed" else None)
-    data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=16, batch_size=4)
+    data = TextDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=16, batch_size=4)
     m = GPTModule(vocab=data.vocab, block_size=16, n_layer=1, n_head=2, n_embd=16, optimizer="muon", warmup_steps=1,
                   muon_precision=muon_precision)  # fmt: skip
     norms: list[float] = []

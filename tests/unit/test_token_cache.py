@@ -28,7 +28,7 @@ from gpt_lightning.data.token_cache import (
     wait_for_token_cache,
 )
 from gpt_lightning.tokenizer import CharTokenizer
-from gpt_lightning.training.datamodule import ShakespeareDataModule
+from gpt_lightning.training.datamodule import TextDataModule
 from tests.conftest import ROOT, make_play
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -237,7 +237,7 @@ def test_every_process_stops_at_once_when_data_dir_is_a_file(tmp_path, monkeypat
 
     monkeypatch.setattr(time, "sleep", no_waiting)
     with pytest.raises(ValueError, match=r"data.data_dir .*notafile is a file, not a folder"):
-        ShakespeareDataModule(data_dir=str(tmp_path / "notafile")).token_cache  # noqa: B018
+        TextDataModule(data_dir=str(tmp_path / "notafile")).token_cache  # noqa: B018
 
 
 def test_other_processes_wait_for_the_builder_and_map_the_same_file(tmp_path):
@@ -252,7 +252,7 @@ def test_other_processes_wait_for_the_builder_and_map_the_same_file(tmp_path):
 
 
 def test_the_data_module_serves_int64_batches_from_the_compact_map(tmp_path, text_file):
-    data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=16, batch_size=4)
+    data = TextDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=16, batch_size=4)
     data.prepare_data()
     data.setup("fit")
     assert data.train_tokens is not None and data.train_tokens.dtype == torch.uint8
@@ -266,7 +266,7 @@ def test_the_data_module_serves_int64_batches_from_the_compact_map(tmp_path, tex
 
 @pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare/input.txt").exists(), reason="needs ../shared corpus")
 def test_the_corpus_keeps_its_ids_split_and_speeches(tmp_path):
-    data = ShakespeareDataModule(data_dir=str(SHARED_DATA), cache_dir=str(tmp_path), block_size=64)
+    data = TextDataModule(data_dir=str(SHARED_DATA), cache_dir=str(tmp_path), block_size=64)
     data.setup("fit")
     text = (SHARED_DATA / "tinyshakespeare/input.txt").read_text(encoding="utf-8")
     assert data.vocab == "".join(sorted(set(text))) and len(data.vocab) == 65
@@ -277,7 +277,7 @@ def test_the_corpus_keeps_its_ids_split_and_speeches(tmp_path):
     lookup = np.zeros(256, dtype=np.uint8)
     lookup[[ord(c) for c in data.vocab]] = np.arange(65)
     assert torch.equal(torch.cat([data.train_tokens, data.val_tokens]), torch.from_numpy(lookup[ids]))
-    speeches = ShakespeareDataModule(data_dir=str(SHARED_DATA), cache_dir=str(tmp_path), speakers=["ROMEO", "JULIET"])
+    speeches = TextDataModule(data_dir=str(SHARED_DATA), cache_dir=str(tmp_path), speakers=["ROMEO", "JULIET"])
     assert speeches.tokenizer.decode(speeches.token_cache.tokens()) == speeches_of(text, ["ROMEO", "JULIET"])
 
 
@@ -356,7 +356,7 @@ def test_skip_undecodable_leaves_them_out_and_says_which(tmp_path, text_file):
     assert [Path(p).name for p in cache.skipped] == ["b.txt", "d.txt", "e.txt", "f.txt"]
     good = (folder / "a.txt").read_text() + SEPARATOR + (folder / "c.txt").read_text()
     assert cached_ids(cache) == in_memory_ids(good)[1]
-    data = ShakespeareDataModule(path=str(folder), cache_dir=str(tmp_path / "cache"), skip_undecodable=True,
+    data = TextDataModule(path=str(folder), cache_dir=str(tmp_path / "cache"), skip_undecodable=True,
                                  block_size=8, batch_size=2)  # fmt: skip
     with pytest.warns(UserWarning, match=r"left out 4 files that are not UTF-8: .*b.txt"):
         assert data.describe()["skipped"] == cache.skipped

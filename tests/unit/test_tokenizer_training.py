@@ -42,10 +42,10 @@ def test_the_validation_split_never_reaches_the_vocabulary(tmp_path: Path):
 
 
 def test_the_training_split_is_the_text_a_character_run_trains_on(text_file: Path, tmp_path: Path):
-    from gpt_lightning.training.datamodule import ShakespeareDataModule
+    from gpt_lightning.training.datamodule import TextDataModule
 
     settings = {"text_span": (0.2, 1.0), "speakers": ["KING ARTHUR", "LADY BEATRICE"], "val_fraction": 0.15}
-    data = ShakespeareDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=8, batch_size=2, **settings)
+    data = TextDataModule(path=str(text_file), cache_dir=str(tmp_path), block_size=8, batch_size=2, **settings)
     data.setup("fit")
     assert data.train_tokens is not None and data.val_tokens is not None
     text = select_text(str(text_file), **settings)  # type: ignore[arg-type]
