@@ -4,6 +4,7 @@ The first batch of a compiled fit compiles the forward and backward; the cost is
 eager first batch. Break-even is that cost over the time a compiled step saves. Inductor's on-disk caches
 are off (the environment variables are set before torch loads), so that every compiled fit pays in full.
 Within one process a second compiled fit reuses the first one's code: each fit runs in a fresh process.
+Arguments it does not know go to the CLI of every fit (`--model.n_layer=4`, `--trainer.precision=bf16-mixed`).
 
     python -m benchmarks.compile_breakeven --preset cpu --data-dir ../shared/data --threads 2
     python -m benchmarks.compile_breakeven --preset baby-gpt --data-dir data --device cuda --mode reduce-overhead
@@ -26,7 +27,7 @@ from benchmarks.common import child_env, module_command
 CACHES_OFF = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
 
 
-def one_fit(args: argparse.Namespace, compile: str) -> dict[str, float]:
+def one_fit(args: argparse.Namespace, cli_args: list[str], compile: str) -> dict[str, float]:
     """In this process: the fit's first batch, in s, and the median of the batches after the first ten, in ms."""
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -54,7 +55,7 @@ def one_fit(args: argparse.Namespace, compile: str) -> dict[str, float]:
                           f"--trainer.logger.init_args.save_dir={runs}", "--progress_bar.refresh_rate=0",
                           "--sample.every_n_validations=0", "--last_checkpoint.every_n_train_steps=0",
                           "--checkpoint.save_top_k=0", f"--trainer.accelerator={args.device}",
-                          f"--model.compile={compile}"])  # fmt: skip
+                          f"--model.compile={compile}", *cli_args])  # fmt: skip
         times = BatchTimes()
         callbacks_of(cli.trainer).append(times)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -73,9 +74,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="fits of each kind, taking turns")
     parser.add_argument("--threads", type=int, help="torch threads (CPU)")
     parser.add_argument("--one-fit", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, cli_args = parser.parse_known_args()  # the rest goes to the CLI, e.g. --model.n_layer=4
     if args.one_fit:
-        print(json.dumps(one_fit(args, args.one_fit)))
+        print(json.dumps(one_fit(args, cli_args, args.one_fit)))
         return
     forwarded = sys.argv[1:]
     results: dict[str, list[dict[str, float]]] = {"false": [], args.mode: []}

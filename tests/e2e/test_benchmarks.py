@@ -79,8 +79,9 @@ def test_throughput_benchmark_prints_a_round_per_turn_and_the_ratio_line(text_fi
 
 
 def test_compile_breakeven_benchmark_times_eager_and_compiled_fits_and_prints_the_break_even(text_file: Path):
+    tiny = ["--model.n_layer=1", "--model.n_embd=16", "--model.n_head=2"]  # forwarded to the CLI
     lines = run_benchmark("compile_breakeven.py", "--preset=cpu", f"--data-path={text_file}", "--threads=1",
-                          "--steps=3", "--runs=1")  # fmt: skip
+                          "--steps=3", "--runs=1", *tiny)  # fmt: skip
     rows = [line for line in lines if re.fullmatch(r"\| (false|true) \| \d+\.\d\d \| \d+\.\d\d \|", line)]
     assert [row.split()[1] for row in rows] == ["false", "true"], lines
     assert re.fullmatch(r"compiling costs -?\d+\.\d s and saves .*", lines[-1]), lines
