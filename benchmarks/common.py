@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from gpt_lightning.model import GPTConfig
@@ -118,12 +117,6 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
             resumed_at = events[0][0]  # TensorBoard purges each tag from the step where it restarts
             curves[tag] = [(step, value) for step, value in curves.get(tag, []) if step < resumed_at] + events
     return curves
-
-
-def sync(device: torch.device | str) -> None:
-    """Waits for the device's queued work, so that a timer reads when it is done (CUDA runs asynchronously)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def resident_bytes() -> int:

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from benchmarks.common import child_env, module_command
+from gpt_lightning.commands.device import synchronize
 
 CACHES_OFF = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
 
@@ -32,18 +33,18 @@ def one_fit(args: argparse.Namespace, cli_args: list[str], compile: str) -> dict
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from benchmarks.common import callbacks_of, config_args, recipe_cli, recipe_files, sync
+    from benchmarks.common import callbacks_of, config_args, recipe_cli, recipe_files
 
     class BatchTimes(Callback):
         def __init__(self) -> None:
             self.seconds: list[float] = []
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, *_: Any) -> None:
-            sync(pl_module.device)
+            synchronize(pl_module.device)
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *_: Any) -> None:
-            sync(pl_module.device)
+            synchronize(pl_module.device)
             self.seconds.append(time.perf_counter() - self.start)
 
     if args.threads:

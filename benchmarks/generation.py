@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from benchmarks.common import RECIPES, recipe_model, sync
+from benchmarks.common import RECIPES, recipe_model
+from gpt_lightning.commands.device import synchronize
 from gpt_lightning.model import GPT
 from gpt_lightning.sampling import generate
 
@@ -20,10 +21,10 @@ from gpt_lightning.sampling import generate
 def tokens_per_second(model: GPT, max_new_tokens: int, use_kv_cache: bool, device: torch.device) -> float:
     idx = torch.zeros(1, 1, dtype=torch.long, device=device)
     generator = torch.Generator().manual_seed(0)
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     generate(model, idx, max_new_tokens, generator=generator, use_kv_cache=use_kv_cache)
-    sync(device)
+    synchronize(device)
     return max_new_tokens / (time.perf_counter() - start)
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import fresh_process_output, sync, trained_bpe
+from benchmarks.common import fresh_process_output, trained_bpe
+from gpt_lightning.commands.device import synchronize
 from gpt_lightning.data.corpus import corpus_path
 from gpt_lightning.data.token_cache import TokenCache, build_token_cache
 from gpt_lightning.lora import LoRAConfig, add_lora
@@ -140,7 +141,7 @@ def train_steps(
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype is not None)
     times = []
     for _ in range(steps + 1):  # the first step allocates AdamW's state and warms the allocator: untimed
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with autocast:
             logits = forward(x)
@@ -148,7 +149,7 @@ def train_steps(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))  # fmt: skip

@@ -23,7 +23,8 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import RECIPES, recipe_files, recipe_model, recipe_settings, sync
+from benchmarks.common import RECIPES, recipe_files, recipe_model, recipe_settings
+from gpt_lightning.commands.device import synchronize
 from gpt_lightning.optim import native_bf16
 from gpt_lightning.training.module import GPTModule
 
@@ -48,15 +49,15 @@ def turn(
     total = optimizer_s = 0.0
     for _ in range(steps):
         x = torch.randint(65, (args.batch_size, args.block_size), device=args.device)
-        sync(args.device)
+        synchronize(args.device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         module._loss((x, x.roll(-1, dims=1))).backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        sync(args.device)
+        synchronize(args.device)
         before_step = time.perf_counter()
         optimizer.step()
-        sync(args.device)
+        synchronize(args.device)
         end = time.perf_counter()
         total += end - start
         optimizer_s += end - before_step

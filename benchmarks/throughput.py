@@ -39,7 +39,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files, sync
+from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files
+from gpt_lightning.commands.device import synchronize
 from gpt_lightning.data.corpus import RandomWindows
 from gpt_lightning.model import GPT, compiled_forward
 from gpt_lightning.optim import WarmupCosine
@@ -115,7 +116,7 @@ class PlainLoop:
     def run(self, steps: int) -> float:
         """Seconds that `steps` optimizer steps take."""
         self.model.train()
-        sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         for _ in range(steps):
             x, y = self.resident or self._next_batch()
@@ -129,7 +130,7 @@ class PlainLoop:
             self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        sync(self.device)
+        synchronize(self.device)
         return time.perf_counter() - start
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +152,7 @@ class TakeTurns(L.Callback):
         done = trainer.global_step - self.warmup
         if done < 0 or done % self.steps:
             return
-        sync(pl_module.device)
+        synchronize(pl_module.device)
         if done == 0:
             self.plain.run(self.warmup)
         else:

@@ -27,7 +27,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files, recipe_settings, sync
+from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files, recipe_settings
+from gpt_lightning.commands.device import synchronize
 from gpt_lightning.training.callbacks import TaskScores
 from gpt_lightning.training.module import GPTModule
 
@@ -43,17 +44,17 @@ class PhaseTimer(L.Callback):
         self._t0 = time.perf_counter()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        sync(pl_module.device)
+        synchronize(pl_module.device)
         self._v0 = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        sync(pl_module.device)
+        synchronize(pl_module.device)
         if not trainer.sanity_checking:
             self.validation += time.perf_counter() - self._v0
             self.validations += 1
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
-        sync(pl_module.device)
+        synchronize(pl_module.device)
         self.total = time.perf_counter() - self._t0
 
 
@@ -64,10 +65,10 @@ def timed_task_scores(trainer: L.Trainer) -> list[float]:
     score = scores.on_validation_epoch_end
 
     def timed(trainer: L.Trainer, pl_module: GPTModule) -> None:
-        sync(pl_module.device)
+        synchronize(pl_module.device)
         start = time.perf_counter()
         score(trainer, pl_module)
-        sync(pl_module.device)
+        synchronize(pl_module.device)
         if not trainer.sanity_checking:
             seconds.append(time.perf_counter() - start)
 

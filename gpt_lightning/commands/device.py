@@ -20,6 +20,12 @@ Precision = Literal["32-true", "64-true", "16-true", "bf16-true", "16-mixed", "b
 DTYPES = {"64": torch.float64, "32": torch.float32, "16": torch.float16, "bf16": torch.bfloat16}
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Waits for the device's queued work, so that a timer reads when it is done (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass(frozen=True)
 class Device:
     """One device to run a model on.

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from gpt_lightning.commands.device import synchronize
 from gpt_lightning.data.instruct import Template, render_prompt
 from gpt_lightning.evaluation.run import resolve_task, score_task
 from gpt_lightning.evaluation.scoring import encode_text
@@ -416,13 +417,13 @@ class TokenThroughput(Callback):
         self._restart(pl_module)
 
     def _restart(self, pl_module: L.LightningModule) -> None:
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self._start, self._tokens, self._flops = time.perf_counter(), 0, 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: GPTModule, outputs: Any, batch: Any, *_: Any) -> None:  # type: ignore[override]
         if self._compiling:
             self._compiling = False
-            _synchronize(pl_module.device)  # once: the end of the first batch, whose forward and backward compile
+            synchronize(pl_module.device)  # once: the end of the first batch, whose forward and backward compile
             seconds = time.perf_counter() - self._start
             rank_zero_info(f"torch.compile: compiled in {seconds:.1f} s (the first training batch, compilation "
                            "included; train/tokens_per_sec counts from the next)")  # fmt: skip
@@ -437,7 +438,7 @@ class TokenThroughput(Callback):
         if step == self._logged_at_step or not is_logging_step(trainer, step - 1):
             return
         self._logged_at_step = step
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         elapsed = time.perf_counter() - self._start
         metrics = {"train/tokens_per_sec": self._tokens * trainer.world_size / elapsed}
         if self.peak_flops:
@@ -470,8 +471,3 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
         flops = table.get("tfloat32" if tf32 else dtype)
     return flops
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
