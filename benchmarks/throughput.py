@@ -2,7 +2,8 @@
 
 (a) fit:   the LightningModule, DataModule, callbacks and logger that `python main.py fit --config <recipe>`
            builds, through `Trainer.fit`.
-(b) plain: the same GPT class, AdamW groups, schedule, clipping, precision and batches in a minimal loop.
+(b) plain: the same GPT class, optimizer (AdamW, or Muon and AdamW), schedule, clipping, precision and batches in a
+           minimal loop.
 
 Both run in one process and take turns every `--steps` optimizer steps: a callback pauses the fit, runs
 the plain loop for its turn and hands back, in the order a b b a a b b a ... A round is one turn of
@@ -45,6 +46,7 @@ from gpt_lightning.data.corpus import RandomWindows
 from gpt_lightning.model import GPT, compiled_forward
 from gpt_lightning.optim import WarmupCosine
 from gpt_lightning.training.cli import GPTLightningCLI
+from gpt_lightning.training.datamodule import pin_memory_for
 
 
 def build_cli(args: argparse.Namespace, log_dir: str) -> GPTLightningCLI:
@@ -88,12 +90,8 @@ class PlainLoop:
         compile = {"false": False, "true": True}.get(args.compile, args.compile)
         self.forward: Callable[..., torch.Tensor] = compiled_forward(self.model, compile) or self.model.forward
         settings = module.optim
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameter_groups(settings.weight_decay),
-            lr=settings.learning_rate,
-            betas=settings.betas,
-            fused=self.device.type == "cuda",
-        )
+        # The module's own optimizer (AdamW, or Muon and AdamW), so that only Lightning differs between the loops.
+        self.optimizer = settings.build(self.model, fused=self.device.type == "cuda")
         ratio = settings.min_lr / settings.learning_rate
         schedule = WarmupCosine(settings.warmup_steps, total_steps(args), min_ratio=ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -102,7 +100,7 @@ class PlainLoop:
         self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(
             RandomWindows(data.train_tokens, data.block_size, data.batch_size, data.seed)
         )
-        self.pin = self.device.type == "cuda" and data.pin_memory is not False  # unset: pinned on CUDA
+        self.pin = pin_memory_for(data.pin_memory, cli.trainer)
         self.resident = self._next_batch() if reuse_batch else None
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)
