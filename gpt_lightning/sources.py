@@ -228,13 +228,17 @@ def build_network(
     A `tokenizer` that appends characters to the source's (data.grow_vocab) gets rows for them, each the mean
     of the old rows (`GPT.grow_vocab`). The `architecture`'s vocab_size (model.vocab_size) is not the
     vocabulary, the tokenizer's, but the rows of the embedding, padded for speed: unset, the source's, else the
-    tokenizer's; a source's padding is re-cut to it (`GPT.pad_vocab`). LoRA's low-rank updates are added last,
-    the weights beneath them frozen."""
+    tokenizer's, rounded up to a multiple of `vocab_multiple` (model.vocab_multiple); a source's padding is re-cut
+    to it (`GPT.pad_vocab`). LoRA's low-rank updates are added last, the weights beneath them frozen."""
     architecture = dict(architecture)
     rows, tokens = architecture.pop("vocab_size", None), tokenizer.vocab_size
+    multiple = architecture.pop("vocab_multiple", 1)
     if rows is not None and rows < tokens:
         raise ValueError(f"model.vocab_size {rows} is less than the tokenizer's {tokens} tokens: "
                          f"drop it, or give {tokens} or more.")  # fmt: skip
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"model.vocab_multiple must be a positive integer (64 pads GPT-2's 50,257 tokens to 50,304; "
+                         f"1 pads nothing), got {multiple!r}.")  # fmt: skip
     if source is None:
         defaults = GPTConfig(vocab_size=tokens, block_size=block_size, dropout=dropout)
         gpt = GPT(dataclasses.replace(defaults, **{k: v for k, v in architecture.items() if v is not None}))
@@ -251,7 +255,9 @@ def build_network(
         gpt = source.load_weights_into(GPT(source.config_for(given, dropout)))
         if added:
             gpt.grow_vocab(source.tokenizer.vocab_size, tokens)
-    if rows is not None and rows != gpt.config.vocab_rows:
+    if rows is None:  # a resume gives its checkpoint's rows: a multiple never re-cuts them
+        rows = -(-gpt.config.vocab_rows // multiple) * multiple
+    if rows != gpt.config.vocab_rows:
         gpt.pad_vocab(rows)
     if lora is not None and lora.enabled:
         add_lora(gpt, lora)

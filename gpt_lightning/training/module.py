@@ -43,6 +43,7 @@ class GPTModule(L.LightningModule):
         gelu: Literal["exact", "tanh"] | None = None,
         tie_embeddings: bool | None = None,
         vocab_size: int | None = None,
+        vocab_multiple: int = 1,
         dropout: float = 0.0,
         init_from: str | None = None,
         lora: LoRAConfig = LoRAConfig(),  # noqa: B008 (a dataclass of settings: jsonargparse's nested options)
@@ -77,6 +78,8 @@ class GPTModule(L.LightningModule):
                 tokenizer's tokens; more pads them to a round number, whose matmul GPUs run faster (e.g. 50304 for
                 GPT-2's 50,257, as nanoGPT). The model still predicts the tokenizer's tokens only: logits, samples,
                 exports and parameter counts leave the padding out. Unset: the checkpoint's, else the tokenizer's.
+            vocab_multiple: With vocab_size unset, round those rows up to a multiple of this: 64 pads GPT-2's 50,257
+                tokens to 50,304 (nanoGPT) and 65 characters to 128, whatever the tokenizer. 1: no rounding.
             dropout: Dropout probability in [0, 1). Not part of the architecture: a fine-tune may change it.
             init_from: Start from the weights, architecture and tokenizer of this checkpoint (fine-tuning): one of
                 our .ckpt files, a Hugging Face GPT-2 folder, or a hub name (gpt2, gpt2-medium, gpt2-large,
@@ -123,6 +126,7 @@ class GPTModule(L.LightningModule):
                              "model.lora.rank, to fine-tune every weight with Muon).")  # fmt: skip
         architecture = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "bias": bias, "gelu": gelu,
                         "tie_embeddings": tie_embeddings, "vocab_size": vocab_size}  # fmt: skip
+        architecture["vocab_multiple"] = vocab_multiple
         # The checkpoint decides the architecture, vocabulary size and context (a GPT-2 may crop it).
         source = None if init_from is None else open_source(init_from)
         self.gpt = build_network(source, self.tokenizer, block_size, architecture, dropout, lora)

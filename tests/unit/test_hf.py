@@ -512,13 +512,18 @@ def test_a_gpt2_folder_starts_a_fine_tune_with_its_embedding_padded_to_a_multipl
     source = open_source(bpe_gpt2)  # 300 tokens, 300 rows
     theirs = transformers.GPT2LMHeadModel.from_pretrained(bpe_gpt2).eval()
     ids = source.tokenizer.encode("KING ARTHUR:")[None]
-    for rows in (320, 384, None):
-        gpt = build_network(source, source.tokenizer, 64, {"vocab_size": rows}).eval()
-        assert gpt.wte.num_embeddings == (rows or 300) and gpt.config.vocab_size == 300
+    # model.vocab_size, vocab_multiple: rows given win; unset, the folder's 300 rounded up to the multiple
+    for rows, multiple, expected in ((320, 1, 320), (384, 64, 384), (None, 1, 300), (None, 64, 320), (None, 128, 384)):
+        gpt = build_network(source, source.tokenizer, 64, {"vocab_size": rows, "vocab_multiple": multiple}).eval()
+        assert gpt.wte.num_embeddings == expected and gpt.config.vocab_size == 300, (rows, multiple)
         with torch.no_grad():
             assert torch.allclose(gpt(ids), theirs(ids).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="model.vocab_size 299 is less than the tokenizer's 300 tokens"):
         build_network(source, source.tokenizer, 64, {"vocab_size": 299})
+    with pytest.raises(ValueError, match=r"model.vocab_multiple must be a positive integer \(64 pads GPT-2's"):
+        build_network(source, source.tokenizer, 64, {"vocab_multiple": 0})
+    fresh = build_network(None, CharTokenizer("abcdefghijklmnopqrstuvwxyz"), 16, {"vocab_multiple": 64})
+    assert (fresh.config.vocab_size, fresh.wte.num_embeddings) == (26, 64)  # a model from scratch, too
 
 
 def test_a_padded_gpt2_folder_opens_with_its_tokenizers_tokens_and_may_be_padded_otherwise(
