@@ -49,7 +49,7 @@ from gpt_lightning.training.callbacks import peak_flops
 from gpt_lightning.training.datamodule import TextDataModule
 
 NANOGPT_CLONE = "git clone https://github.com/karpathy/nanoGPT benchmarks/.nanogpt"
-COMPILE_MODES = ("false", "true", "reduce-overhead")  # today's setting, then the new defaults
+COMPILE_MODES = ("false", "true", "reduce-overhead")  # the setting of the H200 figures so far, then compiled
 # The cpu preset's sizes, for --smoke: a fit of a few steps takes a second.
 SMOKE_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12}  # and no dropout
 NANOGPT_LINE = re.compile(r"iter (\d+): loss ([\d.]+), time ([\d.]+) ?ms, mfu (-?[\d.]+)%")
@@ -128,7 +128,7 @@ def command_text(module: str, argv: list[str]) -> str:
 
 def fit_against_plain(report: Report, preset: str, compile_mode: str) -> Row:
     """(a) Trainer.fit against (b) the plain loop, in turns (benchmarks.throughput)."""
-    name = f"{preset}, compile {'off (today)' if compile_mode == 'false' else compile_mode}"
+    name = f"{preset}, compile {'off (as the H200 figures so far)' if compile_mode == 'false' else compile_mode}"
     argv = report.throughput_argv(preset, compile_mode)
     row = Row(name, command_text("benchmarks.throughput", argv))
     if report.smoke and compile_mode != "false":
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         if key in args.rows:
             rows[name] = run_row(report, make, name)
             print(rows[name].markdown(), flush=True)
-    print("\nIssue 32's targets, on one H200" + (" (smoke: meaningless)" if args.smoke else "") + ":")
+    print(f"\nIssue 32's targets (set for one H200), on {card}" + (" (smoke: meaningless)" if args.smoke else "") + ":")
     print("\n".join(targets(rows, args.smoke_target if args.smoke else args.target)) or "- no row to judge")
     if args.profile:
         print("\n" + profile(report))

@@ -145,6 +145,7 @@ def test_a_card_preset_keeps_its_computed_memory_within_three_quarters_of_the_ca
     assert memory <= 0.75 * card_gb * 1e9, f"{preset}: {memory / 1e9:.1f} GB on a {card_gb} GB card"
     assert lora.enabled == ("_lora_" in preset) and data["block_size"] == 1024
     assert data["batch_size"] * trainer["accumulate_grad_batches"] == 32  # the same step on every card
+    assert trainer["val_check_interval"] == 50 * trainer["accumulate_grad_batches"]  # micro-batches: 50 steps
 
 
 @pytest.mark.parametrize(
