@@ -128,7 +128,7 @@ def command_text(module: str, argv: list[str]) -> str:
 
 def fit_against_plain(report: Report, preset: str, compile_mode: str) -> Row:
     """(a) Trainer.fit against (b) the plain loop, in turns (benchmarks.throughput)."""
-    name = f"{preset}, compile {'off (as the H200 figures so far)' if compile_mode == 'false' else compile_mode}"
+    name = f"{preset}, compile {'off' if compile_mode == 'false' else compile_mode}"
     argv = report.throughput_argv(preset, compile_mode)
     row = Row(name, command_text("benchmarks.throughput", argv))
     if report.smoke and compile_mode != "false":

@@ -100,7 +100,7 @@ class PlainLoop:
         self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(
             RandomWindows(data.train_tokens, data.block_size, data.batch_size, data.seed)
         )
-        self.pin = pin_memory_for(data.pin_memory, cli.trainer)
+        self.pin = self.device.type == "cuda" and pin_memory_for(data.pin_memory, cli.trainer)  # CUDA pins
         self.resident = self._next_batch() if reuse_batch else None
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)

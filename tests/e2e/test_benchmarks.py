@@ -343,7 +343,7 @@ def test_gpu_report_smoke_prints_every_row_and_says_its_figures_are_not_measurem
     assert any(line.endswith("git clone https://github.com/karpathy/nanoGPT benchmarks/.nanogpt") for line in lines)
     rows = {line.split(" | ")[0].removeprefix("| "): line for line in lines if line.startswith("| ") and "`" in line}
     expected = [f"{preset}, compile {mode}" for preset in ("baby-gpt", "baby-gpt-muon")
-                for mode in ("off (today)", "true", "reduce-overhead")]  # fmt: skip
+                for mode in ("off", "true", "reduce-overhead")]  # fmt: skip
     expected += [
         "data path (baby-gpt plain loop, compile false)",
         "nanoGPT train.py, compile=True",
@@ -354,7 +354,7 @@ def test_gpu_report_smoke_prints_every_row_and_says_its_figures_are_not_measurem
     assert list(rows) == expected, lines
     number = r"[\d,.]+"
     beside = rf"\| {number} \| — \| {number} \| {number} \| -?{number} ms \([+-]{number}%\) \| n/a \(CPU\) \|"
-    for name in ("baby-gpt, compile off (today)", "baby-gpt-muon, compile off (today)"):  # fit beside the plain loop
+    for name in ("baby-gpt, compile off", "baby-gpt-muon, compile off"):  # fit beside the plain loop
         assert re.search(beside, rows[name]), rows[name]
         assert "python -m benchmarks.throughput --preset " in rows[name]
     assert "skipped in --smoke" in rows["baby-gpt, compile reduce-overhead"]
@@ -363,7 +363,7 @@ def test_gpu_report_smoke_prints_every_row_and_says_its_figures_are_not_measurem
     assert re.search(r"seed 0: [\d.]+ s \(val/loss", rows["time to 10.0 (pretrain_muon shrunk, 1 seed)"])
     gpt2 = rows["GPT-2 small shape, LoRA rank 8 (smoke: cpu preset's sizes)"]
     assert "vocabulary 50,257" in gpt2 and "SYNTHETIC random token ids" in gpt2
-    targets = lines.index("Issue 32's targets, on one H200 (smoke: meaningless):")
+    targets = lines.index("Issue 32's targets (set for one H200), on CPU (smoke: meaningless):")
     verdict = r"- .*: (met|MISSED) \(.*\)"
     assert all(re.fullmatch(verdict, line) for line in lines[targets + 1 : targets + 4]), lines[targets:]
     assert any(line.startswith("torch.profiler, 2 steps of the baby GPT's plain loop") for line in lines)
