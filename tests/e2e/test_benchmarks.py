@@ -78,6 +78,7 @@ def test_throughput_benchmark_prints_a_round_per_turn_and_the_ratio_line(text_fi
     assert re.fullmatch(r"fit/plain tokens-per-second ratio: \d\.\d\d", lines[-1])
 
 
+@pytest.mark.slow  # two fresh processes, one of them compiling cold
 def test_compile_breakeven_benchmark_times_eager_and_compiled_fits_and_prints_the_break_even(text_file: Path):
     tiny = ["--model.n_layer=1", "--model.n_embd=16", "--model.n_head=2"]  # forwarded to the CLI
     lines = run_benchmark("compile_breakeven.py", "--preset=cpu", f"--data-path={text_file}", "--threads=1",
