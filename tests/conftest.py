@@ -14,7 +14,14 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
+
+# The suite's workers share the cores (addopts: -n 2): one thread each, in this process and in every process it
+# starts (a fit, a benchmark, the notebook's kernel). Unset, each takes a thread per core and they oversubscribe
+# the cores: the README's `pytest` ran 9:06 on 2 cores, against 7:22 with CI's OMP_NUM_THREADS=1. One that is
+# set wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402 (after the line above, which torch reads when it starts)
 
 from benchmarks.common import scalars  # noqa: F401 (the tests read runs as the benchmarks do)
 

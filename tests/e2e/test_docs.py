@@ -5,11 +5,15 @@ every run folder or checkpoint they name is one that the recipe logging there wr
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import ROOT, main_in_process
@@ -98,3 +102,14 @@ def test_every_run_folder_and_checkpoint_the_docs_name_is_one_a_recipe_writes(do
     if file is not None:
         written = checkpoints_written(recipes()[name])
         assert file in written, f"{doc}: {path}: the {name} recipe writes {sorted(written)}, never {file}"
+
+
+def test_the_readmes_pytest_runs_one_thread_per_worker_and_per_process_it_starts():
+    # The workers share the cores (-n 2). A shell without OMP_NUM_THREADS must not give each worker, fit,
+    # benchmark and notebook kernel a thread per core: oversubscribed, the suite ran 9:06 instead of 7:22.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    assert threads is not None, "tests/conftest.py sets OMP_NUM_THREADS for the suite"
+    assert torch.get_num_threads() == int(threads)
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert child.stdout.strip() == threads, child.stderr
