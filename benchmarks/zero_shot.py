@@ -4,7 +4,8 @@ against chance, and the tasks along one pre-training run (docs/evaluation.md).
 Trains each recipe once per seed with `main.py fit` (a finished run is reused), scores every last.ckpt with
 `evaluate` on the built-in tasks, all their items, and prints mean and standard deviation over the seeds.
 The first recipe's first seed also scores the tasks at each of 4 validations (`--task_scores.tasks`), and
-one step of the same recipe gives the untrained end of that curve.
+one step of the same recipe gives the untrained end of that curve. Options it does not know go to every
+`fit` (e.g. --trainer.limit_val_batches=2 for a quick look).
 
     python -m benchmarks.zero_shot --runs runs/zero_shot --data-dir ../shared/data --plot docs/task_scores.png
 """
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="train this many steps (default: each recipe's own)")
     parser.add_argument("--limit", type=int, help="score each task's first LIMIT items (default: all)")
     parser.add_argument("--plot", type=Path, help="write the along-training plot here (needs matplotlib)")
-    args = parser.parse_args()
+    args, fit_options = parser.parse_known_args()
     torch.set_num_threads(args.threads)
     runs = args.runs.absolute()
     runs.mkdir(parents=True, exist_ok=True)
@@ -89,16 +90,17 @@ def main() -> None:
         f"--trainer.val_check_interval={max_steps(first) // POINTS}",
         f"--task_scores.tasks=[{', '.join(BUILTIN_TASKS)}]",
         f"--task_scores.limit={args.limit or 'null'}",
+        *fit_options,
     ]
     table: dict[str, list[dict[str, dict[str, Any]]]] = {}
     losses: dict[str, list[float]] = {}
     for preset in args.presets:
         for seed in args.seeds:
-            extra = along if (preset, seed) == (first, args.seeds[0]) else []
+            extra = along if (preset, seed) == (first, args.seeds[0]) else fit_options
             run = train(preset, seed, runs, data_dir, max_steps(preset), *extra)
             table.setdefault(preset, []).append(scores_of(run, data_dir, args.limit))
             losses.setdefault(preset, []).append(final_val_loss(run))
-    untrained = train(first, args.seeds[0], runs, data_dir, 1)
+    untrained = train(first, args.seeds[0], runs, data_dir, 1, *fit_options)
 
     seeds = ", ".join(map(str, args.seeds))
     print(f"zero-shot acc, mean ± sd over seeds {seeds}; chance {CHANCE}; n items per task")

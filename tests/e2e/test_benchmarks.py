@@ -287,7 +287,8 @@ def test_serve_load_benchmark_prints_a_row_per_client_count_and_the_ratio(pretra
 @pytest.mark.skipif(not SHARED_CORPUS.is_file(), reason="the built-in tasks need the corpus copy in ../shared/data")
 def test_zero_shot_benchmark_prints_each_task_against_chance_and_the_curve_along_a_run(tmp_path: Path):
     lines = run_benchmark("zero_shot.py", f"--runs={tmp_path / 'runs'}", f"--data-dir={SHARED_DATA}",
-                          "--presets", "cpu", "--seeds", "1", "2", "--max-steps=4", "--limit=8")  # fmt: skip
+                          "--presets", "cpu", "--seeds", "1", "2", "--max-steps=4", "--limit=8",
+                          "--trainer.limit_val_batches=2", "--sample.every_n_validations=0")  # fmt: skip
     assert lines[0] == "zero-shot acc, mean ± sd over seeds 1, 2; chance 0.25; n items per task"
     for task in ("spelling", "next-word", "next-line", "who-speaks"):
         assert any(re.fullmatch(rf"{task}\s+8\s+[\d.]+ ± [\d.]+", line) for line in lines), lines
