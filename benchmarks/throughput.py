@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from benchmarks.common import RECIPES, callbacks_of, config_args, recipe_cli, recipe_files
 from gpt_lightning.commands.device import synchronize
 from gpt_lightning.data.corpus import RandomWindows
-from gpt_lightning.model import GPT, compiled_forward
+from gpt_lightning.model import GPT, CompileMode, compiled_forward
 from gpt_lightning.optim import WarmupCosine
 from gpt_lightning.training.cli import GPTLightningCLI
 from gpt_lightning.training.datamodule import pin_memory_for
@@ -193,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed or 16-mixed")
     parser.add_argument("--compile", nargs="?", const="true", default="false",
-                        choices=["false", "true", "reduce-overhead", "max-autotune"],
+                        choices=["false", "true", *get_args(CompileMode)],
                         help="torch.compile the forward in both loops (alone: true, torch's default mode)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (set it: 2 cores here)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per turn of each side")

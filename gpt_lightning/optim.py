@@ -9,7 +9,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -93,6 +93,7 @@ class CombinedState(MutableMapping[torch.Tensor, Any]):
 
 
 MuonPrecision = Literal["auto", "bf16", "fp32"]
+MUON_PRECISIONS: tuple[str, ...] = get_args(MuonPrecision)
 # oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below which bfloat16 products take the slow path.
 _ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
@@ -134,8 +135,8 @@ class Muon(torch.optim.Muon):
 
     def __init__(self, params: Any, precision: MuonPrecision = "auto", **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"Muon's precision must be auto, bf16 or fp32, got {precision!r}.")
+        if precision not in MUON_PRECISIONS:
+            raise ValueError(f"Muon's precision must be one of {', '.join(MUON_PRECISIONS)}, got {precision!r}.")
         self.precision = precision
         self._resolved: str | None = None
 
@@ -268,8 +269,10 @@ class OptimizerSettings:
     def __post_init__(self) -> None:
         if self.name not in ("adamw", "muon"):
             raise ValueError(f"model.optimizer must be adamw or muon, got {self.name!r}.")
-        if self.muon_precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"model.muon_precision must be auto, bf16 or fp32, got {self.muon_precision!r}.")
+        if self.muon_precision not in MUON_PRECISIONS:
+            raise ValueError(
+                f"model.muon_precision must be one of {', '.join(MUON_PRECISIONS)}, got {self.muon_precision!r}."
+            )
 
     def build(self, gpt: GPT, fused: bool) -> torch.optim.Optimizer:
         """`build_optimizer` with these settings; `fused`: AdamW's one kernel for all parameters (CUDA)."""

@@ -210,5 +210,7 @@ def test_auto_takes_bf16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch
     assert native_bf16(torch.device("cpu"))
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN capped below its bfloat16 kernels
     assert not native_bf16(torch.device("cpu"))
-    with pytest.raises(ValueError, match="muon_precision must be auto, bf16 or fp32"):
+    with pytest.raises(ValueError, match="muon_precision must be one of auto, bf16, fp32"):
         GPTModule(vocab=VOCAB, block_size=8, optimizer="muon", muon_precision="fp16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Muon's precision must be one of auto, bf16, fp32, got 'fp16'"):
+        Muon([torch.nn.Parameter(torch.zeros(2, 2))], precision="fp16")  # type: ignore[arg-type]
