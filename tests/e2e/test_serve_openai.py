@@ -163,15 +163,20 @@ def test_refusals_are_openais_errors_as_the_clients_exceptions(base_server: Serv
 def test_beyond_the_queue_limit_a_request_gets_a_fast_503(chat_server: Server):
     drain(chat_server)
     chat = client(chat_server).chat.completions
-    held = [chat.create(model="m", messages=KING, max_tokens=ENDLESS, stream=True) for _ in range(MAX_QUEUE)]
-    next(iter(held[0]))  # the first is generating, the others wait behind it
-    start = time.monotonic()
-    with pytest.raises(openai.InternalServerError) as raised:
-        chat.create(model="m", messages=KING, max_tokens=3)
-    assert raised.value.status_code == 503 and "busy" in raised.value.message
-    assert time.monotonic() - start < 2.0
-    for stream in held:
-        stream.close()  # the held streams are cancelled; the queue drains
+    held = []
+    try:
+        # A stream is returned once its status came, which is before the worker takes its request: all of them
+        # are in the gate's count, one generating and the others waiting, in whatever order the server read them.
+        # (Waiting for the first one's text would hang whenever the server read another one first.)
+        held = [chat.create(model="m", messages=KING, max_tokens=ENDLESS, stream=True) for _ in range(MAX_QUEUE)]
+        start = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as raised:
+            chat.create(model="m", messages=KING, max_tokens=3)
+        assert raised.value.status_code == 503 and "busy" in raised.value.message
+        assert time.monotonic() - start < 2.0
+    finally:
+        for stream in held:  # the held streams are cancelled, also when an assertion failed: the next tests share
+            stream.close()  # this server
     drain(chat_server)
 
 
