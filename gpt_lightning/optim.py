@@ -253,18 +253,19 @@ def build_optimizer(
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
     """The optimizer and LR schedule of a run (GPTModule's arguments of the same names, documented there),
-    checked once: what `configure_optimizers` builds from."""
+    checked once: what `configure_optimizers` builds from. No defaults: GPTModule's signature is the one place
+    that writes them."""
 
-    name: Literal["adamw", "muon"] = "adamw"
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    lr_decay_steps: int | None = None
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.99)
-    muon_learning_rate: float = 0.02
-    muon_momentum: float = 0.95
-    muon_precision: MuonPrecision = "auto"
+    name: Literal["adamw", "muon"]
+    learning_rate: float
+    min_lr: float
+    warmup_steps: int
+    lr_decay_steps: int | None
+    weight_decay: float
+    betas: tuple[float, float]
+    muon_learning_rate: float
+    muon_momentum: float
+    muon_precision: MuonPrecision
 
     def __post_init__(self) -> None:
         if self.name not in ("adamw", "muon"):
