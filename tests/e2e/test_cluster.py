@@ -5,10 +5,13 @@ and torchrun launches (multi-node)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,9 +140,34 @@ def corpus_fit(runs: Path, data_dir: Path, probe: Path, *args: str) -> list[str]
 
 def run_all(commands: list[list[str]], timeout: float = 240) -> list[tuple[int, str]]:
     env = {k: v for k, v in cli_env().items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    processes = [subprocess.Popen(c, cwd=Path.cwd(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True) for c in commands]  # fmt: skip
-    return [(p.wait(timeout=timeout), p.communicate()[0]) for p in processes]
+    return run_together([(command, env) for command in commands], timeout)
+
+
+def run_together(commands: list[tuple[list[str], dict[str, str]]], timeout: float = 240) -> list[tuple[int, str]]:
+    """Starts every (command, environment) at once and gives each one's exit code and output. The output goes to
+    files, not pipes: a rank blocked on a full pipe that nobody reads would hold its peers up in a collective.
+    Past the timeout, every process is killed with the processes it started (torchrun's workers), so that a hung
+    run leaves nothing behind."""
+    outputs = [tempfile.TemporaryFile("w+") for _ in commands]
+    processes = [
+        subprocess.Popen(command, cwd=Path.cwd(), env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+        for (command, env), out in zip(commands, outputs, strict=True)
+    ]  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    results = []
+    for code, out in zip(codes, outputs, strict=True):
+        with out:
+            out.seek(0)
+            results.append((code, out.read()))
+    return results
 
 
 def assert_one_ddp_run(runs: Path, probe: Path, world: int, steps: int) -> None:
@@ -217,12 +245,8 @@ def srun_like(tasks: int, *args: str) -> list[tuple[int, str]]:
               "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gpt", "SLURM_NODELIST": "127.0.0.1",
               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
     env = {k: v for k, v in cli_env().items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    processes = [
-        subprocess.Popen(main_py(*args), cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**env, **common, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
-        for r in range(tasks)
-    ]  # fmt: skip
-    return [(p.wait(timeout=240), p.communicate()[0]) for p in processes]
+    ranks = [{**env, **common, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)} for rank in range(tasks)]
+    return run_together([(main_py(*args), rank_env) for rank_env in ranks])
 
 
 def test_srun_ranks_from_slurm_variables_train_one_run(text_file: Path, tmp_path: Path):
