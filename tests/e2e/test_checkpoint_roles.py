@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import shutil
+import signal
 from pathlib import Path
 
 import lightning
@@ -205,7 +206,11 @@ def test_every_checkpoint_resumes_validates_samples_serves_exports_and_starts_a_
     padded = kind in ("padded BPE", "from a GPT-2 folder", "task fine-tune of a GPT-2 folder")
     assert (described["padding_parameters"] > 0) == padded == (facts.config.padded_vocab_size is not None)
     api = GPTStreamAPI(str(ckpt), str(tmp_path))
-    api.setup("cpu")
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        api.setup("cpu")  # a worker process's set-up: it ignores SIGINT
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # which this test process, and every fit it starts later, must not
     request = {"prompt": "KING", "max_new_tokens": 6, "temperature": 0.8, "top_k": None, "top_p": None, "seed": 2,
                "stream_id": "s"}  # fmt: skip
     served = list(api.predict(request))

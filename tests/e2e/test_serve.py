@@ -4,6 +4,7 @@ in a real browser (Chromium, driven by Playwright)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -77,7 +78,10 @@ def start_server(folder: Path, ckpt: Path, *args: str) -> tuple[subprocess.Popen
                 return process, served
         except OSError:
             pass
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        if process.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # a server that is late is not left loading on the cores
+            pytest.fail(f"the server did not answer /health:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
 
 
@@ -212,10 +216,13 @@ def test_a_client_that_goes_away_stops_its_generation(server: Server):
     connection = server.connection()
     connection.request("POST", "/predict", body=json.dumps({"prompt": "KING", "max_new_tokens": ENDLESS}),
                        headers={"Content-Type": "application/json"})  # fmt: skip
-    response = connection.getresponse()
-    for _ in range(5):
-        response.fp.readline()  # the stream has started
-    connection.close()  # as a closed tab or the page's Stop button does
+    try:
+        response = connection.getresponse()
+        for _ in range(5):
+            response.fp.readline()  # the stream has started
+    finally:
+        connection.close()  # as a closed tab or the page's Stop button does (and, should a read fail, the stream
+        # is not left generating for the next tests of this server)
     deadline = time.monotonic() + 30
     while "stopped after" not in server.log.read_text():
         assert time.monotonic() < deadline, "generation went on after its client left"
@@ -294,10 +301,12 @@ def processes_in_group(pgid: int) -> bool:
 def test_a_signal_stops_every_process_of_the_server_frees_its_port_and_says_so_in_one_line(
     pretrained: Path, tmp_path: Path, signum: signal.Signals, to_group: bool
 ):
-    process, served = start_server(tmp_path, pretrained / "checkpoints" / "last.ckpt")
+    process, served = start_server(
+        tmp_path, pretrained / "checkpoints" / "last.ckpt", f"--max_new_tokens_limit={ENDLESS}"
+    )
     try:
         connection = served.connection()  # a stream in progress, as a server being stopped usually has
-        connection.request("POST", "/predict", body=json.dumps({"prompt": "KING", "max_new_tokens": 2000}),
+        connection.request("POST", "/predict", body=json.dumps({"prompt": "KING", "max_new_tokens": ENDLESS}),
                            headers={"Content-Type": "application/json"})  # fmt: skip
         response = connection.getresponse()
         assert json.loads(response.readline())["text"]  # generating
