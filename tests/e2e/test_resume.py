@@ -182,12 +182,17 @@ def test_stopping_saves_a_checkpoint_to_resume_from(text_file: Path, tmp_path: P
         main_py(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     events = runs / "run" / "version_0"
-    deadline = time.monotonic() + 120
-    while not list(events.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(2.0)
-    process.send_signal(stop)
-    output, _ = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(events.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)
+        process.send_signal(stop)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # a fit that did not stop is not left running its 100,000 steps
+            process.kill()
+            process.wait()
     assert process.returncode != 0
     assert "last.ckpt at step" in output and "resume with --ckpt_path last" in output, output[-2000:]
     saved = torch.load(events / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
