@@ -92,6 +92,8 @@ class CombinedState(MutableMapping[torch.Tensor, Any]):
         return sum(len(optimizer.state) for optimizer in self.optimizers)
 
 
+OptimizerName = Literal["adamw", "muon"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 MuonPrecision = Literal["auto", "bf16", "fp32"]
 MUON_PRECISIONS: tuple[str, ...] = get_args(MuonPrecision)
 # oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below which bfloat16 products take the slow path.
@@ -226,7 +228,7 @@ class WarmupCosine:
 
 def build_optimizer(
     gpt: GPT,
-    name: Literal["adamw", "muon"],
+    name: OptimizerName,
     learning_rate: float,
     betas: tuple[float, float],
     weight_decay: float,
@@ -256,7 +258,7 @@ class OptimizerSettings:
     checked once: what `configure_optimizers` builds from. No defaults: GPTModule's signature is the one place
     that writes them."""
 
-    name: Literal["adamw", "muon"]
+    name: OptimizerName
     learning_rate: float
     min_lr: float
     warmup_steps: int
@@ -268,8 +270,8 @@ class OptimizerSettings:
     muon_precision: MuonPrecision
 
     def __post_init__(self) -> None:
-        if self.name not in ("adamw", "muon"):
-            raise ValueError(f"model.optimizer must be adamw or muon, got {self.name!r}.")
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}.")
         if self.muon_precision not in MUON_PRECISIONS:
             raise ValueError(
                 f"model.muon_precision must be one of {', '.join(MUON_PRECISIONS)}, got {self.muon_precision!r}."

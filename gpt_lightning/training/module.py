@@ -20,7 +20,14 @@ from gpt_lightning.data.instruct import IGNORE_INDEX, TaskBatch, Template
 from gpt_lightning.lora import LoRAConfig
 from gpt_lightning.lora import summary as lora_summary
 from gpt_lightning.model import CompileMode, compiled_forward
-from gpt_lightning.optim import MuonPrecision, OptimizerSettings, clip_gradients, learning_rates, muon_note
+from gpt_lightning.optim import (
+    MuonPrecision,
+    OptimizerName,
+    OptimizerSettings,
+    clip_gradients,
+    learning_rates,
+    muon_note,
+)
 from gpt_lightning.sources import METADATA_KEY, build_network, metadata, open_source
 from gpt_lightning.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 from gpt_lightning.training.nan_guard import NonFiniteLossGuard, is_logging_step
@@ -53,7 +60,7 @@ class GPTModule(L.LightningModule):
         lr_decay_steps: int | None = None,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
-        optimizer: Literal["adamw", "muon"] = "adamw",
+        optimizer: OptimizerName = "adamw",
         muon_learning_rate: float = 0.02,
         muon_momentum: float = 0.95,
         muon_precision: MuonPrecision = "auto",

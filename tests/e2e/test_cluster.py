@@ -157,17 +157,22 @@ def run_together(commands: list[tuple[list[str], dict[str, str]]], timeout: floa
     deadline = time.monotonic() + timeout
     try:
         codes = [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in processes]
+    except subprocess.TimeoutExpired:
+        codes = None
     finally:
         for p in processes:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    results = []
-    for code, out in zip(codes, outputs, strict=True):
+    texts = []
+    for out in outputs:
         with out:
             out.seek(0)
-            results.append((code, out.read()))
-    return results
+            texts.append(out.read())
+    if codes is None:  # what a hung run printed is what tells why it hung
+        tails = "\n---\n".join(text[-2000:] for text in texts)
+        pytest.fail(f"{len(commands)} processes did not all end within {timeout} s; their output ends:\n{tails}")
+    return list(zip(codes, texts, strict=True))
 
 
 def assert_one_ddp_run(runs: Path, probe: Path, world: int, steps: int) -> None:

@@ -106,7 +106,7 @@ def test_an_adamw_state_does_not_load_into_muon():
 
 
 def test_an_unknown_optimizer_is_refused():
-    with pytest.raises(ValueError, match="model.optimizer must be adamw or muon"):
+    with pytest.raises(ValueError, match="model.optimizer must be one of adamw, muon"):
         GPTModule(vocab=VOCAB, block_size=8, optimizer="sgd")  # type: ignore[arg-type]
 
 
